@@ -1,0 +1,50 @@
+#include "config.h"
+
+#include <time.h>
+
+#include "lib/clock.h"
+
+int64_t tdr_mono_us(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
+}
+
+int64_t tdr_mono_ms(void)
+{
+	return tdr_mono_us() / 1000;
+}
+
+int64_t tdr_wall_ms(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_REALTIME, &ts);
+	return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+int tdr_sleep_ms(int64_t ms, volatile int *stop)
+{
+	/* Sleep in short slices so a signal flag is noticed promptly. */
+	while (ms > 0) {
+		int64_t slice = ms > 50 ? 50 : ms;
+		struct timespec ts = { slice / 1000, (slice % 1000) * 1000000 };
+
+		if (stop && *stop)
+			return 1;
+		nanosleep(&ts, NULL);
+		ms -= slice;
+	}
+	return stop && *stop;
+}
+
+void tdr_utc_day(int64_t epoch_ms, char buf[11])
+{
+	time_t t = (time_t)(epoch_ms >= 0 ? epoch_ms / 1000 : (epoch_ms - 999) / 1000);
+	struct tm tm;
+
+	gmtime_r(&t, &tm);
+	strftime(buf, 11, "%Y-%m-%d", &tm);
+}

@@ -1,0 +1,24 @@
+/*
+ * clock.h - time sources.
+ *
+ * Lease safety is measured only on the monotonic clock (CLOCK_MONOTONIC): it
+ * never jumps, and its rate error between hosts is assumed small (NTP keeps
+ * it within 500 ppm).  Wall-clock time is used only for what humans read
+ * (created_at days, log lines, informational lease fields).
+ */
+#ifndef TDRAIN_CLOCK_H
+#define TDRAIN_CLOCK_H
+
+#include <stdint.h>
+
+int64_t tdr_mono_ms(void);  /* monotonic milliseconds */
+int64_t tdr_mono_us(void);  /* monotonic microseconds */
+int64_t tdr_wall_ms(void);  /* milliseconds since the Unix epoch, UTC */
+
+/* Sleep up to ms, returning early (non-zero) if *stop becomes set. */
+int tdr_sleep_ms(int64_t ms, volatile int *stop);
+
+/* "2026-11-22" for a UTC epoch-ms timestamp; buf must hold 11 bytes. */
+void tdr_utc_day(int64_t epoch_ms, char buf[11]);
+
+#endif

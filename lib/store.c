@@ -1,0 +1,244 @@
+#include "config.h"
+
+#include <string.h>
+
+#include "lib/log.h"
+#include "lib/store.h"
+
+static int mongoc_ready;
+
+int tdr_store_open(tdr_store **ret, const tdr_config *cfg, const char *appname, tdr_err *err)
+{
+	bson_error_t be;
+	tdr_store *st;
+
+	if (!mongoc_ready) {
+		mongoc_init();
+		mongoc_ready = 1;
+	}
+	st = calloc(1, sizeof(*st));
+	if (st == NULL)
+		return tdr_err_set(err, TDR_ENOMEM, "out of memory");
+	st->uri = mongoc_uri_new_with_error(cfg->store_uri, &be);
+	if (st->uri == NULL) {
+		/* libmongoc's message does not echo the URI, so no password leaks here. */
+		tdr_err_set(err, TDR_ECONFIG, "store.uri: %s", be.message);
+		free(st);
+		return TDR_ECONFIG;
+	}
+	/* Every socket operation and server selection bounded: see the watchdog rule. */
+	if (!mongoc_uri_has_option(st->uri, MONGOC_URI_SOCKETTIMEOUTMS))
+		mongoc_uri_set_option_as_int32(st->uri, MONGOC_URI_SOCKETTIMEOUTMS, (int32_t)cfg->store_timeout_ms);
+	if (!mongoc_uri_has_option(st->uri, MONGOC_URI_CONNECTTIMEOUTMS))
+		mongoc_uri_set_option_as_int32(st->uri, MONGOC_URI_CONNECTTIMEOUTMS, (int32_t)cfg->store_timeout_ms);
+	if (!mongoc_uri_has_option(st->uri, MONGOC_URI_SERVERSELECTIONTIMEOUTMS))
+		mongoc_uri_set_option_as_int32(st->uri, MONGOC_URI_SERVERSELECTIONTIMEOUTMS,
+					       (int32_t)cfg->store_timeout_ms);
+	if (appname)
+		mongoc_uri_set_appname(st->uri, appname);
+	st->pool = mongoc_client_pool_new_with_error(st->uri, &be);
+	if (st->pool == NULL) {
+		tdr_err_set(err, TDR_ECONFIG, "store.uri: %s", be.message);
+		mongoc_uri_destroy(st->uri);
+		free(st);
+		return TDR_ECONFIG;
+	}
+	mongoc_client_pool_set_error_api(st->pool, MONGOC_ERROR_API_VERSION_2);
+	mongoc_client_pool_max_size(st->pool, 16);
+	snprintf(st->db, sizeof(st->db), "%s", cfg->store_db);
+	snprintf(st->events, sizeof(st->events), "%s", cfg->events_coll);
+	st->timeout_ms = cfg->store_timeout_ms;
+	st->max_bson = 16 * 1024 * 1024;
+	*ret = st;
+	return 0;
+}
+
+void tdr_store_close(tdr_store *st)
+{
+	if (st == NULL)
+		return;
+	mongoc_client_pool_destroy(st->pool);
+	mongoc_uri_destroy(st->uri);
+	free(st);
+}
+
+mongoc_client_t *tdr_store_pop(tdr_store *st)
+{
+	return mongoc_client_pool_pop(st->pool);
+}
+
+void tdr_store_push(tdr_store *st, mongoc_client_t *c)
+{
+	if (c)
+		mongoc_client_pool_push(st->pool, c);
+}
+
+mongoc_collection_t *tdr_store_coll(tdr_store *st, mongoc_client_t *c, const char *name)
+{
+	return mongoc_client_get_collection(c, st->db, name);
+}
+
+void tdr_store_read_opts(const tdr_store *st, bson_t *opts)
+{
+	bson_init(opts);
+	BSON_APPEND_INT64(opts, "maxTimeMS", st->timeout_ms);
+}
+
+int tdr_store_is_dup(const bson_error_t *e)
+{
+	return e->code == 11000 || e->code == 11001 || e->code == 12582;
+}
+
+int tdr_store_error(const bson_error_t *e, const char *what, tdr_err *err)
+{
+	int code = TDR_EFAIL;
+
+	if (tdr_store_is_dup(e))
+		code = TDR_EDUP;
+	else if (e->domain == MONGOC_ERROR_STREAM || e->domain == MONGOC_ERROR_SERVER_SELECTION ||
+		 e->domain == MONGOC_ERROR_CLIENT ||
+		 (e->domain == MONGOC_ERROR_SERVER &&
+		  (e->code == 50 /* MaxTimeMSExpired */ || e->code == 89 /* NetworkTimeout */ ||
+		   e->code == 91 /* ShutdownInProgress */ || e->code == 189 /* PrimarySteppedDown */ ||
+		   e->code == 10107 /* NotWritablePrimary */ || e->code == 11600 || e->code == 11602 ||
+		   e->code == 13435 || e->code == 13436 || e->code == 6 || e->code == 7 || e->code == 9001)))
+		code = TDR_ETRANSIENT;
+	return tdr_err_set(err, code, "%s: %s", what, e->message);
+}
+
+int tdr_store_ping(tdr_store *st, tdr_err *err)
+{
+	mongoc_client_t *c = tdr_store_pop(st);
+	bson_t cmd = BSON_INITIALIZER, reply;
+	bson_error_t be;
+	bson_iter_t it;
+	int rc = 0;
+
+	BSON_APPEND_INT32(&cmd, "buildInfo", 1);
+	if (!mongoc_client_command_simple(c, "admin", &cmd, NULL, &reply, &be)) {
+		rc = tdr_store_error(&be, "store unreachable", err);
+		if (rc != TDR_EDUP && rc != TDR_EFAIL)
+			rc = TDR_ETRANSIENT;
+		else
+			rc = TDR_ETRANSIENT;
+	} else {
+		st->is_ferretdb = bson_iter_init_find(&it, &reply, "ferretdbVersion");
+		if (bson_iter_init_find(&it, &reply, "maxBsonObjectSize") && BSON_ITER_HOLDS_INT32(&it))
+			st->max_bson = bson_iter_int32(&it);
+	}
+	bson_destroy(&reply);
+	bson_destroy(&cmd);
+	tdr_store_push(st, c);
+	return rc;
+}
+
+static int create_index(mongoc_collection_t *coll, const char *name, const bson_t *keys, int unique,
+			tdr_err *err)
+{
+	bson_t cmd = BSON_INITIALIZER, arr, idx, reply;
+	bson_error_t be;
+	int rc = 0;
+
+	BSON_APPEND_UTF8(&cmd, "createIndexes", mongoc_collection_get_name(coll));
+	BSON_APPEND_ARRAY_BEGIN(&cmd, "indexes", &arr);
+	BSON_APPEND_DOCUMENT_BEGIN(&arr, "0", &idx);
+	BSON_APPEND_DOCUMENT(&idx, "key", keys);
+	BSON_APPEND_UTF8(&idx, "name", name);
+	if (unique)
+		BSON_APPEND_BOOL(&idx, "unique", true);
+	bson_append_document_end(&arr, &idx);
+	bson_append_array_end(&cmd, &arr);
+	if (!mongoc_collection_write_command_with_opts(coll, &cmd, NULL, &reply, &be))
+		rc = tdr_store_error(&be, "createIndexes", err);
+	bson_destroy(&reply);
+	bson_destroy(&cmd);
+	return rc;
+}
+
+int tdr_store_ensure_indexes(tdr_store *st, tdr_err *err)
+{
+	static const struct {
+		const char *coll; /* NULL: the events collection */
+		const char *name;
+		const char *k1, *k2;
+		int unique;
+	} idx[] = {
+		/* Partition claims {part: {$in: owned}} in _id order, and triage {part: null}. */
+		{ NULL, "tdrain_part_id", "part", "_id", 0 },
+		/* Recovery of one partition's orphaned claim records. */
+		{ TDR_C_CLAIMS, "tdrain_part_epoch", "part", "epoch", 0 },
+		/* One lease document per (name, epoch): the unique key IS the election. */
+		{ TDR_C_LEASES, "tdrain_name_epoch", "name", "epoch", 1 },
+	};
+	mongoc_client_t *c = tdr_store_pop(st);
+	int rc = 0;
+
+	for (size_t i = 0; i < sizeof(idx) / sizeof(idx[0]) && rc == 0; i++) {
+		mongoc_collection_t *coll = tdr_store_coll(st, c, idx[i].coll ? idx[i].coll : st->events);
+		bson_t keys = BSON_INITIALIZER;
+
+		BSON_APPEND_INT32(&keys, idx[i].k1, 1);
+		if (idx[i].k2)
+			BSON_APPEND_INT32(&keys, idx[i].k2, 1);
+		rc = create_index(coll, idx[i].name, &keys, idx[i].unique, err);
+		bson_destroy(&keys);
+		mongoc_collection_destroy(coll);
+	}
+	tdr_store_push(st, c);
+	return rc;
+}
+
+mongoc_bulk_operation_t *tdr_bulk_new(mongoc_collection_t *coll, int ordered)
+{
+	bson_t opts = BSON_INITIALIZER;
+	mongoc_bulk_operation_t *bulk;
+
+	BSON_APPEND_BOOL(&opts, "ordered", ordered ? true : false);
+	bulk = mongoc_collection_create_bulk_operation_with_opts(coll, &opts);
+	bson_destroy(&opts);
+	return bulk;
+}
+
+int tdr_bulk_run(mongoc_bulk_operation_t *bulk, const char *what, int64_t *ret_dups, bson_t *ret_reply,
+		 tdr_err *err)
+{
+	bson_t reply;
+	bson_error_t be;
+	bson_iter_t it, arr;
+	int64_t dups = 0, others = 0;
+	uint32_t ok;
+	int rc = 0;
+
+	ok = mongoc_bulk_operation_execute(bulk, &reply, &be);
+	if (!ok) {
+		int has_wce = bson_iter_init_find(&it, &reply, "writeConcernErrors");
+
+		/* A bulk "fails" if any statement failed; duplicate keys are expected facts. */
+		if (bson_iter_init_find(&it, &reply, "writeErrors") && bson_iter_recurse(&it, &arr)) {
+			while (bson_iter_next(&arr)) {
+				bson_iter_t e;
+
+				if (bson_iter_recurse(&arr, &e) && bson_iter_find(&e, "code") &&
+				    (bson_iter_as_int64(&e) == 11000 || bson_iter_as_int64(&e) == 11001))
+					dups++;
+				else
+					others++;
+			}
+		}
+		if (dups + others == 0 || has_wce) {
+			/* Not a statement failure: network, timeout, write concern. */
+			rc = tdr_store_error(&be, what, err);
+			if (rc == TDR_EDUP)
+				rc = TDR_EFAIL;
+		} else if (others > 0) {
+			rc = tdr_err_set(err, TDR_EFAIL, "%s: %lld statement(s) failed: %s", what, (long long)others,
+					 be.message);
+		}
+	}
+	if (ret_dups)
+		*ret_dups = dups;
+	if (ret_reply)
+		bson_copy_to(&reply, ret_reply);
+	bson_destroy(&reply);
+	return rc;
+}

@@ -1,0 +1,77 @@
+/*
+ * store.h - tdrain's view of MongoDB (or FerretDB): a pooled client, the
+ * collection names, error classification and index setup.
+ *
+ * Thread model: tdr_store is shared; each thread pops its own client for the
+ * duration of a unit of work and pushes it back (mongoc_client_pool_t).
+ * Every operation carries a server-side and socket timeout no longer than
+ * store.timeout_ms, which configuration keeps below the lease renew deadline.
+ */
+#ifndef TDRAIN_STORE_H
+#define TDRAIN_STORE_H
+
+#include <mongoc/mongoc.h>
+
+#include "lib/conf.h"
+#include "lib/err.h"
+
+/* Collections; the FIFO's name is configurable (store.events). */
+#define TDR_C_CLAIMS "tdrain_claims"       /* in-flight batch claim records */
+#define TDR_C_DELTAS "tdrain_deltas"       /* committed batch deltas, awaiting the fold */
+#define TDR_C_LEDGER "tdrain_ledger"       /* insert_id -> first delta: the one dedup */
+#define TDR_C_FOLDS "tdrain_folds"         /* fold intent records (redo log) */
+#define TDR_C_DEADLETTER "tdrain_deadletter"
+#define TDR_C_LEASES "tdrain_leases"
+#define TDR_C_STATE "tdrain_state"         /* fold progress, member stats */
+#define TDR_C_COUNTERS "event_counters"    /* event x UTC day */
+#define TDR_C_DEVICES "device_metrics"     /* per distinct_id */
+#define TDR_C_DEVICE_EVENTS "device_event_counts" /* per distinct_id x event */
+#define TDR_C_IDENTITIES "identity_map"    /* distinct_id -> username */
+#define TDR_C_USERS "username_metrics"     /* per username, incremental */
+#define TDR_C_SIGNINS "signin_days"        /* per username: set of UTC days */
+
+typedef struct tdr_store {
+	mongoc_client_pool_t *pool;
+	mongoc_uri_t *uri;
+	char db[64];
+	char events[64];
+	int64_t timeout_ms;
+	int is_ferretdb;   /* informational: decides nothing about correctness */
+	int32_t max_bson;  /* server's maxBsonObjectSize */
+} tdr_store;
+
+/* Parse the URI, set timeouts, create the pool; does not contact the server. */
+int tdr_store_open(tdr_store **ret, const tdr_config *cfg, const char *appname, tdr_err *err);
+void tdr_store_close(tdr_store *st);
+
+/* Round trip to the server (hello + buildInfo); fills is_ferretdb / max_bson. */
+int tdr_store_ping(tdr_store *st, tdr_err *err);
+
+/* Create every index tdrain's queries need (docs/EVENTS.md lists them). Idempotent. */
+int tdr_store_ensure_indexes(tdr_store *st, tdr_err *err);
+
+mongoc_client_t *tdr_store_pop(tdr_store *st);
+void tdr_store_push(tdr_store *st, mongoc_client_t *c);
+mongoc_collection_t *tdr_store_coll(tdr_store *st, mongoc_client_t *c, const char *name);
+
+/*
+ * Map a libmongoc error to a tdr_errcode: network / timeout / not-primary /
+ * shutdown -> TDR_ETRANSIENT, duplicate key -> TDR_EDUP, else TDR_EFAIL; and
+ * fill err with "what: message".
+ */
+int tdr_store_error(const bson_error_t *e, const char *what, tdr_err *err);
+int tdr_store_is_dup(const bson_error_t *e);
+
+/*
+ * Bulk write helpers: unordered, write concern majority-acknowledged.
+ * Duplicate-key failures of inserts are reported through *ret_dups (may be
+ * NULL) and are not errors: unique-key inserts are how tdrain records facts.
+ */
+int tdr_bulk_run(mongoc_bulk_operation_t *bulk, const char *what, int64_t *ret_dups, bson_t *ret_reply,
+		 tdr_err *err);
+mongoc_bulk_operation_t *tdr_bulk_new(mongoc_collection_t *coll, int ordered);
+
+/* Options document carrying maxTimeMS for reads. */
+void tdr_store_read_opts(const tdr_store *st, bson_t *opts);
+
+#endif
