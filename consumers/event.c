@@ -1,1 +1,173 @@
 #include "config.h"
+
+#include <stdio.h>
+#include <string.h>
+
+#include "consumers/event.h"
+#include "lib/bsonx.h"
+#include "lib/hash.h"
+
+/* Event names: what can sit in an _id and a field path without escaping. */
+static int name_char_ok(unsigned char ch)
+{
+	return (ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') || (ch >= '0' && ch <= '9') || ch == '_' ||
+	       ch == '.' || ch == ':' || ch == '/' || ch == '-';
+}
+
+static int has_control(const char *s, uint32_t len)
+{
+	for (uint32_t i = 0; i < len; i++)
+		if ((unsigned char)s[i] < 0x20 || s[i] == 0x7f)
+			return 1;
+	return 0;
+}
+
+#define FAIL(...)                                              \
+	do {                                                   \
+		snprintf(reason, reasonlen, __VA_ARGS__);     \
+		return -1;                                     \
+	} while (0)
+
+/* A string field: present, a string, non-empty, bounded, valid UTF-8. */
+static int string_field(const bson_t *doc, const char *key, uint32_t max, int required, const char **ret,
+			uint32_t *ret_len, char *reason, size_t reasonlen)
+{
+	bson_iter_t it;
+	const char *s;
+	uint32_t len;
+
+	*ret = NULL;
+	*ret_len = 0;
+	if (!bson_iter_init_find(&it, doc, key)) {
+		if (required)
+			FAIL("%s: missing", key);
+		return 0;
+	}
+	if (!BSON_ITER_HOLDS_UTF8(&it))
+		FAIL("%s: not a string", key);
+	s = bson_iter_utf8(&it, &len);
+	if (len == 0)
+		FAIL("%s: empty", key);
+	if (len > max)
+		FAIL("%s: too long (%u bytes, at most %u)", key, len, max);
+	if (!bson_utf8_validate(s, len, false))
+		FAIL("%s: invalid UTF-8", key);
+	*ret = s;
+	*ret_len = len;
+	return 0;
+}
+
+int tdr_event_validate(const bson_t *doc, const tdr_config *cfg, tdr_cevent *out, char *reason, size_t reasonlen)
+{
+	bson_iter_t it;
+	char key[TDR_INSERT_ID_MAX + 8];
+
+	memset(out, 0, sizeof(*out));
+	if ((int64_t)doc->len > cfg->max_event_bytes)
+		FAIL("document: too large (%u bytes, at most %lld)", doc->len, (long long)cfg->max_event_bytes);
+	if (!bson_iter_init_find(&it, doc, "_id"))
+		FAIL("_id: missing");
+	if (tdr_id_key(bson_iter_value(&it), key, sizeof(key)) < 0)
+		FAIL("_id: unsupported type");
+	if (string_field(doc, "insert_id", TDR_INSERT_ID_MAX, 1, &out->insert_id, &out->insert_id_len, reason,
+			 reasonlen) < 0)
+		return -1;
+	if (string_field(doc, "event", TDR_EVENT_NAME_MAX, 1, &out->event, &out->event_len, reason, reasonlen) < 0)
+		return -1;
+	for (uint32_t i = 0; i < out->event_len; i++)
+		if (!name_char_ok((unsigned char)out->event[i]))
+			FAIL("event: invalid character at byte %u", i);
+	if (string_field(doc, "distinct_id", TDR_DISTINCT_ID_MAX, 1, &out->distinct_id, &out->distinct_id_len,
+			 reason, reasonlen) < 0)
+		return -1;
+	if (has_control(out->distinct_id, out->distinct_id_len))
+		FAIL("distinct_id: control character");
+	if (string_field(doc, "username", TDR_USERNAME_MAX, 0, &out->username, &out->username_len, reason,
+			 reasonlen) < 0)
+		return -1;
+	if (out->username && has_control(out->username, out->username_len))
+		FAIL("username: control character");
+	if (!bson_iter_init_find(&it, doc, "created_at"))
+		FAIL("created_at: missing");
+	if (!BSON_ITER_HOLDS_DATE_TIME(&it))
+		FAIL("created_at: not a date");
+	out->created_at_ms = bson_iter_date_time(&it);
+	if (bson_iter_init_find(&it, doc, "properties") && !BSON_ITER_HOLDS_DOCUMENT(&it))
+		FAIL("properties: not a document");
+	if (bson_iter_init_find(&it, doc, "part") && !BSON_ITER_HOLDS_INT32(&it) && !BSON_ITER_HOLDS_INT64(&it))
+		FAIL("part: not an integer");
+	{
+		char name[TDR_EVENT_NAME_MAX + 1];
+
+		memcpy(name, out->event, out->event_len);
+		name[out->event_len] = '\0';
+		if (!tdr_config_event_allowed(cfg, name))
+			FAIL("event: not in allow-list");
+	}
+	return 0;
+}
+
+void tdr_cevent_append(bson_t *parent, const char *key, const tdr_cevent *ev)
+{
+	bson_t c;
+
+	bson_append_document_begin(parent, key, -1, &c);
+	bson_append_utf8(&c, "i", 1, ev->insert_id, (int)ev->insert_id_len);
+	bson_append_utf8(&c, "e", 1, ev->event, (int)ev->event_len);
+	bson_append_utf8(&c, "d", 1, ev->distinct_id, (int)ev->distinct_id_len);
+	if (ev->username)
+		bson_append_utf8(&c, "u", 1, ev->username, (int)ev->username_len);
+	bson_append_date_time(&c, "t", 1, ev->created_at_ms);
+	bson_append_document_end(parent, &c);
+}
+
+int tdr_cevent_parse(const bson_t *compact, tdr_cevent *out)
+{
+	bson_iter_t it;
+
+	memset(out, 0, sizeof(*out));
+	if (!bson_iter_init(&it, compact))
+		return -1;
+	while (bson_iter_next(&it)) {
+		const char *k = bson_iter_key(&it);
+
+		if (k[0] == '\0' || k[1] != '\0')
+			continue;
+		switch (k[0]) {
+		case 'i':
+			if (BSON_ITER_HOLDS_UTF8(&it))
+				out->insert_id = bson_iter_utf8(&it, &out->insert_id_len);
+			break;
+		case 'e':
+			if (BSON_ITER_HOLDS_UTF8(&it))
+				out->event = bson_iter_utf8(&it, &out->event_len);
+			break;
+		case 'd':
+			if (BSON_ITER_HOLDS_UTF8(&it))
+				out->distinct_id = bson_iter_utf8(&it, &out->distinct_id_len);
+			break;
+		case 'u':
+			if (BSON_ITER_HOLDS_UTF8(&it))
+				out->username = bson_iter_utf8(&it, &out->username_len);
+			break;
+		case 't':
+			if (BSON_ITER_HOLDS_DATE_TIME(&it))
+				out->created_at_ms = bson_iter_date_time(&it);
+			break;
+		}
+	}
+	if (!out->insert_id || !out->event || !out->distinct_id || out->insert_id_len == 0 || out->event_len == 0 ||
+	    out->distinct_id_len == 0)
+		return -1;
+	return 0;
+}
+
+int32_t tdr_event_partition(const bson_value_t *id, uint32_t P)
+{
+	char key[512];
+	int len = tdr_id_key(id, key, sizeof(key));
+
+	if (len < 0 || P == 0)
+		return -1;
+	return (int32_t)(tdr_fnv1a32(key, (size_t)len) % P);
+}

@@ -1,1 +1,55 @@
-/* stub */
+/*
+ * fold.h - the fold: committed batch deltas -> derived collections.
+ *
+ * Runs in its own thread on the replica holding the "leader" lease, so
+ * every derived document has exactly one writer, off the FIFO's critical
+ * path.  A round (docs/DESIGN.md, "The fold"):
+ *   0. if redo record f+1 exists (a predecessor crashed mid-apply): redo it;
+ *   1. read up to fold.max_deltas deltas;
+ *   2. insert {_id: insert_id, d: delta} into tdrain_ledger for every event;
+ *      a duplicate key whose d is one of THIS round's deltas is ours (an
+ *      attempt that never committed), any other duplicate was counted before;
+ *   3. aggregate the new events; build one update per derived document;
+ *   4. insert redo record f+1 {deltas, writes} (unique key: the commit point);
+ *   5. apply the writes (lone-_id upserts, each setting _f = f+1);
+ *   6. delete the deltas, advance tdrain_state.fold to f+1, drop the record.
+ * A redo reads the written documents and skips those with _f >= f+1, so a
+ * replay applies each write once.  In partitioned mode the leader also
+ * "triages": it sets `part` on events a producer wrote without it.
+ */
+#ifndef TDRAIN_FOLD_H
+#define TDRAIN_FOLD_H
+
+#include <stdint.h>
+
+#include "coord/coord.h"
+#include "lib/conf.h"
+#include "lib/err.h"
+#include "lib/store.h"
+
+typedef struct tdr_fold tdr_fold;
+
+struct tdr_fold_stats {
+	int active;            /* we are the leader and folding */
+	int64_t rounds;
+	int64_t redo_rounds;
+	int64_t deltas;        /* deltas folded */
+	int64_t events;        /* new events folded */
+	int64_t duplicates;    /* events skipped as already counted */
+	int64_t triaged;       /* events given a partition */
+	int64_t lag_ms;        /* age of the oldest delta at the last round */
+	int64_t round_us;      /* duration of the last round */
+	int64_t errors;
+};
+
+int tdr_fold_new(tdr_fold **ret, const tdr_config *cfg, tdr_store *st, tdr_coord *coord, tdr_err *err);
+int tdr_fold_start(tdr_fold *f, tdr_err *err);
+void tdr_fold_stop(tdr_fold *f);
+void tdr_fold_free(tdr_fold *f);
+void tdr_fold_reload(tdr_fold *f, const tdr_config *cfg);
+void tdr_fold_stats_get(tdr_fold *f, struct tdr_fold_stats *out);
+
+/* One round as leader at epoch (the thread calls this; exposed for tools). *ret_n = deltas folded. */
+int tdr_fold_round(tdr_fold *f, int64_t epoch, int64_t *ret_n, tdr_err *err);
+
+#endif

@@ -1,1 +1,897 @@
+/*
+ * drain.c - the batch cycle.  The contract and its steps are in drain.h; the
+ * argument for why each crash point is safe is in docs/DESIGN.md.
+ */
 #include "config.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "consumers/event.h"
+#include "lib/bsonx.h"
+#include "lib/clock.h"
+#include "lib/log.h"
+#include "worker/drain.h"
+
+/* A batch never holds more than this many bytes of documents in memory. */
+#define BATCH_BYTES_MAX (64 * 1024 * 1024)
+/* Dead-letter copies of larger documents keep only their head (16 MiB document limit). */
+#define DL_HEAD_BYTES 4096
+
+struct item {
+	bson_t *doc;
+	bson_value_t id;
+	int32_t part;
+	int64_t attempts;
+	int group;
+	int valid;
+	tdr_cevent ev;
+	char reason[TDR_REASON_MAX];
+};
+
+struct group {
+	int32_t part;
+	int64_t epoch;
+	char id[64];
+	size_t nitems, nvalid;
+	int live; /* claim recorded and still ours */
+};
+
+struct recovered {
+	int32_t part;
+	int64_t epoch;
+};
+
+struct tdr_drain {
+	tdr_config cfg;
+	tdr_store *st;
+	tdr_coord *coord;
+	tdr_archive *ar;
+	mongoc_client_t *client;
+	mongoc_collection_t *events, *claims, *deltas, *dead;
+	int64_t seq;
+	struct recovered *rec;
+	size_t nrec, caprec;
+	int trace_fd;
+	pthread_mutex_t mu;
+	struct tdr_drain_stats stats;
+	int64_t rate_t0, rate_acked0;
+};
+
+const double tdr_hist_bounds[TDR_HIST_BUCKETS - 1] = { 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
+							0.1,   0.25,   0.5,   1.0,  2.5 };
+
+void tdr_hist_add(struct tdr_hist *h, int64_t usec)
+{
+	double s = (double)usec / 1e6;
+	int i = 0;
+
+	while (i < TDR_HIST_BUCKETS - 1 && s > tdr_hist_bounds[i])
+		i++;
+	h->bucket[i]++;
+	h->count++;
+	h->sum_s += s;
+}
+
+/* ------------------------------------------------------------ setup */
+
+int tdr_drain_new(tdr_drain **ret, const tdr_config *cfg, tdr_store *st, tdr_coord *coord, tdr_archive *ar,
+		  tdr_err *err)
+{
+	tdr_drain *d = calloc(1, sizeof(*d));
+
+	if (d == NULL)
+		return tdr_err_set(err, TDR_ENOMEM, "out of memory");
+	d->cfg = *cfg;
+	d->st = st;
+	d->coord = coord;
+	d->ar = ar;
+	d->trace_fd = -1;
+	if (cfg->trace_file[0]) {
+		d->trace_fd = open(cfg->trace_file, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
+		if (d->trace_fd < 0) {
+			tdr_err_set(err, TDR_ECONFIG, "test.trace_file %s: %s", cfg->trace_file, strerror(errno));
+			free(d);
+			return TDR_ECONFIG;
+		}
+	}
+	d->client = tdr_store_pop(st);
+	d->events = tdr_store_coll(st, d->client, st->events);
+	d->claims = tdr_store_coll(st, d->client, TDR_C_CLAIMS);
+	d->deltas = tdr_store_coll(st, d->client, TDR_C_DELTAS);
+	d->dead = tdr_store_coll(st, d->client, TDR_C_DEADLETTER);
+	pthread_mutex_init(&d->mu, NULL);
+	d->rate_t0 = tdr_mono_ms();
+	*ret = d;
+	return 0;
+}
+
+void tdr_drain_free(tdr_drain *d)
+{
+	if (d == NULL)
+		return;
+	mongoc_collection_destroy(d->events);
+	mongoc_collection_destroy(d->claims);
+	mongoc_collection_destroy(d->deltas);
+	mongoc_collection_destroy(d->dead);
+	tdr_store_push(d->st, d->client);
+	if (d->trace_fd >= 0)
+		close(d->trace_fd);
+	pthread_mutex_destroy(&d->mu);
+	free(d->rec);
+	free(d);
+}
+
+void tdr_drain_reload(tdr_drain *d, const tdr_config *cfg)
+{
+	d->cfg.batch_size = cfg->batch_size;
+	d->cfg.max_attempts = cfg->max_attempts;
+	d->cfg.poll_max_ms = cfg->poll_max_ms;
+	memcpy(d->cfg.allow_events, cfg->allow_events, sizeof(d->cfg.allow_events));
+}
+
+void tdr_drain_stats_get(tdr_drain *d, struct tdr_drain_stats *out)
+{
+	pthread_mutex_lock(&d->mu);
+	*out = d->stats;
+	pthread_mutex_unlock(&d->mu);
+}
+
+static void items_free(struct item *items, size_t n)
+{
+	for (size_t i = 0; i < n; i++) {
+		bson_destroy(items[i].doc);
+		bson_value_destroy(&items[i].id);
+	}
+	free(items);
+}
+
+/* Take ownership of a copy of doc as the next item; -1 if its _id is unusable for a claim. */
+static int item_add(struct item *items, size_t *n, const bson_t *doc, int32_t part, int64_t attempts)
+{
+	struct item *it = &items[*n];
+	bson_iter_t iter;
+
+	memset(it, 0, sizeof(*it));
+	if (!bson_iter_init_find(&iter, doc, "_id"))
+		return -1;
+	it->doc = bson_copy(doc);
+	if (it->doc == NULL)
+		return -1;
+	bson_value_copy(bson_iter_value(&iter), &it->id);
+	it->part = part;
+	it->attempts = attempts;
+	(*n)++;
+	return 0;
+}
+
+/* ------------------------------------------------------------ the cycle */
+
+static void trace_batch(tdr_drain *d, struct item *items, size_t n, const struct group *groups)
+{
+	char *buf;
+	size_t cap = n * 320 + 1, off = 0;
+
+	if (d->trace_fd < 0 || n == 0)
+		return;
+	buf = malloc(cap);
+	if (buf == NULL)
+		return;
+	for (size_t i = 0; i < n; i++) {
+		char key[300];
+		const struct group *g;
+		int w;
+
+		if (items[i].group < 0 || !items[i].valid)
+			continue;
+		g = &groups[items[i].group];
+		if (tdr_id_key(&items[i].id, key, sizeof(key)) < 0)
+			continue;
+		w = snprintf(buf + off, cap - off, "%s\t%.*s\t%s\t%d\t%" PRId64 "\n", key, (int)items[i].ev.insert_id_len,
+			     items[i].ev.insert_id, d->cfg.name, g->part, g->epoch);
+		if (w < 0 || (size_t)w >= cap - off)
+			break;
+		off += (size_t)w;
+	}
+	/* One write per batch: O_APPEND keeps lines of concurrent replicas whole. */
+	if (off && write(d->trace_fd, buf, off) < 0)
+		log_warn("trace file: %s", strerror(errno));
+	free(buf);
+}
+
+static void append_deadletter(mongoc_bulk_operation_t *bulk, const tdr_drain *d, const struct item *it,
+			      const struct group *g)
+{
+	bson_t doc = BSON_INITIALIZER;
+
+	bson_append_value(&doc, "_id", 3, &it->id);
+	BSON_APPEND_UTF8(&doc, "reason", it->reason);
+	BSON_APPEND_DATE_TIME(&doc, "at", tdr_wall_ms());
+	BSON_APPEND_UTF8(&doc, "owner", d->cfg.name);
+	BSON_APPEND_INT32(&doc, "part", g->part);
+	BSON_APPEND_INT64(&doc, "attempts", it->attempts);
+	if ((int64_t)it->doc->len + 4096 < d->st->max_bson) {
+		BSON_APPEND_DOCUMENT(&doc, "doc", it->doc);
+	} else {
+		size_t len = 0;
+		char *json = bson_as_canonical_extended_json(it->doc, &len);
+
+		BSON_APPEND_INT64(&doc, "doc_bytes", it->doc->len);
+		if (json) {
+			bson_append_utf8(&doc, "doc_head", -1, json, (int)(len > DL_HEAD_BYTES ? DL_HEAD_BYTES : len));
+			bson_free(json);
+		}
+	}
+	mongoc_bulk_operation_insert(bulk, &doc);
+	bson_destroy(&doc);
+}
+
+static int find_scope(const tdr_coord_view *v, int32_t part)
+{
+	for (size_t i = 0; i < v->nscopes; i++)
+		if (v->scopes[i].part == part && !v->scopes[i].draining)
+			return (int)i;
+	return -1;
+}
+
+/* Best effort: remove claim records of an abandoned batch, so they are not orphans later. */
+static void unclaim(tdr_drain *d, struct group *groups, size_t ng)
+{
+	mongoc_bulk_operation_t *bulk = tdr_bulk_new(d->claims, 0);
+	int any = 0;
+	tdr_err err;
+
+	for (size_t g = 0; g < ng; g++) {
+		bson_t f = BSON_INITIALIZER;
+
+		if (!groups[g].live)
+			continue;
+		BSON_APPEND_UTF8(&f, "_id", groups[g].id);
+		BSON_APPEND_UTF8(&f, "owner", d->cfg.name);
+		BSON_APPEND_INT64(&f, "epoch", groups[g].epoch);
+		mongoc_bulk_operation_remove_one(bulk, &f);
+		bson_destroy(&f);
+		any = 1;
+	}
+	if (any)
+		(void)tdr_bulk_run(bulk, "unclaim", NULL, NULL, &err);
+	mongoc_bulk_operation_destroy(bulk);
+}
+
+/*
+ * Steps 2-6 for items already read.  Returns 0, TDR_ETRANSIENT or TDR_EFAIL;
+ * *ret_acked counts events whose batch was acknowledged.
+ */
+static int process(tdr_drain *d, const tdr_coord_view *v, struct item *items, size_t n, int64_t *ret_acked,
+		   tdr_err *err)
+{
+	struct group *groups = calloc(v->nscopes ? v->nscopes : 1, sizeof(*groups));
+	size_t ng = 0, nvalid = 0, ndead = 0;
+	mongoc_bulk_operation_t *bulk = NULL;
+	const bson_t **valid_docs = NULL;
+	int64_t t0 = tdr_mono_us(), t1, t2, acked = 0, removed;
+	int rc = 0;
+
+	*ret_acked = 0;
+	if (groups == NULL)
+		return tdr_err_set(err, TDR_ENOMEM, "out of memory");
+
+	/* Group by partition; an item outside our scopes is simply not claimed. */
+	for (size_t i = 0; i < n; i++) {
+		int s = find_scope(v, items[i].part);
+		size_t g;
+
+		items[i].group = -1;
+		if (s < 0)
+			continue;
+		for (g = 0; g < ng; g++)
+			if (groups[g].part == items[i].part)
+				break;
+		if (g == ng) {
+			groups[g].part = v->scopes[s].part;
+			groups[g].epoch = v->scopes[s].epoch;
+			snprintf(groups[g].id, sizeof(groups[g].id), "%d:%" PRId64 ":%" PRId64, groups[g].part,
+				 groups[g].epoch, ++d->seq);
+			ng++;
+		}
+		items[i].group = (int)g;
+		groups[g].nitems++;
+	}
+
+	/* 2. claim */
+	bulk = tdr_bulk_new(d->claims, 0);
+	for (size_t g = 0; g < ng; g++) {
+		bson_t doc = BSON_INITIALIZER, ids, att;
+		uint32_t k = 0;
+
+		if (!tdr_coord_may_write(d->coord, groups[g].part, groups[g].epoch))
+			continue;
+		BSON_APPEND_UTF8(&doc, "_id", groups[g].id);
+		BSON_APPEND_INT32(&doc, "part", groups[g].part);
+		BSON_APPEND_INT64(&doc, "epoch", groups[g].epoch);
+		BSON_APPEND_UTF8(&doc, "owner", d->cfg.name);
+		BSON_APPEND_DATE_TIME(&doc, "at", tdr_wall_ms());
+		BSON_APPEND_ARRAY_BEGIN(&doc, "ids", &ids);
+		for (size_t i = 0; i < n; i++)
+			if (items[i].group == (int)g) {
+				char key[16];
+				const char *kp;
+
+				bson_uint32_to_string(k++, &kp, key, sizeof(key));
+				bson_append_value(&ids, kp, -1, &items[i].id);
+			}
+		bson_append_array_end(&doc, &ids);
+		k = 0;
+		BSON_APPEND_ARRAY_BEGIN(&doc, "att", &att);
+		for (size_t i = 0; i < n; i++)
+			if (items[i].group == (int)g) {
+				char key[16];
+				const char *kp;
+
+				bson_uint32_to_string(k++, &kp, key, sizeof(key));
+				bson_append_int64(&att, kp, -1, items[i].attempts);
+			}
+		bson_append_array_end(&doc, &att);
+		mongoc_bulk_operation_insert(bulk, &doc);
+		bson_destroy(&doc);
+		groups[g].live = 1;
+	}
+	if ((rc = tdr_bulk_run(bulk, "claim", NULL, NULL, err)) < 0)
+		goto abandon;
+	mongoc_bulk_operation_destroy(bulk);
+	bulk = NULL;
+
+	/* 3. consume: validate, then archive what is valid. */
+	valid_docs = calloc(n ? n : 1, sizeof(*valid_docs));
+	if (valid_docs == NULL) {
+		rc = tdr_err_set(err, TDR_ENOMEM, "out of memory");
+		goto abandon;
+	}
+	for (size_t i = 0; i < n; i++) {
+		struct item *it = &items[i];
+
+		if (it->group < 0 || !groups[it->group].live)
+			continue;
+		if (it->attempts > d->cfg.max_attempts) {
+			snprintf(it->reason, sizeof(it->reason), "attempts: claimed %" PRId64 " times (drain.max_attempts %lld)",
+				 it->attempts - 1, (long long)d->cfg.max_attempts);
+			it->valid = 0;
+		} else {
+			it->valid = tdr_event_validate(it->doc, &d->cfg, &it->ev, it->reason, sizeof(it->reason)) == 0;
+		}
+		if (it->valid) {
+			valid_docs[nvalid++] = it->doc;
+			groups[it->group].nvalid++;
+		} else {
+			ndead++;
+		}
+	}
+	if (d->ar && nvalid && (rc = tdr_archive_append(d->ar, (const bson_t *const *)valid_docs, nvalid, err)) < 0)
+		goto abandon;
+	trace_batch(d, items, n, groups);
+	t1 = tdr_mono_us();
+
+	/* 4. commit: the delta is the unique-key fact the fold counts from. */
+	bulk = tdr_bulk_new(d->deltas, 0);
+	for (size_t g = 0; g < ng; g++) {
+		bson_t doc = BSON_INITIALIZER, ev;
+		uint32_t k = 0;
+
+		if (!groups[g].live || groups[g].nvalid == 0)
+			continue;
+		BSON_APPEND_UTF8(&doc, "_id", groups[g].id);
+		BSON_APPEND_INT32(&doc, "part", groups[g].part);
+		BSON_APPEND_INT64(&doc, "epoch", groups[g].epoch);
+		BSON_APPEND_UTF8(&doc, "owner", d->cfg.name);
+		BSON_APPEND_DATE_TIME(&doc, "at", tdr_wall_ms());
+		BSON_APPEND_ARRAY_BEGIN(&doc, "ev", &ev);
+		for (size_t i = 0; i < n; i++)
+			if (items[i].group == (int)g && items[i].valid) {
+				char key[16];
+				const char *kp;
+
+				bson_uint32_to_string(k++, &kp, key, sizeof(key));
+				tdr_cevent_append(&ev, kp, &items[i].ev);
+			}
+		bson_append_array_end(&doc, &ev);
+		mongoc_bulk_operation_insert(bulk, &doc);
+		bson_destroy(&doc);
+	}
+	if (nvalid && (rc = tdr_bulk_run(bulk, "commit delta", NULL, NULL, err)) < 0)
+		goto abandon;
+	mongoc_bulk_operation_destroy(bulk);
+	bulk = NULL;
+	if (ndead) {
+		bulk = tdr_bulk_new(d->dead, 0);
+		for (size_t i = 0; i < n; i++)
+			if (items[i].group >= 0 && groups[items[i].group].live && !items[i].valid)
+				append_deadletter(bulk, d, &items[i], &groups[items[i].group]);
+		if ((rc = tdr_bulk_run(bulk, "dead letter", NULL, NULL, err)) < 0)
+			goto abandon;
+		mongoc_bulk_operation_destroy(bulk);
+		bulk = NULL;
+		for (size_t i = 0; i < n; i++)
+			if (items[i].group >= 0 && groups[items[i].group].live && !items[i].valid) {
+				char key[160];
+				tdr_field f[2] = { { "TDRAIN_EVENT_ID", key }, { "TDRAIN_REASON", items[i].reason } };
+
+				if (tdr_id_key(&items[i].id, key, sizeof(key)) < 0)
+					snprintf(key, sizeof(key), "(unprintable)");
+				tdr_log_event(LOG_WARNING, TDR_EV_DEADLETTER, f, 2, "event %s dead-lettered: %s", key,
+					      items[i].reason);
+			}
+	}
+
+	/* 5. acknowledge: one fenced statement per claim record. */
+	bulk = tdr_bulk_new(d->claims, 0);
+	size_t nlive = 0;
+	for (size_t g = 0; g < ng; g++) {
+		bson_t f = BSON_INITIALIZER;
+
+		if (!groups[g].live)
+			continue;
+		if (!tdr_coord_may_write(d->coord, groups[g].part, groups[g].epoch)) {
+			groups[g].live = 0;
+			continue;
+		}
+		BSON_APPEND_UTF8(&f, "_id", groups[g].id);
+		BSON_APPEND_UTF8(&f, "owner", d->cfg.name);
+		BSON_APPEND_INT64(&f, "epoch", groups[g].epoch);
+		mongoc_bulk_operation_remove_one(bulk, &f);
+		bson_destroy(&f);
+		nlive++;
+	}
+	if (nlive) {
+		bson_t reply;
+
+		if ((rc = tdr_bulk_run(bulk, "acknowledge", NULL, &reply, err)) < 0)
+			goto abandon;
+		removed = tdr_bson_i64(&reply, "nRemoved", 0);
+		bson_destroy(&reply);
+		if (removed != (int64_t)nlive) {
+			/* A newer owner took a claim record over: its events are its now. */
+			log_warn("acknowledge: %" PRId64 " of %zu claim records were ours; leaving their events to the new owner",
+				 removed, nlive);
+			pthread_mutex_lock(&d->mu);
+			d->stats.fenced++;
+			pthread_mutex_unlock(&d->mu);
+			for (size_t g = 0; g < ng; g++)
+				groups[g].live = 0;
+		}
+	}
+	mongoc_bulk_operation_destroy(bulk);
+	bulk = NULL;
+
+	/* 6. forget: the events' effects are committed; delete them from the FIFO by _id. */
+	bulk = tdr_bulk_new(d->events, 0);
+	for (size_t i = 0; i < n; i++) {
+		bson_t f = BSON_INITIALIZER;
+
+		if (items[i].group < 0 || !groups[items[i].group].live)
+			continue;
+		bson_append_value(&f, "_id", 3, &items[i].id);
+		mongoc_bulk_operation_remove_one(bulk, &f);
+		bson_destroy(&f);
+		acked++;
+	}
+	if (acked && (rc = tdr_bulk_run(bulk, "delete acknowledged", NULL, NULL, err)) < 0) {
+		/* Committed and acknowledged: a later claim finds these again, and the fold dedups them. */
+		log_warn("%s", err->msg);
+		rc = 0;
+	}
+	mongoc_bulk_operation_destroy(bulk);
+	bulk = NULL;
+	t2 = tdr_mono_us();
+
+	pthread_mutex_lock(&d->mu);
+	d->stats.batches++;
+	d->stats.acked += acked;
+	d->stats.deadlettered += (int64_t)ndead;
+	d->stats.last_batch = (int64_t)n;
+	d->stats.consume_us = t1 - t0;
+	d->stats.ack_us = t2 - t1;
+	tdr_hist_add(&d->stats.h_consume, t1 - t0);
+	tdr_hist_add(&d->stats.h_ack, t2 - t1);
+	pthread_mutex_unlock(&d->mu);
+	*ret_acked = acked;
+	free(valid_docs);
+	free(groups);
+	return 0;
+
+abandon:
+	mongoc_bulk_operation_destroy(bulk);
+	unclaim(d, groups, ng);
+	pthread_mutex_lock(&d->mu);
+	d->stats.store_errors++;
+	pthread_mutex_unlock(&d->mu);
+	free(valid_docs);
+	free(groups);
+	return rc;
+}
+
+/* ------------------------------------------------------------ recovery */
+
+static int was_recovered(tdr_drain *d, int32_t part, int64_t epoch)
+{
+	for (size_t i = 0; i < d->nrec; i++)
+		if (d->rec[i].part == part && d->rec[i].epoch == epoch)
+			return 1;
+	return 0;
+}
+
+static void mark_recovered(tdr_drain *d, const tdr_coord_view *v, int32_t part, int64_t epoch)
+{
+	/* Forget scopes we no longer hold, so the table stays bounded by our partitions. */
+	for (size_t i = 0; i < d->nrec;) {
+		int held = 0;
+
+		for (size_t s = 0; s < v->nscopes; s++)
+			held |= v->scopes[s].part == d->rec[i].part && v->scopes[s].epoch == d->rec[i].epoch;
+		if (!held)
+			d->rec[i] = d->rec[--d->nrec];
+		else
+			i++;
+	}
+	if (d->nrec == d->caprec) {
+		size_t ncap = d->caprec ? d->caprec * 2 : 16;
+		struct recovered *n = realloc(d->rec, ncap * sizeof(*n));
+
+		if (n == NULL)
+			return; /* recovery will simply run again: it is idempotent */
+		d->rec = n;
+		d->caprec = ncap;
+	}
+	d->rec[d->nrec++] = (struct recovered){ part, epoch };
+}
+
+struct orphan_ids {
+	bson_value_t *ids;
+	int64_t *att;
+	size_t n, cap;
+	char **recs;   /* claim record _ids to delete afterwards */
+	int64_t *rec_epochs;
+	size_t nrecs, caprecs;
+};
+
+static void orphans_free(struct orphan_ids *o)
+{
+	for (size_t i = 0; i < o->n; i++)
+		bson_value_destroy(&o->ids[i]);
+	for (size_t i = 0; i < o->nrecs; i++)
+		free(o->recs[i]);
+	free(o->ids);
+	free(o->att);
+	free(o->recs);
+	free(o->rec_epochs);
+}
+
+static int orphans_add_id(struct orphan_ids *o, const bson_value_t *id, int64_t att)
+{
+	if (o->n == o->cap) {
+		size_t ncap = o->cap ? o->cap * 2 : 256;
+		bson_value_t *ni = realloc(o->ids, ncap * sizeof(*ni));
+		int64_t *na;
+
+		if (ni == NULL)
+			return -1;
+		o->ids = ni;
+		na = realloc(o->att, ncap * sizeof(*na));
+		if (na == NULL)
+			return -1;
+		o->att = na;
+		o->cap = ncap;
+	}
+	bson_value_copy(id, &o->ids[o->n]);
+	o->att[o->n++] = att;
+	return 0;
+}
+
+static int orphans_add_rec(struct orphan_ids *o, const char *id, int64_t epoch)
+{
+	if (o->nrecs == o->caprecs) {
+		size_t ncap = o->caprecs ? o->caprecs * 2 : 16;
+		char **nr = realloc(o->recs, ncap * sizeof(*nr));
+		int64_t *ne;
+
+		if (nr == NULL)
+			return -1;
+		o->recs = nr;
+		ne = realloc(o->rec_epochs, ncap * sizeof(*ne));
+		if (ne == NULL)
+			return -1;
+		o->rec_epochs = ne;
+		o->caprecs = ncap;
+	}
+	o->recs[o->nrecs] = strdup(id);
+	if (o->recs[o->nrecs] == NULL)
+		return -1;
+	o->rec_epochs[o->nrecs++] = epoch;
+	return 0;
+}
+
+/* Read the claim records older than our epoch in scope s. */
+static int read_orphans(tdr_drain *d, const tdr_scope *s, struct orphan_ids *o, tdr_err *err)
+{
+	bson_t filter = BSON_INITIALIZER, opts;
+	const bson_t *doc;
+	mongoc_cursor_t *cur;
+	bson_error_t be;
+	int rc = 0;
+
+	BSON_APPEND_INT32(&filter, "part", s->part);
+	tdr_store_read_opts(d->st, &opts);
+	cur = mongoc_collection_find_with_opts(d->claims, &filter, &opts, NULL);
+	while (rc == 0 && mongoc_cursor_next(cur, &doc)) {
+		int64_t epoch = tdr_bson_i64(doc, "epoch", 0);
+		const char *rid = tdr_bson_str(doc, "_id", NULL);
+		bson_iter_t ids, att, it;
+
+		/* Our own epoch's records are ours; a newer epoch means we are already deposed. */
+		if (epoch >= s->epoch || rid == NULL)
+			continue;
+		if (orphans_add_rec(o, rid, epoch) < 0) {
+			rc = tdr_err_set(err, TDR_ENOMEM, "out of memory");
+			break;
+		}
+		if (!bson_iter_init_find(&it, doc, "ids") || !bson_iter_recurse(&it, &ids))
+			continue;
+		int have_att = bson_iter_init_find(&it, doc, "att") && bson_iter_recurse(&it, &att);
+		while (bson_iter_next(&ids)) {
+			int64_t a = 1;
+
+			if (have_att && bson_iter_next(&att))
+				a = bson_iter_as_int64(&att);
+			if (orphans_add_id(o, bson_iter_value(&ids), a + 1) < 0) {
+				rc = tdr_err_set(err, TDR_ENOMEM, "out of memory");
+				break;
+			}
+		}
+	}
+	if (rc == 0 && mongoc_cursor_error(cur, &be)) {
+		rc = tdr_store_error(&be, "read orphaned claims", err);
+		rc = TDR_ETRANSIENT;
+	}
+	mongoc_cursor_destroy(cur);
+	bson_destroy(&opts);
+	bson_destroy(&filter);
+	return rc;
+}
+
+static int recover_scope(tdr_drain *d, const tdr_coord_view *v, const tdr_scope *s, tdr_err *err)
+{
+	struct orphan_ids o;
+	size_t found = 0;
+	int rc;
+
+	memset(&o, 0, sizeof(o));
+	if ((rc = read_orphans(d, s, &o, err)) < 0)
+		goto out;
+
+	/* Fetch the orphans' documents in chunks and run them through the cycle first. */
+	for (size_t off = 0; off < o.n; off += 256) {
+		size_t end = off + 256 < o.n ? off + 256 : o.n, ni = 0;
+		struct item *items = calloc(end - off, sizeof(*items));
+		bson_t filter = BSON_INITIALIZER, in, arr, opts;
+		mongoc_cursor_t *cur;
+		const bson_t *doc;
+		bson_error_t be;
+		int64_t acked;
+
+		if (items == NULL) {
+			rc = tdr_err_set(err, TDR_ENOMEM, "out of memory");
+			goto out;
+		}
+		BSON_APPEND_DOCUMENT_BEGIN(&filter, "_id", &in);
+		BSON_APPEND_ARRAY_BEGIN(&in, "$in", &arr);
+		for (size_t i = off; i < end; i++) {
+			char key[16];
+			const char *kp;
+
+			bson_uint32_to_string((uint32_t)(i - off), &kp, key, sizeof(key));
+			bson_append_value(&arr, kp, -1, &o.ids[i]);
+		}
+		bson_append_array_end(&in, &arr);
+		bson_append_document_end(&filter, &in);
+		tdr_store_read_opts(d->st, &opts);
+		cur = mongoc_collection_find_with_opts(d->events, &filter, &opts, NULL);
+		while (mongoc_cursor_next(cur, &doc) && ni < end - off) {
+			bson_iter_t it;
+			int64_t att = 1;
+
+			if (!bson_iter_init_find(&it, doc, "_id"))
+				continue;
+			for (size_t i = off; i < end; i++)
+				if (tdr_bson_value_eq(&o.ids[i], bson_iter_value(&it))) {
+					att = o.att[i];
+					break;
+				}
+			(void)item_add(items, &ni, doc, s->part, att);
+		}
+		if (mongoc_cursor_error(cur, &be)) {
+			rc = tdr_store_error(&be, "fetch orphaned events", err);
+			rc = TDR_ETRANSIENT;
+		}
+		mongoc_cursor_destroy(cur);
+		bson_destroy(&opts);
+		bson_destroy(&filter);
+		if (rc == 0 && ni)
+			rc = process(d, v, items, ni, &acked, err);
+		found += ni;
+		items_free(items, ni);
+		if (rc < 0)
+			goto out;
+	}
+
+	/* The old records are spent: remove them, each fenced by its own epoch. */
+	if (o.nrecs) {
+		mongoc_bulk_operation_t *bulk = tdr_bulk_new(d->claims, 0);
+
+		for (size_t i = 0; i < o.nrecs; i++) {
+			bson_t f = BSON_INITIALIZER;
+
+			BSON_APPEND_UTF8(&f, "_id", o.recs[i]);
+			BSON_APPEND_INT64(&f, "epoch", o.rec_epochs[i]);
+			mongoc_bulk_operation_remove_one(bulk, &f);
+			bson_destroy(&f);
+		}
+		if (!tdr_coord_may_write(d->coord, s->part, s->epoch))
+			rc = tdr_err_set(err, TDR_EFENCED, "lost partition %d during recovery", s->part);
+		else
+			rc = tdr_bulk_run(bulk, "remove orphaned claims", NULL, NULL, err);
+		mongoc_bulk_operation_destroy(bulk);
+		if (rc < 0)
+			goto out;
+	}
+	{
+		char part[16], epoch[24], count[24];
+		tdr_field f[3] = { { "TDRAIN_PARTITIONS", part }, { "TDRAIN_EPOCH", epoch }, { "TDRAIN_ORPHANS", count } };
+
+		if (s->part == TDR_SCOPE_ALL)
+			snprintf(part, sizeof(part), "all");
+		else
+			snprintf(part, sizeof(part), "%d", s->part);
+		snprintf(epoch, sizeof(epoch), "%" PRId64, s->epoch);
+		snprintf(count, sizeof(count), "%zu", found);
+		tdr_log_event(o.nrecs ? LOG_NOTICE : LOG_INFO, TDR_EV_ORPHANS_RECOVERED, f, 3,
+			      "partition %s epoch %" PRId64 ": %zu orphaned events from %zu claim records recovered", part,
+			      s->epoch, found, o.nrecs);
+	}
+	pthread_mutex_lock(&d->mu);
+	d->stats.orphans += (int64_t)found;
+	pthread_mutex_unlock(&d->mu);
+	mark_recovered(d, v, s->part, s->epoch);
+out:
+	orphans_free(&o);
+	return rc;
+}
+
+/* ------------------------------------------------------------ step */
+
+static int claim_and_process(tdr_drain *d, const tdr_coord_view *v, int *ret_full, int64_t *ret_n, tdr_err *err)
+{
+	bson_t filter = BSON_INITIALIZER, opts = BSON_INITIALIZER, in, arr, sort;
+	int64_t limit = d->cfg.batch_size, bytes = 0, acked = 0, t0 = tdr_mono_us();
+	size_t n = 0, nactive = 0;
+	struct item *items;
+	mongoc_cursor_t *cur;
+	const bson_t *doc;
+	bson_error_t be;
+	int rc = 0, partitioned = d->cfg.mode == TDR_MODE_PARTITIONED;
+
+	for (size_t i = 0; i < v->nscopes; i++)
+		nactive += !v->scopes[i].draining;
+	if (nactive == 0)
+		return 0;
+	items = calloc((size_t)limit, sizeof(*items));
+	if (items == NULL)
+		return tdr_err_set(err, TDR_ENOMEM, "out of memory");
+	if (partitioned) {
+		uint32_t k = 0;
+
+		BSON_APPEND_DOCUMENT_BEGIN(&filter, "part", &in);
+		BSON_APPEND_ARRAY_BEGIN(&in, "$in", &arr);
+		for (size_t i = 0; i < v->nscopes; i++)
+			if (!v->scopes[i].draining) {
+				char key[16];
+				const char *kp;
+
+				bson_uint32_to_string(k++, &kp, key, sizeof(key));
+				bson_append_int32(&arr, kp, -1, v->scopes[i].part);
+			}
+		bson_append_array_end(&in, &arr);
+		bson_append_document_end(&filter, &in);
+	}
+	BSON_APPEND_INT64(&opts, "limit", limit);
+	BSON_APPEND_INT64(&opts, "maxTimeMS", d->st->timeout_ms);
+	/*
+	 * FIFO order.  MongoDB serves {_id: 1} from an index.  FerretDB sorts
+	 * anything but $natural by reading the whole match set, so there we rely
+	 * on its insertion-order scan instead (docs/DESIGN.md, "Store access paths").
+	 */
+	if (!d->st->is_ferretdb) {
+		BSON_APPEND_DOCUMENT_BEGIN(&opts, "sort", &sort);
+		BSON_APPEND_INT32(&sort, "_id", 1);
+		bson_append_document_end(&opts, &sort);
+	}
+	cur = mongoc_collection_find_with_opts(d->events, &filter, &opts, NULL);
+	while (n < (size_t)limit && bytes < BATCH_BYTES_MAX && mongoc_cursor_next(cur, &doc)) {
+		int32_t part = TDR_SCOPE_ALL;
+
+		if (partitioned) {
+			int64_t p = tdr_bson_i64(doc, "part", -1);
+
+			if (p < 0 || p >= d->cfg.partitions)
+				continue;
+			part = (int32_t)p;
+		}
+		if (item_add(items, &n, doc, part, 1) == 0)
+			bytes += doc->len;
+	}
+	if (mongoc_cursor_error(cur, &be)) {
+		rc = tdr_store_error(&be, "claim", err);
+		rc = TDR_ETRANSIENT;
+	}
+	mongoc_cursor_destroy(cur);
+	bson_destroy(&filter);
+	bson_destroy(&opts);
+	pthread_mutex_lock(&d->mu);
+	d->stats.claim_us = tdr_mono_us() - t0;
+	if (n > 0)
+		tdr_hist_add(&d->stats.h_claim, d->stats.claim_us);
+	d->stats.claimed += (int64_t)n;
+	pthread_mutex_unlock(&d->mu);
+	if (rc == 0 && n > 0)
+		rc = process(d, v, items, n, &acked, err);
+	*ret_full = rc == 0 && n == (size_t)limit;
+	*ret_n = (int64_t)n;
+	items_free(items, n);
+	return rc;
+}
+
+int tdr_drain_step(tdr_drain *d, int *ret_full, int64_t *ret_n, tdr_err *err)
+{
+	tdr_coord_view v;
+	int rc = 0;
+
+	*ret_full = 0;
+	*ret_n = 0;
+	if (tdr_coord_view_get(d->coord, &v) < 0)
+		return tdr_err_set(err, TDR_ENOMEM, "out of memory");
+	/* Between batches nothing is in flight: hand back what the coordinator wants back. */
+	for (size_t i = 0; i < v.nscopes; i++)
+		if (v.scopes[i].draining)
+			tdr_coord_scope_idle(d->coord, v.scopes[i].part, v.scopes[i].epoch);
+	/* Orphans of a newly gained scope come before any new work in it. */
+	for (size_t i = 0; i < v.nscopes && rc == 0; i++)
+		if (!v.scopes[i].draining && !was_recovered(d, v.scopes[i].part, v.scopes[i].epoch))
+			rc = recover_scope(d, &v, &v.scopes[i], err);
+	if (rc == 0)
+		rc = claim_and_process(d, &v, ret_full, ret_n, err);
+	if (rc == TDR_EFENCED) {
+		pthread_mutex_lock(&d->mu);
+		d->stats.fenced++;
+		pthread_mutex_unlock(&d->mu);
+		log_warn("%s", err->msg);
+		rc = 0;
+	}
+	tdr_coord_view_free(&v);
+
+	/* Smoothed acknowledged rate, for STATUS and metrics. */
+	int64_t now = tdr_mono_ms();
+	pthread_mutex_lock(&d->mu);
+	if (now - d->rate_t0 >= 1000) {
+		double inst = (double)(d->stats.acked - d->rate_acked0) * 1000.0 / (double)(now - d->rate_t0);
+
+		d->stats.rate = d->stats.rate == 0 ? inst : 0.5 * d->stats.rate + 0.5 * inst;
+		d->rate_t0 = now;
+		d->rate_acked0 = d->stats.acked;
+	}
+	pthread_mutex_unlock(&d->mu);
+	return rc;
+}

@@ -1,2 +1,418 @@
+/*
+ * tdrain - drain a MongoDB FIFO of telemetry events into derived state,
+ * as one of N coordinated replicas.  See tdrain(8) and docs/DESIGN.md.
+ *
+ * main() owns process concerns only: configuration, signals, systemd
+ * notification, the adaptive poll loop, status and metrics.  Signal handlers
+ * set flags; the loop acts on them.
+ */
 #include "config.h"
-int main(void) { return 0; }
+
+#include <errno.h>
+#include <getopt.h>
+#include <inttypes.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sysexits.h>
+#include <unistd.h>
+
+#include "consumers/archive.h"
+#include "consumers/fold.h"
+#include "coord/coord.h"
+#include "lib/bsonx.h"
+#include "lib/clock.h"
+#include "lib/conf.h"
+#include "lib/log.h"
+#include "lib/store.h"
+#include "worker/drain.h"
+#include "worker/metrics.h"
+#include "worker/notify.h"
+
+static volatile sig_atomic_t got_stop, got_reload;
+static volatile int stop_flag; /* mirrors got_stop for tdr_sleep_ms */
+
+static void on_signal(int sig)
+{
+	if (sig == SIGHUP)
+		got_reload = 1;
+	else {
+		got_stop = 1;
+		stop_flag = 1;
+	}
+}
+
+static void usage(FILE *out)
+{
+	fprintf(out, "usage: tdrain [-c FILE] [-N NAME] [--set KEY=VALUE]... [-n] [--print-config] [-V] [-h]\n"
+		     "  -c FILE          configuration file (key = value lines)\n"
+		     "  -N NAME          replica name (overrides the 'name' key)\n"
+		     "  --set KEY=VALUE  override one key (after the file and TDRAIN_* variables)\n"
+		     "  -n               check the configuration, print \"configuration OK\" and exit\n"
+		     "  --print-config   print every key with its effective value (secrets redacted)\n"
+		     "  -V               print the version\n");
+}
+
+struct args {
+	const char *file;
+	const char *name;
+	char **sets;
+	int nsets;
+	int check_only, print_config;
+};
+
+/* Build the configuration from its sources, in precedence order. */
+static int load_config(const struct args *a, tdr_config *cfg, tdr_err *err)
+{
+	tdr_config_defaults(cfg);
+	if (a->file && tdr_config_load_file(cfg, a->file, err) < 0)
+		return TDR_ECONFIG;
+	if (tdr_config_load_env(cfg, err) < 0)
+		return TDR_ECONFIG;
+	for (int i = 0; i < a->nsets; i++)
+		if (tdr_config_set(cfg, a->sets[i], err) < 0)
+			return tdr_err_wrap(err, "--set");
+	if (a->name) {
+		if (strlen(a->name) >= sizeof(cfg->name))
+			return tdr_err_set(err, TDR_ECONFIG, "-N: name longer than %zu bytes", sizeof(cfg->name) - 1);
+		snprintf(cfg->name, sizeof(cfg->name), "%s", a->name);
+	}
+	if (cfg->name[0] == '\0') {
+		char host[48] = "tdrain";
+
+		(void)gethostname(host, sizeof(host));
+		host[sizeof(host) - 1] = '\0';
+		snprintf(cfg->name, sizeof(cfg->name), "%s-%d", host, (int)getpid());
+	}
+	return tdr_config_validate(cfg, err);
+}
+
+/* The FIFO's size, its head's age, dead letters and unfolded deltas (for STATUS and metrics). */
+static void observe_store(tdr_store *st, struct tdr_metrics *m)
+{
+	mongoc_client_t *c = tdr_store_pop(st);
+	const char *colls[3] = { st->events, TDR_C_DEADLETTER, TDR_C_DELTAS };
+	int64_t *outs[3] = { &m->backlog, &m->deadletter, &m->pending_deltas };
+	bson_t opts;
+	bson_error_t be;
+
+	tdr_store_read_opts(st, &opts);
+	for (int i = 0; i < 3; i++) {
+		mongoc_collection_t *coll = tdr_store_coll(st, c, colls[i]);
+
+		*outs[i] = mongoc_collection_estimated_document_count(coll, &opts, NULL, NULL, &be);
+		mongoc_collection_destroy(coll);
+	}
+	m->oldest_age_ms = -1;
+	if (m->backlog > 0) {
+		mongoc_collection_t *coll = tdr_store_coll(st, c, st->events);
+		bson_t filter = BSON_INITIALIZER, fo = BSON_INITIALIZER;
+		mongoc_cursor_t *cur;
+		const bson_t *doc;
+		bson_iter_t it;
+
+		BSON_APPEND_INT64(&fo, "limit", 1);
+		BSON_APPEND_INT64(&fo, "maxTimeMS", st->timeout_ms);
+		cur = mongoc_collection_find_with_opts(coll, &filter, &fo, NULL);
+		if (mongoc_cursor_next(cur, &doc) && bson_iter_init_find(&it, doc, "created_at") &&
+		    BSON_ITER_HOLDS_DATE_TIME(&it))
+			m->oldest_age_ms = tdr_wall_ms() - bson_iter_date_time(&it);
+		mongoc_cursor_destroy(cur);
+		bson_destroy(&filter);
+		bson_destroy(&fo);
+		mongoc_collection_destroy(coll);
+	}
+	bson_destroy(&opts);
+	tdr_store_push(st, c);
+}
+
+static void status_line(char *buf, size_t len, const tdr_config *cfg, const tdr_coord_view *v,
+			const struct tdr_metrics *m)
+{
+	char parts[256];
+
+	tdr_parts_format(v->scopes, v->nscopes, parts, sizeof(parts));
+	snprintf(buf, len, "%s%s, %s: partitions [%s], backlog %lld, %.0f events/s, fold lag %.1fs",
+		 v->is_leader ? "leader" : "follower",
+		 cfg->mode == TDR_MODE_PARTITIONED ? "" : (v->is_leader ? " (draining)" : " (standby)"),
+		 tdr_mode_name(cfg->mode), parts, (long long)m->backlog, m->drain.rate, (double)m->fold.lag_ms / 1000.0);
+}
+
+int main(int argc, char **argv)
+{
+	static const struct option longopts[] = {
+		{ "set", required_argument, NULL, 's' },
+		{ "print-config", no_argument, NULL, 'P' },
+		{ "help", no_argument, NULL, 'h' },
+		{ "version", no_argument, NULL, 'V' },
+		{ NULL, 0, NULL, 0 },
+	};
+	struct args a = { 0 };
+	tdr_config cfg;
+	tdr_err err;
+	tdr_store *st = NULL;
+	tdr_coord *coord = NULL;
+	tdr_archive *ar = NULL;
+	tdr_drain *drain = NULL;
+	tdr_fold *fold = NULL;
+	struct sigaction sa;
+	int opt, status = EX_OK;
+	char redacted[1100];
+
+	a.sets = calloc((size_t)argc + 1, sizeof(*a.sets));
+	if (a.sets == NULL)
+		return EX_OSERR;
+	while ((opt = getopt_long(argc, argv, "c:N:nhV", longopts, NULL)) != -1) {
+		switch (opt) {
+		case 'c':
+			a.file = optarg;
+			break;
+		case 'N':
+			a.name = optarg;
+			break;
+		case 's':
+			a.sets[a.nsets++] = optarg;
+			break;
+		case 'n':
+			a.check_only = 1;
+			break;
+		case 'P':
+			a.print_config = 1;
+			break;
+		case 'V':
+			printf("tdrain %s\n", PACKAGE_VERSION);
+			free(a.sets);
+			return EX_OK;
+		case 'h':
+			usage(stdout);
+			free(a.sets);
+			return EX_OK;
+		default:
+			usage(stderr);
+			free(a.sets);
+			return EX_USAGE;
+		}
+	}
+	if (optind != argc) {
+		usage(stderr);
+		free(a.sets);
+		return EX_USAGE;
+	}
+	tdr_err_clear(&err);
+	if (load_config(&a, &cfg, &err) < 0) {
+		fprintf(stderr, "tdrain: configuration error: %s\n", err.msg);
+		free(a.sets);
+		return EX_CONFIG;
+	}
+	if (a.print_config) {
+		tdr_config_print(&cfg, stdout);
+		free(a.sets);
+		return EX_OK;
+	}
+	if (a.check_only) {
+		printf("configuration OK\n");
+		free(a.sets);
+		return EX_OK;
+	}
+
+	tdr_log_init("tdrain", tdr_log_level_parse(cfg.log_level));
+	tdr_log_set_context(cfg.name);
+	tdr_notify_init();
+	memset(&sa, 0, sizeof(sa));
+	sa.sa_handler = on_signal;
+	sigemptyset(&sa.sa_mask);
+	sigaction(SIGTERM, &sa, NULL);
+	sigaction(SIGINT, &sa, NULL);
+	sigaction(SIGHUP, &sa, NULL);
+	signal(SIGPIPE, SIG_IGN);
+
+	tdr_redact_uri(cfg.store_uri, redacted, sizeof(redacted));
+	if (tdr_store_open(&st, &cfg, "tdrain", &err) < 0) {
+		log_err("configuration error: %s", err.msg);
+		status = EX_CONFIG;
+		goto out;
+	}
+	if (tdr_store_ping(st, &err) < 0) {
+		log_err("store %s unreachable: %s", redacted, err.msg);
+		status = EX_UNAVAILABLE;
+		goto out;
+	}
+	if (tdr_store_ensure_indexes(st, &err) < 0) {
+		log_err("store %s: cannot create indexes: %s", redacted, err.msg);
+		status = err.code == TDR_ETRANSIENT ? EX_UNAVAILABLE : EX_SOFTWARE;
+		goto out;
+	}
+	if (tdr_coord_new(&coord, &cfg, st, &err) < 0) {
+		log_err("coordinator: %s", err.msg);
+		status = err.code == TDR_ECONFIG ? EX_CONFIG : EX_UNAVAILABLE;
+		goto out;
+	}
+	{
+		/* The coordinator must answer before we claim to be ready. */
+		tdr_lease_backend *be = tdr_coord_backend(coord);
+		tdr_lease_info *infos = NULL;
+		size_t n = 0;
+
+		if (be->ops->list(be, "", &infos, &n, &err) < 0) {
+			log_err("coordination backend %s unreachable: %s", tdr_backend_name(cfg.backend), err.msg);
+			status = EX_UNAVAILABLE;
+			goto out;
+		}
+		free(infos);
+	}
+	if (tdr_archive_open(&ar, &cfg, &err) < 0) {
+		log_err("archive: %s", err.msg);
+		status = EX_CANTCREAT;
+		goto out;
+	}
+	if (tdr_drain_new(&drain, &cfg, st, coord, ar, &err) < 0 || tdr_fold_new(&fold, &cfg, st, coord, &err) < 0) {
+		log_err("%s", err.msg);
+		status = err.code == TDR_ECONFIG ? EX_CONFIG : EX_SOFTWARE;
+		goto out;
+	}
+	if (tdr_coord_start(coord, &err) < 0 || tdr_fold_start(fold, &err) < 0) {
+		log_err("%s", err.msg);
+		status = EX_OSERR;
+		goto out;
+	}
+	{
+		tdr_field f[3] = { { "TDRAIN_MODE", tdr_mode_name(cfg.mode) },
+				   { "TDRAIN_BACKEND", tdr_backend_name(cfg.backend) },
+				   { "TDRAIN_STORE", redacted } };
+
+		tdr_log_event(LOG_INFO, TDR_EV_STARTED, f, 3, "tdrain %s started: %s mode, %s coordination, store %s",
+			      PACKAGE_VERSION, tdr_mode_name(cfg.mode), tdr_backend_name(cfg.backend), redacted);
+	}
+
+	{
+		struct tdr_metrics m;
+		int64_t backoff = 0, last_status = 0, last_observe = 0, last_err_log = 0, errors = 0;
+		int ready = 0, alerted = 0;
+
+		memset(&m, 0, sizeof(m));
+		m.backlog = m.oldest_age_ms = m.deadletter = m.pending_deltas = -1;
+		while (!got_stop) {
+			int full = 0, rc;
+			int64_t n = 0, now, wait;
+
+			if (got_reload) {
+				tdr_config nc;
+
+				got_reload = 0;
+				tdr_notify_reloading();
+				if (load_config(&a, &nc, &err) < 0) {
+					log_err("reload: configuration error, keeping the running one: %s", err.msg);
+				} else {
+					tdr_drain_reload(drain, &nc);
+					tdr_fold_reload(fold, &nc);
+					tdr_log_set_level(tdr_log_level_parse(nc.log_level));
+					cfg.batch_size = nc.batch_size;
+					cfg.poll_max_ms = nc.poll_max_ms;
+					cfg.metrics_interval_ms = nc.metrics_interval_ms;
+					cfg.backlog_alert = nc.backlog_alert;
+					memcpy(cfg.metrics_file, nc.metrics_file, sizeof(cfg.metrics_file));
+					memcpy(cfg.log_level, nc.log_level, sizeof(cfg.log_level));
+					log_info("configuration reloaded (keys needing a restart are unchanged)");
+				}
+				tdr_notify_ready("reloaded");
+			}
+
+			rc = tdr_drain_step(drain, &full, &n, &err);
+			now = tdr_mono_ms();
+			if (rc < 0) {
+				errors++;
+				/* One line per 10 s while the store is down, not one per retry. */
+				if (now - last_err_log >= 10000) {
+					log_warn("batch not acknowledged, will retry (%lld failures): %s", (long long)errors,
+						 err.msg);
+					last_err_log = now;
+				}
+				backoff = backoff ? (backoff * 2 > cfg.poll_max_ms * 4 ? cfg.poll_max_ms * 4 : backoff * 2)
+						  : 50;
+				wait = backoff;
+			} else {
+				if (errors && now - last_err_log < 60000)
+					log_info("store reachable again after %lld failed attempts", (long long)errors);
+				errors = 0;
+				/* Straight on after a full batch; back off towards poll_max_ms when idle. */
+				if (full)
+					backoff = 0;
+				else if (n > 0)
+					backoff = 0;
+				else
+					backoff = backoff ? (backoff * 2 > cfg.poll_max_ms ? cfg.poll_max_ms : backoff * 2) : 10;
+				wait = full || n > 0 ? 0 : backoff;
+			}
+			/* Alive and looping: a hung store call would stop these pings, and systemd restarts us. */
+			tdr_notify_watchdog();
+			if (ar)
+				tdr_archive_tick(ar);
+
+			if (!ready || now - last_status >= 1000) {
+				tdr_coord_view v;
+
+				if (now - last_observe >= cfg.metrics_interval_ms || !ready) {
+					observe_store(st, &m);
+					last_observe = now;
+				}
+				tdr_drain_stats_get(drain, &m.drain);
+				tdr_fold_stats_get(fold, &m.fold);
+				if (ar) {
+					tdr_archive_stats_get(ar, &m.archive);
+					m.has_archive = 1;
+				}
+				if (tdr_coord_view_get(coord, &v) == 0) {
+					char line[512];
+
+					m.replica = cfg.name;
+					m.mode = tdr_mode_name(cfg.mode);
+					m.is_leader = v.is_leader;
+					m.partitions_owned = (int64_t)v.nscopes;
+					m.members = (int64_t)v.nmembers;
+					m.failovers = v.failovers;
+					status_line(line, sizeof(line), &cfg, &v, &m);
+					if (!ready) {
+						tdr_notify_ready(line);
+						ready = 1;
+					} else {
+						tdr_notify_status(line);
+					}
+					tdr_coord_view_free(&v);
+				}
+				if (cfg.metrics_file[0] && tdr_metrics_write(cfg.metrics_file, &m, &err) < 0)
+					log_warn("%s", err.msg);
+				if (cfg.backlog_alert > 0 && m.is_leader && m.backlog > cfg.backlog_alert && !alerted) {
+					char b[24];
+					tdr_field f[1] = { { "TDRAIN_BACKLOG", b } };
+
+					snprintf(b, sizeof(b), "%lld", (long long)m.backlog);
+					tdr_log_event(LOG_WARNING, TDR_EV_BACKLOG_ALERT, f, 1,
+						      "backlog %lld exceeds metrics.backlog_alert %lld", (long long)m.backlog,
+						      (long long)cfg.backlog_alert);
+					alerted = 1;
+				} else if (m.backlog >= 0 && m.backlog < cfg.backlog_alert / 2) {
+					alerted = 0;
+				}
+				last_status = now;
+			}
+			if (wait > 0)
+				tdr_sleep_ms(wait, &stop_flag);
+		}
+	}
+
+	/* The in-flight batch has finished (the loop is synchronous): give everything back. */
+	tdr_notify_stopping(cfg.store_timeout_ms * 4 * 1000);
+	tdr_log_event(LOG_INFO, TDR_EV_STOPPING, NULL, 0, "stopping: releasing leases");
+	tdr_fold_stop(fold);
+	tdr_coord_stop(coord);
+out:
+	tdr_fold_free(fold);
+	tdr_drain_free(drain);
+	tdr_archive_close(ar);
+	tdr_coord_free(coord);
+	tdr_store_close(st);
+	mongoc_cleanup();
+	free(a.sets);
+	return status;
+}
