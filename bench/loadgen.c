@@ -1,2 +1,1252 @@
+/*
+ * loadgen.c - tdrain-loadgen: fills the FIFO with realistic telemetry.
+ *
+ * Used by the demo, the integration tests and the benchmark.  It plays the
+ * producer of docs/EVENTS.md: it knows nothing about tdrain except the event
+ * contract and (optionally) the partition hash.
+ *
+ * The event stream models a fleet of devices running a CLI:
+ *   - ~90% cli_invocation, ~8% daily_sign_in, the rest other well-formed names
+ *     (extension_installed, config.changed, ui:open, web/page-view) so that
+ *     "any well-formed name is counted" is exercised;
+ *   - created_at advances through [base, base + days) roughly in insertion
+ *     order, with +-2 min of jitter so "latest created_at" and "last inserted"
+ *     disagree now and then, as they do in a real FIFO;
+ *   - a fraction of devices sign in at some instant: their earlier events carry
+ *     no username, later ones do ("device linked after it already sent
+ *     events"); a few of those switch username once (re-link), and a few of
+ *     the re-linkers end with two signed-in events at the same millisecond
+ *     under both usernames (the identity tie-break);
+ *   - --dup-ratio re-inserts some events later as a second document with a new
+ *     _id and the same insert_id and content (producer retries).
+ * Generation is streaming: memory is O(devices + batch + pending duplicates),
+ * never O(count).
+ *
+ * --malformed-corpus inserts one document per malformed kind (table `corpus`
+ * below, with the reason prefix tdrain must give), plus a few valid documents
+ * that sit exactly on the contract's limits, and writes a manifest the
+ * checker (tests/checker.py) reads.  With --count as well, the corpus is
+ * spread evenly through the normal events, so a test also sees that a bad
+ * document never blocks the good ones behind it.
+ */
 #include "config.h"
-int main(void) { return 0; }
+
+#include <errno.h>
+#include <getopt.h>
+#include <inttypes.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include <mongoc/mongoc.h>
+
+#include "lib/clock.h"
+#include "lib/hash.h"
+
+#define PROG "tdrain-loadgen"
+#define DAY_MS 86400000LL
+#define JITTER_MS 120000LL      /* created_at jitter around the stream's clock */
+#define DUP_DELAY_MAX 2000      /* a duplicate follows its original within this many events */
+#define RELINK_RATIO 0.05       /* of signed-in devices, those that switch username once */
+#define TIE_RATIO 0.25          /* of re-linkers, those that end on a same-ms tie */
+#define MAX_EVENT_BYTES 262144  /* drain.max_event_bytes default (docs/EVENTS.md) */
+
+static volatile sig_atomic_t stop_flag;
+
+static void on_signal(int sig)
+{
+	(void)sig;
+	stop_flag = 1;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Options                                                                  */
+
+struct opts {
+	const char *uri;
+	const char *db;
+	const char *coll;
+	const char *ndjson;
+	const char *manifest;
+	int64_t count;
+	int64_t devices;
+	int64_t users;
+	double signed_ratio;
+	double dup_ratio;
+	int64_t partitions;   /* 0: do not write part */
+	double rate;          /* 0: as fast as possible */
+	int64_t batch;
+	uint64_t seed;
+	int64_t start_ms;
+	int start_given;
+	int64_t days;
+	int quiet;
+	int corpus;
+};
+
+static void usage(FILE *out)
+{
+	fprintf(out,
+		"usage: " PROG " --uri URI --count N [options]\n"
+		"  --uri URI              MongoDB URI (required)\n"
+		"  --db NAME              database (default tdrain)\n"
+		"  --coll NAME            FIFO collection (default events)\n"
+		"  --count N              unique events to generate (duplicates and corpus come on top)\n"
+		"  --devices D            fleet size (default 5000)\n"
+		"  --users U              distinct usernames (default 1500)\n"
+		"  --signed-in-ratio R    fraction of devices that sign in at some point (default 0.3)\n"
+		"  --dup-ratio X          fraction of events re-inserted with a new _id, same insert_id (default 0)\n"
+		"  --partitions P         write part = fnv1a32(canonical _id) %% P (default: no part)\n"
+		"  --rate EPS             steady insert rate in documents/s (default: as fast as possible)\n"
+		"  --batch N              documents per insert_many (default 1000)\n"
+		"  --seed S               random seed for the fleet and the stream (default 1)\n"
+		"  --ndjson FILE          append every inserted document as canonical Extended JSON v2\n"
+		"  --start-ms MS          created_at base (default: UTC midnight of yesterday)\n"
+		"  --days N               spread created_at over N days from the base (default 2)\n"
+		"  --malformed-corpus     insert one document of each malformed kind (plus limit cases)\n"
+		"  --manifest FILE        with --malformed-corpus: write {\"_id\",\"reason\"} per bad document\n"
+		"  --quiet                no progress lines\n");
+}
+
+static int parse_i64(const char *s, int64_t lo, int64_t hi, int64_t *ret)
+{
+	char *end;
+	long long v;
+
+	errno = 0;
+	v = strtoll(s, &end, 10);
+	if (errno || end == s || *end || v < lo || v > hi)
+		return -1;
+	*ret = v;
+	return 0;
+}
+
+static int parse_f(const char *s, double lo, double hi, double *ret)
+{
+	char *end;
+	double v;
+
+	errno = 0;
+	v = strtod(s, &end);
+	if (errno || end == s || *end || !(v >= lo && v <= hi))
+		return -1;
+	*ret = v;
+	return 0;
+}
+
+static int parse_opts(int argc, char **argv, struct opts *o)
+{
+	enum { O_URI = 256, O_DB, O_COLL, O_COUNT, O_DEVICES, O_USERS, O_SIGNED, O_DUP, O_PARTS, O_RATE,
+	       O_BATCH, O_SEED, O_NDJSON, O_START, O_DAYS, O_QUIET, O_CORPUS, O_MANIFEST, O_HELP };
+	static const struct option lo[] = {
+		{ "uri", required_argument, NULL, O_URI },
+		{ "db", required_argument, NULL, O_DB },
+		{ "coll", required_argument, NULL, O_COLL },
+		{ "count", required_argument, NULL, O_COUNT },
+		{ "devices", required_argument, NULL, O_DEVICES },
+		{ "users", required_argument, NULL, O_USERS },
+		{ "signed-in-ratio", required_argument, NULL, O_SIGNED },
+		{ "dup-ratio", required_argument, NULL, O_DUP },
+		{ "partitions", required_argument, NULL, O_PARTS },
+		{ "rate", required_argument, NULL, O_RATE },
+		{ "batch", required_argument, NULL, O_BATCH },
+		{ "seed", required_argument, NULL, O_SEED },
+		{ "ndjson", required_argument, NULL, O_NDJSON },
+		{ "start-ms", required_argument, NULL, O_START },
+		{ "days", required_argument, NULL, O_DAYS },
+		{ "quiet", no_argument, NULL, O_QUIET },
+		{ "malformed-corpus", no_argument, NULL, O_CORPUS },
+		{ "manifest", required_argument, NULL, O_MANIFEST },
+		{ "help", no_argument, NULL, O_HELP },
+		{ NULL, 0, NULL, 0 },
+	};
+	int c, count_given = 0;
+	int64_t v;
+
+	memset(o, 0, sizeof(*o));
+	o->db = "tdrain";
+	o->coll = "events";
+	o->devices = 5000;
+	o->users = 1500;
+	o->signed_ratio = 0.3;
+	o->batch = 1000;
+	o->seed = 1;
+	o->days = 2;
+	while ((c = getopt_long(argc, argv, "", lo, NULL)) != -1) {
+		const char *bad = NULL;
+
+		switch (c) {
+		case O_URI: o->uri = optarg; break;
+		case O_DB: o->db = optarg; break;
+		case O_COLL: o->coll = optarg; break;
+		case O_NDJSON: o->ndjson = optarg; break;
+		case O_MANIFEST: o->manifest = optarg; break;
+		case O_QUIET: o->quiet = 1; break;
+		case O_CORPUS: o->corpus = 1; break;
+		case O_COUNT:
+			count_given = 1;
+			if (parse_i64(optarg, 0, INT64_C(1) << 40, &o->count))
+				bad = "--count";
+			break;
+		case O_DEVICES:
+			if (parse_i64(optarg, 1, 50000000, &o->devices))
+				bad = "--devices";
+			break;
+		case O_USERS:
+			if (parse_i64(optarg, 1, 1000000000, &o->users))
+				bad = "--users";
+			break;
+		case O_SIGNED:
+			if (parse_f(optarg, 0, 1, &o->signed_ratio))
+				bad = "--signed-in-ratio";
+			break;
+		case O_DUP:
+			if (parse_f(optarg, 0, 1, &o->dup_ratio))
+				bad = "--dup-ratio";
+			break;
+		case O_PARTS:
+			if (parse_i64(optarg, 1, INT32_MAX, &o->partitions))
+				bad = "--partitions";
+			break;
+		case O_RATE:
+			if (parse_f(optarg, 0.001, 1e9, &o->rate))
+				bad = "--rate";
+			break;
+		case O_BATCH:
+			if (parse_i64(optarg, 1, 100000, &o->batch))
+				bad = "--batch";
+			break;
+		case O_SEED:
+			if (parse_i64(optarg, 0, INT64_MAX, &v))
+				bad = "--seed";
+			else
+				o->seed = (uint64_t)v;
+			break;
+		case O_START:
+			/* Year 1 .. 9999 keeps every created_at printable as YYYY-MM-DD. */
+			if (parse_i64(optarg, INT64_C(-62135596800000), INT64_C(253402300799999) - 400 * DAY_MS,
+				      &o->start_ms))
+				bad = "--start-ms";
+			o->start_given = 1;
+			break;
+		case O_DAYS:
+			if (parse_i64(optarg, 1, 365, &o->days))
+				bad = "--days";
+			break;
+		case O_HELP: usage(stdout); exit(0);
+		default: usage(stderr); return -1;
+		}
+		if (bad) {
+			fprintf(stderr, PROG ": bad value for %s: %s\n", bad, optarg);
+			return -1;
+		}
+	}
+	if (optind < argc) {
+		fprintf(stderr, PROG ": unexpected argument: %s\n", argv[optind]);
+		return -1;
+	}
+	if (o->uri == NULL) {
+		fprintf(stderr, PROG ": --uri is required\n");
+		return -1;
+	}
+	if (!count_given && !o->corpus) {
+		fprintf(stderr, PROG ": --count is required (or --malformed-corpus)\n");
+		return -1;
+	}
+	if (o->manifest && !o->corpus) {
+		fprintf(stderr, PROG ": --manifest needs --malformed-corpus\n");
+		return -1;
+	}
+	if (!o->start_given) {
+		/* Midnight-aligned, so --days N touches exactly N UTC days. */
+		int64_t y = tdr_wall_ms() - DAY_MS;
+
+		o->start_ms = y - y % DAY_MS;
+	}
+	return 0;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Random numbers: splitmix64, deterministic per --seed                     */
+
+static uint64_t rng_state;
+
+static uint64_t rng_next(void)
+{
+	uint64_t z = (rng_state += 0x9e3779b97f4a7c15ULL);
+
+	z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+	z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+	return z ^ (z >> 31);
+}
+
+static double rng_u01(void)
+{
+	return (double)(rng_next() >> 11) * (1.0 / 9007199254740992.0);
+}
+
+static uint64_t rng_below(uint64_t n)
+{
+	return n ? rng_next() % n : 0;
+}
+
+/* ------------------------------------------------------------------------ */
+/* The fleet                                                                */
+
+#define NEVER INT64_MAX
+
+struct device {
+	char id[24];        /* "dev-" + 16 hex */
+	int64_t sign_at;    /* created_at from which events carry a username; NEVER if none */
+	int64_t relink_at;  /* created_at from which they carry user2; NEVER if no re-link */
+	int64_t last_t;     /* latest created_at emitted so far */
+	int64_t user, user2;
+	unsigned tie : 1;     /* ends with a same-ms pair (user, user2) */
+	unsigned retired : 1; /* emitted its tie pair: no later events, so the tie decides */
+};
+
+struct gen {
+	const struct opts *o;
+	struct device *dev;
+	int64_t ndev;
+	int64_t base, span;
+	int64_t made;        /* unique events generated (including tie partners) */
+	int64_t dups;        /* duplicate documents generated */
+	int64_t bad;         /* malformed corpus documents generated */
+	int64_t edge;        /* valid limit-case corpus documents generated */
+	size_t ci;           /* next corpus entry */
+	int skip_bad_utf8;   /* the store rewrites invalid UTF-8: leave those kinds out */
+	bson_t *pending;     /* a tie partner's body, emitted next */
+	/* Pending duplicates: a binary min-heap on the event number they are due at. */
+	struct dup {
+		int64_t due;
+		bson_t *body;
+	} *heap;
+	size_t nheap, capheap;
+	FILE *manifest;
+};
+
+static void user_name(int64_t k, char buf[32])
+{
+	snprintf(buf, 32, "user-%" PRId64, k);
+}
+
+static int fleet_init(struct gen *g)
+{
+	const struct opts *o = g->o;
+
+	g->ndev = o->devices;
+	g->dev = calloc((size_t)g->ndev, sizeof(*g->dev));
+	if (g->dev == NULL)
+		return -1;
+	for (int64_t i = 0; i < g->ndev; i++) {
+		struct device *d = &g->dev[i];
+
+		/* 64 random bits: a collision would merge two devices, harmless but unlikely. */
+		snprintf(d->id, sizeof(d->id), "dev-%016" PRIx64, rng_next());
+		d->sign_at = d->relink_at = NEVER;
+		d->last_t = INT64_MIN;
+		if (rng_u01() >= o->signed_ratio)
+			continue;
+		/* Sign in somewhere in the first 5%..60% of the period: events before it are anonymous. */
+		d->sign_at = g->base + (int64_t)((0.05 + 0.55 * rng_u01()) * (double)g->span);
+		d->user = (int64_t)rng_below((uint64_t)o->users);
+		if (o->users > 1 && rng_u01() < RELINK_RATIO) {
+			int64_t rest = g->base + g->span - d->sign_at;
+
+			d->relink_at = d->sign_at + (int64_t)((0.3 + 0.5 * rng_u01()) * (double)rest);
+			d->user2 = (d->user + 1 + (int64_t)rng_below((uint64_t)o->users - 1)) % o->users;
+			d->tie = rng_u01() < TIE_RATIO;
+		}
+	}
+	return 0;
+}
+
+/* Skewed pick: a few devices are heavy users, as in any fleet. */
+static struct device *pick_device(struct gen *g)
+{
+	double u = rng_u01();
+	int64_t i = (int64_t)(u * u * (double)g->ndev);
+
+	if (i >= g->ndev)
+		i = g->ndev - 1;
+	/* Retired devices are few (ties only); at least one device is never retired. */
+	for (int64_t n = 0; g->dev[i].retired && n < g->ndev; n++)
+		i = (i + 1) % g->ndev;
+	return &g->dev[i];
+}
+
+/* Username a device's event at time t carries: -1 for none. */
+static int64_t user_at(const struct device *d, int64_t t)
+{
+	if (t < d->sign_at)
+		return -1;
+	return t >= d->relink_at ? d->user2 : d->user;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Documents                                                                */
+
+/* A uuid-like insert_id.  Its first 96 bits come from a fresh ObjectId, which is
+ * unique per process and across processes, so two runs with one --seed never
+ * share an insert_id (sharing one would make them "the same event"). */
+static void make_insert_id(char buf[37])
+{
+	bson_oid_t oid;
+	uint32_t r = (uint32_t)rng_next();
+	const uint8_t *b = oid.bytes;
+
+	bson_oid_init(&oid, NULL);
+	snprintf(buf, 37, "%02x%02x%02x%02x-%02x%02x-%02x%02x-%02x%02x-%02x%02x%08" PRIx32, b[0], b[1], b[2],
+		 b[3], b[4], b[5], b[6], b[7], b[8], b[9], b[10], b[11], r);
+}
+
+static const char *const commands[] = { "run",  "build", "deploy", "login", "status",
+					"logs", "init",  "test",   "config get", "version" };
+
+static void append_properties(bson_t *body, const char *event)
+{
+	bson_t p;
+	char ver[32];
+
+	BSON_APPEND_DOCUMENT_BEGIN(body, "properties", &p);
+	if (strcmp(event, "cli_invocation") == 0) {
+		uint64_t r = rng_next();
+		int32_t code = (r & 0xff) < 230 ? 0 : ((r & 0xff) < 245 ? 1 : ((r & 0xff) < 252 ? 2 : 130));
+		int64_t scale = INT64_C(50) << ((r >> 8) % 8);
+
+		snprintf(ver, sizeof(ver), "1.%u.%u", (unsigned)((r >> 16) % 12), (unsigned)((r >> 24) % 20));
+		BSON_APPEND_UTF8(&p, "command", commands[(r >> 32) % (sizeof(commands) / sizeof(commands[0]))]);
+		BSON_APPEND_UTF8(&p, "version", ver);
+		BSON_APPEND_INT32(&p, "exit_code", code);
+		BSON_APPEND_INT64(&p, "duration_ms", scale + (int64_t)((r >> 40) % (uint64_t)scale));
+	} else if (strcmp(event, "daily_sign_in") == 0) {
+		BSON_APPEND_UTF8(&p, "method", rng_below(4) ? "browser" : "token");
+	} else if (strcmp(event, "extension_installed") == 0) {
+		BSON_APPEND_UTF8(&p, "extension", rng_below(2) ? "vscode" : "jetbrains");
+	} else if (strcmp(event, "config.changed") == 0) {
+		BSON_APPEND_UTF8(&p, "key", "telemetry.level");
+	} else {
+		BSON_APPEND_UTF8(&p, "panel", "history");
+	}
+	bson_append_document_end(body, &p);
+}
+
+/* Everything but _id and part: what an original and its duplicates share. */
+static void make_body(bson_t *body, const char *event, const struct device *d, int64_t user, int64_t t)
+{
+	char iid[37], uname[32];
+
+	make_insert_id(iid);
+	BSON_APPEND_UTF8(body, "insert_id", iid);
+	BSON_APPEND_UTF8(body, "event", event);
+	BSON_APPEND_UTF8(body, "distinct_id", d->id);
+	if (user >= 0) {
+		user_name(user, uname);
+		BSON_APPEND_UTF8(body, "username", uname);
+	}
+	BSON_APPEND_DATE_TIME(body, "created_at", t);
+	append_properties(body, event);
+}
+
+/* Prefix a body with an _id (a fresh ObjectId when id is NULL) and append part. */
+static int finish_doc(const struct gen *g, bson_t *doc, const bson_t *body, const bson_value_t *id)
+{
+	char hex[25];
+	const char *key = NULL;
+	size_t keylen = 0;
+
+	if (id == NULL) {
+		bson_oid_t oid;
+
+		bson_oid_init(&oid, NULL);
+		BSON_APPEND_OID(doc, "_id", &oid);
+		bson_oid_to_string(&oid, hex);
+		key = hex;
+		keylen = 24;
+	} else {
+		if (!BSON_APPEND_VALUE(doc, "_id", id))
+			return -1;
+		if (id->value_type == BSON_TYPE_UTF8) {
+			key = id->value.v_utf8.str;
+			keylen = id->value.v_utf8.len;
+		}
+	}
+	if (!bson_concat(doc, body))
+		return -1;
+	/* The canonical key is defined for ObjectId and string _ids only; others get no part. */
+	if (g->o->partitions > 0 && key != NULL &&
+	    !BSON_APPEND_INT32(doc, "part", (int32_t)(tdr_fnv1a32(key, keylen) % (uint32_t)g->o->partitions)))
+		return -1;
+	return 0;
+}
+
+static int heap_push(struct gen *g, int64_t due, bson_t *body)
+{
+	size_t i;
+
+	if (g->nheap == g->capheap) {
+		size_t cap = g->capheap ? g->capheap * 2 : 64;
+		struct dup *h = realloc(g->heap, cap * sizeof(*h));
+
+		if (h == NULL)
+			return -1;
+		g->heap = h;
+		g->capheap = cap;
+	}
+	i = g->nheap++;
+	while (i > 0 && g->heap[(i - 1) / 2].due > due) {
+		g->heap[i] = g->heap[(i - 1) / 2];
+		i = (i - 1) / 2;
+	}
+	g->heap[i].due = due;
+	g->heap[i].body = body;
+	return 0;
+}
+
+static bson_t *heap_pop(struct gen *g)
+{
+	bson_t *top = g->heap[0].body;
+	struct dup last = g->heap[--g->nheap];
+	size_t i = 0;
+
+	for (;;) {
+		size_t c = 2 * i + 1;
+
+		if (c >= g->nheap)
+			break;
+		if (c + 1 < g->nheap && g->heap[c + 1].due < g->heap[c].due)
+			c++;
+		if (g->heap[c].due >= last.due)
+			break;
+		g->heap[i] = g->heap[c];
+		i = c;
+	}
+	if (g->nheap > 0)
+		g->heap[i] = last;
+	return top;
+}
+
+/* The stream's clock for event number i, with jitter, kept inside the period. */
+static int64_t event_time(const struct gen *g, int64_t i)
+{
+	int64_t count = g->o->count > 0 ? g->o->count : 1;
+	int64_t t = g->base + (int64_t)(((double)i + rng_u01()) * (double)g->span / (double)count);
+
+	t += (int64_t)rng_below(2 * JITTER_MS + 1) - JITTER_MS;
+	if (t < g->base)
+		t = g->base;
+	if (t >= g->base + g->span)
+		t = g->base + g->span - 1;
+	return t;
+}
+
+/* One original event into body (may also queue a tie partner in g->pending). */
+static int gen_original(struct gen *g, bson_t *body)
+{
+	static const char *const others[] = { "extension_installed", "config.changed", "ui:open",
+					      "web/page-view" };
+	int64_t t = event_time(g, g->made);
+	double r = rng_u01();
+	const char *event;
+	struct device *d = pick_device(g);
+	int64_t user;
+
+	if (r < 0.90) {
+		event = "cli_invocation";
+	} else if (r < 0.98) {
+		event = "daily_sign_in";
+		/* Sign-ins come from signed-in devices; a few tries, else an anonymous one. */
+		for (int k = 0; k < 8 && user_at(d, t) < 0; k++)
+			d = pick_device(g);
+	} else {
+		event = others[rng_below(sizeof(others) / sizeof(others[0]))];
+	}
+	user = user_at(d, t);
+	if (d->tie && t >= d->relink_at && g->made + 2 <= g->o->count) {
+		/* Two signed-in events at one millisecond, one per username, as the
+		 * device's latest events: identity_map must pick the greater name. */
+		bson_t *partner = bson_new();
+
+		if (partner == NULL)
+			return -1;
+		if (t < d->last_t)
+			t = d->last_t;
+		make_body(partner, "daily_sign_in", d, d->user, t);
+		g->pending = partner;
+		d->retired = 1;
+		user = d->user2;
+	}
+	if (t > d->last_t)
+		d->last_t = t;
+	make_body(body, event, d, user, t);
+	g->made++;
+	if (g->o->dup_ratio > 0 && rng_u01() < g->o->dup_ratio) {
+		bson_t *copy = bson_copy(body);
+
+		if (copy == NULL || heap_push(g, g->made + 1 + (int64_t)rng_below(DUP_DELAY_MAX), copy)) {
+			bson_destroy(copy);
+			return -1;
+		}
+	}
+	return 0;
+}
+
+/* ------------------------------------------------------------------------ */
+/* The malformed corpus                                                     */
+
+/*
+ * One entry per way a document can break docs/EVENTS.md.  Each bad document
+ * has _id "bad-<kind>" unless the kind is about _id itself, and breaks exactly
+ * one rule, so the reason is unambiguous whatever order a validator checks in.
+ * Reasons are "<field>: <problem>"; the validator must emit them as prefixes.
+ * Kinds marked "edge" are VALID documents sitting exactly on a limit: they
+ * must be counted, never dead-lettered.
+ */
+static const struct corpus_kind {
+	const char *kind;
+	const char *reason; /* NULL: a valid limit case */
+	int bad_utf8;       /* holds invalid UTF-8: skipped on stores that rewrite it (FerretDB) */
+} corpus[] = {
+	{ "id-type", "_id: unsupported type", 0 },          /* _id {"bad": "id-type"} */
+	{ "id-double", "_id: unsupported type", 0 },        /* _id 1.5 */
+	{ "id-too-long", "_id: too long", 0 },              /* _id "bad-id-too-long-xxx…", 129 bytes */
+	{ "insert-id-missing", "insert_id: missing", 0 },
+	{ "insert-id-type", "insert_id: not a string", 0 },
+	{ "insert-id-null", "insert_id: not a string", 0 },
+	{ "insert-id-empty", "insert_id: empty", 0 },
+	{ "insert-id-long", "insert_id: too long", 0 },     /* 129 bytes */
+	{ "insert-id-utf8", "insert_id: invalid UTF-8", 1 },
+	{ "event-missing", "event: missing", 0 },
+	{ "event-type", "event: not a string", 0 },
+	{ "event-empty", "event: empty", 0 },
+	{ "event-long", "event: too long", 0 },             /* 129 bytes, all allowed characters */
+	{ "event-space", "event: invalid character", 0 },
+	{ "event-pipe", "event: invalid character", 0 },
+	{ "event-dollar", "event: invalid character", 0 },
+	{ "event-nonascii", "event: invalid character", 0 }, /* valid UTF-8 "é", outside the set */
+	{ "event-utf8", "event: invalid character", 1 },     /* invalid UTF-8 is outside the set too */
+	{ "distinct-id-missing", "distinct_id: missing", 0 },
+	{ "distinct-id-type", "distinct_id: not a string", 0 },
+	{ "distinct-id-empty", "distinct_id: empty", 0 },
+	{ "distinct-id-long", "distinct_id: too long", 0 }, /* 257 bytes */
+	{ "distinct-id-utf8", "distinct_id: invalid UTF-8", 1 },
+	{ "distinct-id-control", "distinct_id: control character", 0 }, /* "\x07" */
+	{ "distinct-id-nul", "distinct_id: control character", 0 },     /* embedded NUL */
+	{ "distinct-id-c1", "distinct_id: control character", 0 },      /* U+0085 */
+	{ "username-type", "username: not a string", 0 },
+	{ "username-empty", "username: empty", 0 },
+	{ "username-long", "username: too long", 0 },       /* 257 bytes */
+	{ "username-utf8", "username: invalid UTF-8", 1 },
+	{ "username-control", "username: control character", 0 }, /* "\n" */
+	{ "created-at-missing", "created_at: missing", 0 },
+	{ "created-at-string", "created_at: not a date", 0 },
+	{ "created-at-int", "created_at: not a date", 0 },
+	{ "created-at-timestamp", "created_at: not a date", 0 }, /* BSON Timestamp, not a date */
+	{ "properties-array", "properties: not a document", 0 },
+	{ "properties-string", "properties: not a document", 0 },
+	{ "oversized", "document: too large", 0 },          /* MAX_EVENT_BYTES + 1 bytes */
+	{ "edge-limits", NULL, 0 },   /* insert_id 128 B, event 128 B, distinct_id/username 256 B of UTF-8 */
+	{ "edge-minimal", NULL, 0 },  /* no username, no properties: the optional fields are optional */
+	{ "edge-size", NULL, 0 },     /* MAX_EVENT_BYTES - 16 bytes: room for triage to add part */
+	{ "edge-event-chars", NULL, 0 }, /* every allowed character class in one name */
+};
+#define NCORPUS (sizeof(corpus) / sizeof(corpus[0]))
+
+static char *repeat(char c, size_t n)
+{
+	char *s = malloc(n + 1);
+
+	if (s) {
+		memset(s, c, n);
+		s[n] = '\0';
+	}
+	return s;
+}
+
+/* A valid string of exactly n bytes made of multi-byte UTF-8 ("é" then ASCII fill). */
+static char *utf8_fill(const char *prefix, size_t n)
+{
+	size_t pl = strlen(prefix), i;
+	char *s = malloc(n + 1);
+
+	if (s == NULL)
+		return NULL;
+	memcpy(s, prefix, pl < n ? pl : n);
+	for (i = pl; i + 2 <= n; i += 2)
+		memcpy(s + i, "\xc3\xa9", 2); /* é */
+	for (; i < n; i++)
+		s[i] = 'x';
+	s[n] = '\0';
+	return s;
+}
+
+#define IS(k) (strcmp(kind, (k)) == 0)
+
+/* Append the properties sub-document, padded with a string of pad bytes. */
+static int append_props_pad(bson_t *doc, size_t pad)
+{
+	bson_t p;
+	char *blob = repeat('p', pad);
+	int ok;
+
+	if (blob == NULL)
+		return -1;
+	ok = BSON_APPEND_DOCUMENT_BEGIN(doc, "properties", &p) && bson_append_utf8(&p, "blob", 4, blob, (int)pad) &&
+	     bson_append_document_end(doc, &p);
+	free(blob);
+	return ok ? 0 : -1;
+}
+
+/* Build corpus entry k's body (no _id, no part) with the given properties padding. */
+static int corpus_body(const struct gen *g, const char *kind, bson_t *b, size_t pad)
+{
+	char iid[37];
+	char *s = NULL;
+	int ok = 1;
+
+	make_insert_id(iid);
+	/* insert_id */
+	if (IS("insert-id-missing"))
+		;
+	else if (IS("insert-id-type"))
+		ok = BSON_APPEND_INT32(b, "insert_id", 12345);
+	else if (IS("insert-id-null"))
+		ok = BSON_APPEND_NULL(b, "insert_id");
+	else if (IS("insert-id-empty"))
+		ok = BSON_APPEND_UTF8(b, "insert_id", "");
+	else if (IS("insert-id-long") || IS("edge-limits")) {
+		size_t n = IS("edge-limits") ? 128 : 129;
+
+		/* Keep it unique: the uuid first, then filler. */
+		ok = (s = repeat('i', n)) != NULL;
+		if (ok) {
+			memcpy(s, iid, strlen(iid));
+			ok = bson_append_utf8(b, "insert_id", 9, s, (int)n);
+		}
+		free(s);
+		s = NULL;
+	} else if (IS("insert-id-utf8")) {
+		char v[64];
+
+		snprintf(v, sizeof(v), "%s\xc3\x28", iid); /* 0xC3 then a non-continuation byte */
+		ok = BSON_APPEND_UTF8(b, "insert_id", v);
+	} else
+		ok = BSON_APPEND_UTF8(b, "insert_id", iid);
+
+	/* event */
+	if (!ok || IS("event-missing"))
+		;
+	else if (IS("event-type"))
+		ok = BSON_APPEND_BOOL(b, "event", true);
+	else if (IS("event-empty"))
+		ok = BSON_APPEND_UTF8(b, "event", "");
+	else if (IS("event-long") || IS("edge-limits")) {
+		size_t n = IS("edge-limits") ? 128 : 129;
+
+		ok = (s = repeat('e', n)) != NULL;
+		if (ok) {
+			memcpy(s, "Ab0_.:/-", 8);
+			ok = bson_append_utf8(b, "event", 5, s, (int)n);
+		}
+		free(s);
+		s = NULL;
+	} else if (IS("event-space"))
+		ok = BSON_APPEND_UTF8(b, "event", "cli invocation");
+	else if (IS("event-pipe"))
+		ok = BSON_APPEND_UTF8(b, "event", "cli|invocation");
+	else if (IS("event-dollar"))
+		ok = BSON_APPEND_UTF8(b, "event", "$cli_invocation");
+	else if (IS("event-nonascii"))
+		ok = BSON_APPEND_UTF8(b, "event", "caf\xc3\xa9");
+	else if (IS("event-utf8"))
+		ok = BSON_APPEND_UTF8(b, "event", "cli\xff");
+	else if (IS("edge-event-chars"))
+		ok = BSON_APPEND_UTF8(b, "event", "Zz09_.:/-aZ");
+	else
+		ok = BSON_APPEND_UTF8(b, "event", "cli_invocation");
+
+	/* distinct_id */
+	if (!ok || IS("distinct-id-missing"))
+		;
+	else if (IS("distinct-id-type"))
+		ok = BSON_APPEND_INT64(b, "distinct_id", 42);
+	else if (IS("distinct-id-empty"))
+		ok = BSON_APPEND_UTF8(b, "distinct_id", "");
+	else if (IS("distinct-id-long") || IS("edge-limits")) {
+		size_t n = IS("edge-limits") ? 256 : 257;
+
+		ok = (s = utf8_fill("dev-edge-", n)) != NULL && bson_append_utf8(b, "distinct_id", 11, s, (int)n);
+		free(s);
+		s = NULL;
+	} else if (IS("distinct-id-utf8"))
+		ok = BSON_APPEND_UTF8(b, "distinct_id", "dev-\xe2\x82");  /* truncated 3-byte sequence */
+	else if (IS("distinct-id-control"))
+		ok = BSON_APPEND_UTF8(b, "distinct_id", "dev-\x07" "bell");
+	else if (IS("distinct-id-nul"))
+		ok = bson_append_utf8(b, "distinct_id", 11, "dev-\0nul", 8);
+	else if (IS("distinct-id-c1"))
+		ok = BSON_APPEND_UTF8(b, "distinct_id", "dev-\xc2\x85" "nel");
+	else
+		ok = BSON_APPEND_UTF8(b, "distinct_id", "dev-corpus");
+
+	/* username: present and valid unless the kind is about it (or edge-minimal) */
+	if (!ok || IS("edge-minimal"))
+		;
+	else if (IS("username-type"))
+		ok = BSON_APPEND_INT32(b, "username", 7);
+	else if (IS("username-empty"))
+		ok = BSON_APPEND_UTF8(b, "username", "");
+	else if (IS("username-long") || IS("edge-limits")) {
+		size_t n = IS("edge-limits") ? 256 : 257;
+
+		ok = (s = utf8_fill("user-edge-", n)) != NULL && bson_append_utf8(b, "username", 8, s, (int)n);
+		free(s);
+		s = NULL;
+	} else if (IS("username-utf8"))
+		ok = BSON_APPEND_UTF8(b, "username", "user-\xed\xa0\x80"); /* a UTF-16 surrogate: invalid */
+	else if (IS("username-control"))
+		ok = BSON_APPEND_UTF8(b, "username", "user-\nline");
+	else
+		ok = BSON_APPEND_UTF8(b, "username", "user-corpus");
+
+	/* created_at */
+	if (!ok || IS("created-at-missing"))
+		;
+	else if (IS("created-at-string"))
+		ok = BSON_APPEND_UTF8(b, "created_at", "2026-06-25T17:56:51Z");
+	else if (IS("created-at-int"))
+		ok = BSON_APPEND_INT64(b, "created_at", g->base);
+	else if (IS("created-at-timestamp"))
+		ok = BSON_APPEND_TIMESTAMP(b, "created_at", (uint32_t)(g->base / 1000), 1);
+	else
+		ok = BSON_APPEND_DATE_TIME(b, "created_at", g->base + 1000);
+
+	/* properties */
+	if (!ok || IS("edge-minimal"))
+		;
+	else if (IS("properties-array")) {
+		bson_t a;
+
+		ok = BSON_APPEND_ARRAY_BEGIN(b, "properties", &a) && BSON_APPEND_UTF8(&a, "0", "x") &&
+		     bson_append_array_end(b, &a);
+	} else if (IS("properties-string"))
+		ok = BSON_APPEND_UTF8(b, "properties", "{\"command\":\"run\"}");
+	else
+		ok = append_props_pad(b, pad) == 0;
+	return ok ? 0 : -1;
+}
+
+/* Corpus entry k as a whole document; fills the manifest's _id JSON. */
+static int corpus_doc(struct gen *g, size_t k, bson_t *doc, char *idjson, size_t idlen)
+{
+	const char *kind = corpus[k].kind;
+	bson_value_t id;
+	bson_t body = BSON_INITIALIZER, sub = BSON_INITIALIZER;
+	char sid[160];
+	int rc = -1;
+
+	memset(&id, 0, sizeof(id));
+	if (IS("id-type")) {
+		/* Not a string, so it cannot be "bad-…": the manifest carries the sub-document. */
+		BSON_APPEND_UTF8(&sub, "bad", "id-type");
+		id.value_type = BSON_TYPE_DOCUMENT;
+		id.value.v_doc.data = (uint8_t *)bson_get_data(&sub);
+		id.value.v_doc.data_len = sub.len;
+		snprintf(idjson, idlen, "{\"bad\": \"id-type\"}");
+	} else if (IS("id-double")) {
+		id.value_type = BSON_TYPE_DOUBLE;
+		id.value.v_double = 1.5;
+		snprintf(idjson, idlen, "1.5");
+	} else {
+		if (IS("id-too-long")) {
+			memset(sid, 'x', 129);
+			memcpy(sid, "bad-id-too-long-", 16);
+			sid[129] = '\0';
+		} else if (corpus[k].reason) {
+			snprintf(sid, sizeof(sid), "bad-%s", kind);
+		} else {
+			snprintf(sid, sizeof(sid), "%s", kind); /* the edge kinds already say "edge-" */
+		}
+		id.value_type = BSON_TYPE_UTF8;
+		id.value.v_utf8.str = sid;
+		id.value.v_utf8.len = (uint32_t)strlen(sid);
+		snprintf(idjson, idlen, "\"%s\"", sid);
+	}
+
+	if (IS("oversized") || IS("edge-size")) {
+		/* Size is linear in the padding: measure once with none, then aim. */
+		bson_t probe = BSON_INITIALIZER;
+		int64_t want = IS("oversized") ? MAX_EVENT_BYTES + 1 : MAX_EVENT_BYTES - 16;
+
+		if (corpus_body(g, kind, &body, 0) || finish_doc(g, &probe, &body, &id)) {
+			bson_destroy(&probe);
+			goto out;
+		}
+		want -= probe.len;
+		bson_destroy(&probe);
+		bson_reinit(&body);
+		if (want < 0 || corpus_body(g, kind, &body, (size_t)want))
+			goto out;
+	} else if (corpus_body(g, kind, &body, 0)) {
+		goto out;
+	}
+	rc = finish_doc(g, doc, &body, &id);
+out:
+	bson_destroy(&body);
+	bson_destroy(&sub);
+	return rc;
+}
+
+#undef IS
+
+/* ------------------------------------------------------------------------ */
+/* The generator: one document at a time, in the order it is inserted       */
+
+enum doc_kind { D_EVENT, D_DUP, D_BAD, D_EDGE };
+
+/* Next document into doc; returns 1, 0 when the stream is over, -1 on error. */
+static int gen_next(struct gen *g, bson_t *doc, int *ret_kind)
+{
+	const struct opts *o = g->o;
+	bson_t body;
+	int rc;
+
+	if (g->pending) {
+		rc = finish_doc(g, doc, g->pending, NULL);
+		bson_destroy(g->pending);
+		g->pending = NULL;
+		g->made++;
+		*ret_kind = D_EVENT;
+		return rc ? -1 : 1;
+	}
+	/* Corpus entries spread evenly over the normal events. */
+	if (o->corpus && g->ci < NCORPUS && (o->count == 0 || g->made >= (int64_t)g->ci * o->count / (int64_t)NCORPUS)) {
+		char idjson[200];
+		size_t k = g->ci++;
+
+		if (corpus[k].bad_utf8 && g->skip_bad_utf8)
+			return gen_next(g, doc, ret_kind);
+		if (corpus_doc(g, k, doc, idjson, sizeof(idjson)))
+			return -1;
+		if (corpus[k].reason) {
+			g->bad++;
+			*ret_kind = D_BAD;
+			if (g->manifest)
+				fprintf(g->manifest, "{\"_id\": %s, \"reason\": \"%s\"}\n", idjson, corpus[k].reason);
+		} else {
+			g->edge++;
+			*ret_kind = D_EDGE;
+		}
+		return 1;
+	}
+	if (g->nheap > 0 && (g->heap[0].due <= g->made || g->made >= o->count)) {
+		bson_t *b = heap_pop(g);
+
+		rc = finish_doc(g, doc, b, NULL);
+		bson_destroy(b);
+		g->dups++;
+		*ret_kind = D_DUP;
+		return rc ? -1 : 1;
+	}
+	if (g->made >= o->count)
+		return 0;
+	bson_init(&body);
+	rc = gen_original(g, &body);
+	if (rc == 0)
+		rc = finish_doc(g, doc, &body, NULL);
+	bson_destroy(&body);
+	*ret_kind = D_EVENT;
+	return rc ? -1 : 1;
+}
+
+static void gen_free(struct gen *g)
+{
+	while (g->nheap > 0)
+		bson_destroy(heap_pop(g));
+	free(g->heap);
+	bson_destroy(g->pending);
+	free(g->dev);
+}
+
+/* ------------------------------------------------------------------------ */
+/* Output                                                                   */
+
+/* One NDJSON line.  Canonical Extended JSON cannot hold invalid UTF-8, so such
+ * documents (corpus only) are written as {"$tdrain_raw_hex": "<BSON bytes>"},
+ * which tests/checker.py decodes byte for byte. */
+static int write_ndjson(FILE *f, const bson_t *doc)
+{
+	size_t len;
+	char *json = bson_as_canonical_extended_json(doc, &len);
+	int rc = 0;
+
+	if (json) {
+		if (fwrite(json, 1, len, f) != len || fputc('\n', f) == EOF)
+			rc = -1;
+		bson_free(json);
+		return rc;
+	}
+	const uint8_t *p = bson_get_data(doc);
+
+	if (fputs("{\"$tdrain_raw_hex\": \"", f) == EOF)
+		return -1;
+	for (uint32_t i = 0; i < doc->len; i++)
+		if (fprintf(f, "%02x", p[i]) < 0)
+			return -1;
+	return fputs("\"}\n", f) == EOF ? -1 : 0;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Inserting                                                                */
+
+struct batch {
+	bson_t **docs;
+	size_t n, cap;
+	int validate; /* 0 once a corpus document is in: libmongoc would refuse invalid UTF-8 */
+};
+
+/* Insert the batch (unordered, acknowledged), then log it to the NDJSON file. */
+static int flush_batch(mongoc_collection_t *coll, struct batch *b, FILE *nd)
+{
+	mongoc_bulk_operation_t *bulk;
+	bson_t opts = BSON_INITIALIZER, iopts = BSON_INITIALIZER, reply = BSON_INITIALIZER;
+	bson_error_t be;
+	int rc = 0;
+
+	if (b->n == 0)
+		return 0;
+	BSON_APPEND_BOOL(&opts, "ordered", false);
+	bulk = mongoc_collection_create_bulk_operation_with_opts(coll, &opts);
+	if (!b->validate)
+		BSON_APPEND_BOOL(&iopts, "validate", false);
+	for (size_t i = 0; i < b->n && rc == 0; i++)
+		if (!mongoc_bulk_operation_insert_with_opts(bulk, b->docs[i], &iopts, &be)) {
+			fprintf(stderr, PROG ": insert: %s\n", be.message);
+			rc = -1;
+		}
+	if (rc == 0 && !mongoc_bulk_operation_execute(bulk, &reply, &be)) {
+		char *r = bson_as_relaxed_extended_json(&reply, NULL);
+
+		/* Partially inserted or not, the NDJSON would lie: stop here. */
+		fprintf(stderr, PROG ": insert_many failed: %s\n" PROG ": reply: %.2000s\n", be.message,
+			r ? r : "?");
+		bson_free(r);
+		rc = -1;
+	}
+	bson_destroy(&reply); /* execute re-initialises it; before execute it is the empty initializer */
+	mongoc_bulk_operation_destroy(bulk);
+	bson_destroy(&opts);
+	bson_destroy(&iopts);
+	for (size_t i = 0; i < b->n; i++) {
+		if (rc == 0 && nd && write_ndjson(nd, b->docs[i])) {
+			fprintf(stderr, PROG ": writing NDJSON: %s\n", strerror(errno));
+			rc = -1;
+		}
+		bson_destroy(b->docs[i]);
+	}
+	b->n = 0;
+	b->validate = 1;
+	return rc;
+}
+
+/*
+ * FerretDB stores strings as Go strings through JSON and replaces invalid
+ * UTF-8 with U+FFFD on insert, so a document with invalid UTF-8 arrives at
+ * tdrain already "repaired" (and then valid): those corpus kinds cannot be
+ * tested against it.  MongoDB stores the bytes as sent.
+ */
+static int store_is_ferretdb(mongoc_client_t *client, int *ret)
+{
+	bson_t cmd = BSON_INITIALIZER, reply;
+	bson_error_t be;
+	bson_iter_t it;
+	int rc = 0;
+
+	BSON_APPEND_INT32(&cmd, "buildInfo", 1);
+	if (!mongoc_client_command_simple(client, "admin", &cmd, NULL, &reply, &be)) {
+		fprintf(stderr, PROG ": buildInfo: %s\n", be.message);
+		rc = -1;
+	} else {
+		*ret = bson_iter_init_find(&it, &reply, "ferretdbVersion");
+	}
+	bson_destroy(&reply);
+	bson_destroy(&cmd);
+	return rc;
+}
+
+/* libmongoc's own diagnostics, minus the one FerretDB always triggers at exit
+ * (it has no endSessions command): that warning says nothing about the run. */
+static void on_mongoc_log(mongoc_log_level_t level, const char *domain, const char *message, void *data)
+{
+	(void)data;
+	if (level > MONGOC_LOG_LEVEL_WARNING || strstr(message, "endSessions"))
+		return;
+	fprintf(stderr, PROG ": %s: %s\n", domain, message);
+}
+
+static void sleep_until_us(int64_t due_us)
+{
+	int64_t now;
+
+	while (!stop_flag && (now = tdr_mono_us()) < due_us) {
+		int64_t d = due_us - now;
+		struct timespec ts = { d / 1000000, (d % 1000000) * 1000 };
+
+		nanosleep(&ts, NULL);
+	}
+}
+
+int main(int argc, char **argv)
+{
+	struct opts o;
+	struct gen g;
+	struct batch b = { 0 };
+	mongoc_uri_t *uri = NULL;
+	mongoc_client_t *client = NULL;
+	mongoc_collection_t *coll = NULL;
+	mongoc_write_concern_t *wc = NULL;
+	bson_error_t be;
+	FILE *nd = NULL;
+	int64_t sub, t0, last_report, inserted = 0;
+	int rc = 1, more = 1;
+	struct sigaction sa;
+
+	if (parse_opts(argc, argv, &o))
+		return 2;
+	memset(&sa, 0, sizeof(sa));
+	sa.sa_handler = on_signal;
+	sigaction(SIGINT, &sa, NULL);
+	sigaction(SIGTERM, &sa, NULL);
+
+	memset(&g, 0, sizeof(g));
+	g.o = &o;
+	g.base = o.start_ms;
+	g.span = o.days * DAY_MS;
+	rng_state = o.seed;
+	mongoc_init();
+	mongoc_log_set_handler(on_mongoc_log, NULL);
+	if (fleet_init(&g)) {
+		fprintf(stderr, PROG ": out of memory for %" PRId64 " devices\n", o.devices);
+		goto out;
+	}
+	/* With --rate, small batches (~20 a second) keep the flow steady. */
+	sub = o.batch;
+	if (o.rate > 0) {
+		sub = (int64_t)(o.rate / 20);
+		if (sub < 1)
+			sub = 1;
+		if (sub > o.batch)
+			sub = o.batch;
+	}
+	b.cap = (size_t)sub;
+	b.validate = 1;
+	b.docs = calloc(b.cap, sizeof(*b.docs));
+	if (b.docs == NULL) {
+		fprintf(stderr, PROG ": out of memory\n");
+		goto out;
+	}
+	if (o.ndjson && (nd = fopen(o.ndjson, "a")) == NULL) {
+		fprintf(stderr, PROG ": %s: %s\n", o.ndjson, strerror(errno));
+		goto out;
+	}
+	if (o.manifest && (g.manifest = fopen(o.manifest, "w")) == NULL) {
+		fprintf(stderr, PROG ": %s: %s\n", o.manifest, strerror(errno));
+		goto out;
+	}
+
+	uri = mongoc_uri_new_with_error(o.uri, &be);
+	if (uri == NULL) {
+		fprintf(stderr, PROG ": --uri: %s\n", be.message);
+		goto out;
+	}
+	mongoc_uri_set_appname(uri, PROG);
+	client = mongoc_client_new_from_uri_with_error(uri, &be);
+	if (client == NULL) {
+		fprintf(stderr, PROG ": %s\n", be.message);
+		goto out;
+	}
+	mongoc_client_set_error_api(client, MONGOC_ERROR_API_VERSION_2);
+	coll = mongoc_client_get_collection(client, o.db, o.coll);
+	wc = mongoc_write_concern_new();
+	mongoc_write_concern_set_w(wc, 1); /* acknowledged: the NDJSON only lists what the server took */
+	mongoc_collection_set_write_concern(coll, wc);
+	if (o.corpus) {
+		if (store_is_ferretdb(client, &g.skip_bad_utf8))
+			goto out;
+		if (g.skip_bad_utf8 && !o.quiet)
+			fprintf(stderr, PROG ": FerretDB rewrites invalid UTF-8: skipping the 4 invalid-UTF-8 kinds\n");
+	}
+
+	t0 = last_report = tdr_mono_us();
+	while (more && !stop_flag) {
+		/* Fill a batch. */
+		while (b.n < b.cap) {
+			bson_t *doc = bson_new();
+			int kind, r;
+
+			if (doc == NULL) {
+				fprintf(stderr, PROG ": out of memory\n");
+				goto out;
+			}
+			r = gen_next(&g, doc, &kind);
+			if (r <= 0) {
+				bson_destroy(doc);
+				if (r < 0) {
+					fprintf(stderr, PROG ": building a document failed\n");
+					goto out;
+				}
+				more = 0;
+				break;
+			}
+			if (kind == D_BAD || kind == D_EDGE)
+				b.validate = 0;
+			b.docs[b.n++] = doc;
+		}
+		if (o.rate > 0)
+			/* Send a batch when its last document is due, so the average is the rate. */
+			sleep_until_us(t0 + (int64_t)((double)(inserted + (int64_t)b.n) * 1e6 / o.rate));
+		inserted += (int64_t)b.n;
+		if (flush_batch(coll, &b, nd))
+			goto out;
+		if (!o.quiet && tdr_mono_us() - last_report >= 5000000) {
+			double s = (double)(tdr_mono_us() - t0) / 1e6;
+
+			last_report = tdr_mono_us();
+			fprintf(stderr, PROG ": %" PRId64 " documents in %.1f s (%.0f/s)\n", inserted, s,
+				(double)inserted / s);
+		}
+	}
+	{
+		double s = (double)(tdr_mono_us() - t0) / 1e6;
+
+		if (s <= 0)
+			s = 1e-6;
+		printf("inserted %" PRId64 " events (%" PRId64 " duplicates, %" PRId64 " malformed) in %.2f s: %.0f events/s\n",
+		       inserted, g.dups, g.bad, s, (double)inserted / s);
+		if (stop_flag)
+			fprintf(stderr, PROG ": interrupted\n");
+	}
+	rc = stop_flag ? 1 : 0;
+out:
+	for (size_t i = 0; i < b.n; i++)
+		bson_destroy(b.docs[i]);
+	free(b.docs);
+	if (nd && fclose(nd) != 0) {
+		fprintf(stderr, PROG ": %s: %s\n", o.ndjson, strerror(errno));
+		rc = 1;
+	}
+	if (g.manifest && fclose(g.manifest) != 0) {
+		fprintf(stderr, PROG ": %s: %s\n", o.manifest, strerror(errno));
+		rc = 1;
+	}
+	gen_free(&g);
+	mongoc_write_concern_destroy(wc);
+	mongoc_collection_destroy(coll);
+	mongoc_client_destroy(client);
+	mongoc_uri_destroy(uri);
+	mongoc_cleanup();
+	return rc;
+}

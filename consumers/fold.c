@@ -22,19 +22,9 @@
 #include "lib/map.h"
 
 /* A round folds at most this many events, so its redo record stays far below 16 MiB. */
-#define ROUND_EVENTS_MAX 20000
+#define ROUND_EVENTS_MAX 10000
 #define IN_CHUNK 500
-#define CACHE_MAX 262144
 #define TRIAGE_BATCH 2000
-
-/* What the fold knows of a device between rounds (it is the only writer). */
-struct devcache {
-	int64_t count;
-	int count_known;
-	int linked;
-	int64_t linked_at;
-	char username[TDR_USERNAME_MAX + 1];
-};
 
 /* A device's changes within one round. */
 struct devround {
@@ -57,8 +47,6 @@ struct tdr_fold {
 	pthread_cond_t cv;
 	int stop, running;
 	struct tdr_fold_stats stats;
-	tdr_map *cache; /* distinct_id -> struct devcache */
-	int64_t cache_epoch;
 };
 
 struct round {
@@ -143,124 +131,323 @@ static int read_in(tdr_fold *f, mongoc_collection_t *coll, const char *const *ke
 	return 0;
 }
 
-/* ------------------------------------------------------------ apply (normal and redo) */
-
-struct applied_ctx {
-	tdr_map *done;
-	int64_t seq;
-};
-
-static void note_applied(void *vctx, const bson_t *doc)
-{
-	struct applied_ctx *ctx = vctx;
-	uint32_t len;
-	const char *id = tdr_bson_str(doc, "_id", &len);
-
-	if (id && tdr_bson_i64(doc, "_f", 0) >= ctx->seq)
-		(void)tdr_map_put(ctx->done, id, len, (void *)1);
-}
+/* ------------------------------------------------------------ after-images */
 
 /*
- * Apply the redo record's writes: per collection one bulk of lone-_id
- * upserts.  With redo set, first skip documents that already carry _f >= seq
- * (applied before the crash): each write lands exactly once.
+ * A derived document's next version is computed here, in memory, from its
+ * current version and the round's recorded update {inc, min, max, set,
+ * addToSet}.  The images, not the updates, go into the redo record: applying
+ * an absolute image twice is harmless, so a redo needs no reads.
  */
-static int apply_writes(tdr_fold *f, mongoc_client_t *c, const bson_t *writes, int64_t seq, int redo,
-			tdr_err *err)
+struct field {
+	char *key;
+	bson_value_t v;
+};
+
+struct fields {
+	struct field *f;
+	size_t n, cap;
+};
+
+static void fields_free(struct fields *fs)
+{
+	for (size_t i = 0; i < fs->n; i++) {
+		free(fs->f[i].key);
+		bson_value_destroy(&fs->f[i].v);
+	}
+	free(fs->f);
+}
+
+static struct field *field_get(struct fields *fs, const char *key)
+{
+	for (size_t i = 0; i < fs->n; i++)
+		if (strcmp(fs->f[i].key, key) == 0)
+			return &fs->f[i];
+	return NULL;
+}
+
+/* Set key to a copy of v (replacing). */
+static int field_put(struct fields *fs, const char *key, const bson_value_t *v)
+{
+	struct field *f = field_get(fs, key);
+
+	if (f) {
+		bson_value_destroy(&f->v);
+		bson_value_copy(v, &f->v);
+		return 0;
+	}
+	if (fs->n == fs->cap) {
+		size_t ncap = fs->cap ? fs->cap * 2 : 8;
+		struct field *nf = realloc(fs->f, ncap * sizeof(*nf));
+
+		if (nf == NULL)
+			return -1;
+		fs->f = nf;
+		fs->cap = ncap;
+	}
+	fs->f[fs->n].key = strdup(key);
+	if (fs->f[fs->n].key == NULL)
+		return -1;
+	bson_value_copy(v, &fs->f[fs->n].v);
+	fs->n++;
+	return 0;
+}
+
+static int64_t value_i64(const bson_value_t *v)
+{
+	switch (v->value_type) {
+	case BSON_TYPE_INT32:
+		return v->value.v_int32;
+	case BSON_TYPE_INT64:
+		return v->value.v_int64;
+	case BSON_TYPE_DOUBLE:
+		return (int64_t)v->value.v_double;
+	default:
+		return 0;
+	}
+}
+
+/* Apply one recorded update to fs. */
+static int apply_update(struct fields *fs, const bson_t *u)
+{
+	bson_iter_t op, f;
+
+	if (!bson_iter_init(&op, u))
+		return -1;
+	while (bson_iter_next(&op)) {
+		const char *name = bson_iter_key(&op);
+
+		if (!BSON_ITER_HOLDS_DOCUMENT(&op) || !bson_iter_recurse(&op, &f))
+			return -1;
+		while (bson_iter_next(&f)) {
+			const char *k = bson_iter_key(&f);
+			const bson_value_t *nv = bson_iter_value(&f);
+			struct field *cur = field_get(fs, k);
+			bson_value_t tmp;
+
+			if (strcmp(name, "inc") == 0) {
+				tmp.value_type = BSON_TYPE_INT64;
+				tmp.value.v_int64 = (cur ? value_i64(&cur->v) : 0) + value_i64(nv);
+				if (field_put(fs, k, &tmp) < 0)
+					return -1;
+			} else if (strcmp(name, "min") == 0 || strcmp(name, "max") == 0) {
+				int want_min = name[1] == 'i';
+				int replace = cur == NULL || cur->v.value_type != BSON_TYPE_DATE_TIME ||
+					      nv->value_type != BSON_TYPE_DATE_TIME ||
+					      (want_min ? nv->value.v_datetime < cur->v.value.v_datetime
+							: nv->value.v_datetime > cur->v.value.v_datetime);
+
+				if (replace && field_put(fs, k, nv) < 0)
+					return -1;
+			} else if (strcmp(name, "set") == 0) {
+				if (field_put(fs, k, nv) < 0)
+					return -1;
+			} else if (strcmp(name, "addToSet") == 0) {
+				/* Union of string arrays, existing order first. */
+				bson_t arr = BSON_INITIALIZER, old, add;
+				bson_iter_t a, b;
+				uint32_t idx = 0;
+				const uint8_t *data;
+				uint32_t len;
+
+				if (!BSON_ITER_HOLDS_ARRAY(&f)) {
+					bson_destroy(&arr);
+					return -1;
+				}
+				if (cur && cur->v.value_type == BSON_TYPE_ARRAY &&
+				    bson_init_static(&old, cur->v.value.v_doc.data, cur->v.value.v_doc.data_len) &&
+				    bson_iter_init(&a, &old))
+					while (bson_iter_next(&a)) {
+						char buf[16];
+						const char *kp;
+
+						bson_uint32_to_string(idx++, &kp, buf, sizeof(buf));
+						bson_append_value(&arr, kp, -1, bson_iter_value(&a));
+					}
+				bson_iter_array(&f, &len, &data);
+				if (bson_init_static(&add, data, len) && bson_iter_init(&b, &add))
+					while (bson_iter_next(&b)) {
+						int dup = 0;
+						bson_iter_t c;
+
+						if (bson_iter_init(&c, &arr))
+							while (!dup && bson_iter_next(&c))
+								dup = tdr_bson_value_eq(bson_iter_value(&c), bson_iter_value(&b));
+						if (!dup) {
+							char buf[16];
+							const char *kp;
+
+							bson_uint32_to_string(idx++, &kp, buf, sizeof(buf));
+							bson_append_value(&arr, kp, -1, bson_iter_value(&b));
+						}
+					}
+				tmp.value_type = BSON_TYPE_ARRAY;
+				tmp.value.v_doc.data = (uint8_t *)bson_get_data(&arr);
+				tmp.value.v_doc.data_len = arr.len;
+				if (field_put(fs, k, &tmp) < 0) {
+					bson_destroy(&arr);
+					return -1;
+				}
+				bson_destroy(&arr);
+			} else {
+				return -1;
+			}
+		}
+	}
+	return 0;
+}
+
+/* image = current (may be NULL) + update, with _id key and _f seq. */
+static int make_image(const bson_t *current, const char *key, size_t klen, const bson_t *u, int64_t seq,
+		      bson_t *image)
+{
+	struct fields fs = { 0 };
+	bson_iter_t it;
+	int rc = 0;
+
+	if (current && bson_iter_init(&it, current))
+		while (rc == 0 && bson_iter_next(&it)) {
+			const char *k = bson_iter_key(&it);
+
+			if (strcmp(k, "_id") != 0 && strcmp(k, "_f") != 0)
+				rc = field_put(&fs, k, bson_iter_value(&it));
+		}
+	if (rc == 0)
+		rc = apply_update(&fs, u);
+	bson_init(image);
+	if (rc == 0) {
+		bson_append_utf8(image, "_id", 3, key, (int)klen);
+		for (size_t i = 0; i < fs.n; i++)
+			bson_append_value(image, fs.f[i].key, -1, &fs.f[i].v);
+		BSON_APPEND_INT64(image, "_f", seq);
+	}
+	fields_free(&fs);
+	return rc;
+}
+
+/* ------------------------------------------------------------ reading current documents */
+
+struct docmap_ctx {
+	tdr_map *m;
+	int failed;
+};
+
+static void docmap_add(void *vctx, const bson_t *doc)
+{
+	struct docmap_ctx *ctx = vctx;
+	uint32_t len;
+	const char *id = tdr_bson_str(doc, "_id", &len);
+	bson_t *copy;
+
+	if (id == NULL || tdr_map_get(ctx->m, id, len))
+		return;
+	copy = bson_copy(doc);
+	if (copy == NULL || tdr_map_put(ctx->m, id, len, copy) < 0) {
+		if (copy)
+			bson_destroy(copy);
+		ctx->failed = 1;
+	}
+}
+
+static void bson_free_value(void *p)
+{
+	if (p)
+		bson_destroy(p);
+}
+
+/* Current documents of coll for keys, into m (key -> bson_t*): one $in per 500 keys. */
+static int read_current(tdr_fold *f, mongoc_client_t *c, const char *coll_name, const char *const *keys,
+			const size_t *lens, size_t n, tdr_map *m, tdr_err *err)
+{
+	mongoc_collection_t *coll = tdr_store_coll(f->st, c, coll_name);
+	struct docmap_ctx ctx = { m, 0 };
+	int rc = read_in(f, coll, keys, lens, n, docmap_add, &ctx, err);
+
+	mongoc_collection_destroy(coll);
+	if (rc == 0 && ctx.failed)
+		rc = tdr_err_set(err, TDR_ENOMEM, "out of memory");
+	return rc;
+}
+
+/* ------------------------------------------------------------ applying images */
+
+/*
+ * One statement set per collection.  MongoDB: replace_one upserts fenced by
+ * {_f: {$lt: seq}}, index-served and atomic per document; a duplicate key
+ * means the image (or a newer one) is already there.  FerretDB: its keyed
+ * statements each scan the collection, so delete_many {_id: {$in}} then
+ * insert_many: two scans per round however many documents changed.  Readers
+ * of a FerretDB store can see a document briefly absent between the two.
+ */
+static int apply_images(tdr_fold *f, mongoc_client_t *c, const bson_t *images, tdr_err *err)
 {
 	for (int ci = 0; derived_colls[ci]; ci++) {
 		const char *cname = derived_colls[ci];
 		mongoc_collection_t *coll = tdr_store_coll(f->st, c, cname);
 		mongoc_bulk_operation_t *bulk = tdr_bulk_new(coll, 0);
-		tdr_map *done = NULL;
+		bson_t del = BSON_INITIALIZER, in, arr;
 		bson_iter_t it;
-		size_t nops = 0;
+		uint32_t nk = 0;
 		int rc = 0;
 
-		if (redo) {
-			const char **keys = NULL;
-			size_t *lens = NULL, n = 0, cap = 0;
-
-			done = tdr_map_new(256);
-			bson_iter_init(&it, writes);
-			while (done && bson_iter_next(&it)) {
-				bson_t rec;
-				const uint8_t *data;
-				uint32_t dlen, klen;
-				const char *cc, *k;
-
-				if (!BSON_ITER_HOLDS_DOCUMENT(&it))
-					continue;
-				bson_iter_document(&it, &dlen, &data);
-				if (!bson_init_static(&rec, data, dlen))
-					continue;
-				cc = tdr_bson_str(&rec, "c", NULL);
-				k = tdr_bson_str(&rec, "k", &klen);
-				if (!cc || !k || strcmp(cc, cname) != 0)
-					continue;
-				if (n == cap) {
-					size_t ncap = cap ? cap * 2 : 64;
-					const char **nk = realloc(keys, ncap * sizeof(*nk));
-					size_t *nl;
-
-					if (nk == NULL)
-						break;
-					keys = nk;
-					nl = realloc(lens, ncap * sizeof(*nl));
-					if (nl == NULL)
-						break;
-					lens = nl;
-					cap = ncap;
-				}
-				keys[n] = k;
-				lens[n++] = klen;
-			}
-			struct applied_ctx ctx = { done, seq };
-			if (done == NULL)
-				rc = tdr_err_set(err, TDR_ENOMEM, "out of memory");
-			else
-				rc = read_in(f, coll, keys, lens, n, note_applied, &ctx, err);
-			free(keys);
-			free(lens);
-		}
-		if (rc == 0) {
-			bson_iter_init(&it, writes);
+		BSON_APPEND_DOCUMENT_BEGIN(&del, "_id", &in);
+		BSON_APPEND_ARRAY_BEGIN(&in, "$in", &arr);
+		if (bson_iter_init(&it, images))
 			while (bson_iter_next(&it)) {
-				bson_t rec, upd, filter = BSON_INITIALIZER, opts = BSON_INITIALIZER;
+				bson_t rec, img;
+				bson_iter_t d;
 				const uint8_t *data;
-				uint32_t dlen, klen;
+				uint32_t len, klen;
 				const char *cc, *k;
-				bson_iter_t u;
 
 				if (!BSON_ITER_HOLDS_DOCUMENT(&it))
 					continue;
-				bson_iter_document(&it, &dlen, &data);
-				if (!bson_init_static(&rec, data, dlen))
+				bson_iter_document(&it, &len, &data);
+				if (!bson_init_static(&rec, data, len))
 					continue;
 				cc = tdr_bson_str(&rec, "c", NULL);
-				k = tdr_bson_str(&rec, "k", &klen);
-				if (!cc || !k || strcmp(cc, cname) != 0 || !bson_iter_init_find(&u, &rec, "u") ||
-				    !BSON_ITER_HOLDS_DOCUMENT(&u))
+				if (cc == NULL || strcmp(cc, cname) != 0 || !bson_iter_init_find(&d, &rec, "d") ||
+				    !BSON_ITER_HOLDS_DOCUMENT(&d))
 					continue;
-				if (done && tdr_map_get(done, k, klen))
+				bson_iter_document(&d, &len, &data);
+				if (!bson_init_static(&img, data, len) || (k = tdr_bson_str(&img, "_id", &klen)) == NULL)
 					continue;
-				bson_iter_document(&u, &dlen, &data);
-				if (!bson_init_static(&upd, data, dlen))
-					continue;
-				bson_append_utf8(&filter, "_id", 3, k, (int)klen);
-				BSON_APPEND_BOOL(&opts, "upsert", true);
-				if (!mongoc_bulk_operation_update_one_with_opts(bulk, &filter, &upd, &opts, NULL))
-					rc = tdr_err_set(err, TDR_EFAIL, "bad update for %s", cname);
-				bson_destroy(&filter);
-				bson_destroy(&opts);
-				nops++;
+				if (f->st->is_ferretdb) {
+					char buf[16];
+					const char *kp;
+
+					bson_uint32_to_string(nk, &kp, buf, sizeof(buf));
+					bson_append_utf8(&arr, kp, -1, k, (int)klen);
+					mongoc_bulk_operation_insert(bulk, &img);
+				} else {
+					bson_t sel = BSON_INITIALIZER, lt, opts = BSON_INITIALIZER;
+
+					bson_append_utf8(&sel, "_id", 3, k, (int)klen);
+					BSON_APPEND_DOCUMENT_BEGIN(&sel, "_f", &lt);
+					BSON_APPEND_INT64(&lt, "$lt", tdr_bson_i64(&img, "_f", 0));
+					bson_append_document_end(&sel, &lt);
+					BSON_APPEND_BOOL(&opts, "upsert", true);
+					mongoc_bulk_operation_replace_one_with_opts(bulk, &sel, &img, &opts, NULL);
+					bson_destroy(&sel);
+					bson_destroy(&opts);
+				}
+				nk++;
+			}
+		bson_append_array_end(&in, &arr);
+		bson_append_document_end(&del, &in);
+		if (nk && f->st->is_ferretdb) {
+			bson_error_t be;
+
+			if (!mongoc_collection_delete_many(coll, &del, NULL, NULL, &be)) {
+				tdr_store_error(&be, cname, err);
+				rc = TDR_ETRANSIENT;
 			}
 		}
-		if (rc == 0 && nops)
+		if (rc == 0 && nk)
 			rc = tdr_bulk_run(bulk, cname, NULL, NULL, err);
+		bson_destroy(&del);
 		mongoc_bulk_operation_destroy(bulk);
 		mongoc_collection_destroy(coll);
-		tdr_map_free(done, NULL);
 		if (rc < 0)
 			return rc;
 	}
@@ -274,24 +461,28 @@ static int finish_round(tdr_fold *f, mongoc_client_t *c, const bson_t *record, i
 	mongoc_collection_t *deltas = tdr_store_coll(f->st, c, TDR_C_DELTAS);
 	mongoc_collection_t *state = tdr_store_coll(f->st, c, TDR_C_STATE);
 	mongoc_collection_t *folds = tdr_store_coll(f->st, c, TDR_C_FOLDS);
-	mongoc_bulk_operation_t *bulk = tdr_bulk_new(deltas, 0);
-	bson_iter_t it, arr;
+	bson_t del = BSON_INITIALIZER, in;
+	bson_iter_t it;
 	bson_error_t be;
-	size_t n = 0;
 	int rc = 0;
 
-	if (bson_iter_init_find(&it, record, "deltas") && bson_iter_recurse(&it, &arr))
-		while (bson_iter_next(&arr)) {
-			bson_t fl = BSON_INITIALIZER;
+	/* One statement: {_id: {$in: deltas}}. */
+	if (bson_iter_init_find(&it, record, "deltas") && BSON_ITER_HOLDS_ARRAY(&it)) {
+		const uint8_t *data;
+		uint32_t len;
+		bson_t arr;
 
-			bson_append_value(&fl, "_id", 3, bson_iter_value(&arr));
-			mongoc_bulk_operation_remove_one(bulk, &fl);
-			bson_destroy(&fl);
-			n++;
+		bson_iter_array(&it, &len, &data);
+		if (bson_init_static(&arr, data, len)) {
+			BSON_APPEND_DOCUMENT_BEGIN(&del, "_id", &in);
+			BSON_APPEND_ARRAY(&in, "$in", &arr);
+			bson_append_document_end(&del, &in);
+			if (!mongoc_collection_delete_many(deltas, &del, NULL, NULL, &be)) {
+				tdr_store_error(&be, "delete folded deltas", err);
+				rc = TDR_ETRANSIENT;
+			}
 		}
-	if (n)
-		rc = tdr_bulk_run(bulk, "delete folded deltas", NULL, NULL, err);
-	mongoc_bulk_operation_destroy(bulk);
+	}
 	if (rc == 0) {
 		bson_t sel = BSON_INITIALIZER, upd = BSON_INITIALIZER, set, opts = BSON_INITIALIZER;
 
@@ -312,13 +503,16 @@ static int finish_round(tdr_fold *f, mongoc_client_t *c, const bson_t *record, i
 		bson_destroy(&opts);
 	}
 	if (rc == 0) {
-		bson_t sel = BSON_INITIALIZER;
+		bson_t sel = BSON_INITIALIZER, lte;
 
-		/* Best effort: a leftover record below the state's seq is never redone. */
-		BSON_APPEND_INT64(&sel, "_id", seq);
-		(void)mongoc_collection_delete_one(folds, &sel, NULL, NULL, &be);
+		/* Best effort: records at or below the state's seq are never redone. */
+		BSON_APPEND_DOCUMENT_BEGIN(&sel, "_id", &lte);
+		BSON_APPEND_INT64(&lte, "$lte", seq);
+		bson_append_document_end(&sel, &lte);
+		(void)mongoc_collection_delete_many(folds, &sel, NULL, NULL, &be);
 		bson_destroy(&sel);
 	}
+	bson_destroy(&del);
 	mongoc_collection_destroy(deltas);
 	mongoc_collection_destroy(state);
 	mongoc_collection_destroy(folds);
@@ -327,244 +521,121 @@ static int finish_round(tdr_fold *f, mongoc_client_t *c, const bson_t *record, i
 
 /* ------------------------------------------------------------ identity */
 
-struct idread_ctx {
-	tdr_fold *f;
-};
-
-static struct devcache *cache_get_or_add(tdr_fold *f, const char *d, size_t dlen)
+static int add_record(bson_t *writes, uint32_t *idx, const char *coll, const char *key, size_t klen,
+		      const bson_t *u)
 {
-	struct devcache *dc = tdr_map_get(f->cache, d, dlen);
+	char buf[16];
+	const char *kp;
+	bson_t rec;
 
-	if (dc)
-		return dc;
-	if (tdr_map_count(f->cache) >= CACHE_MAX)
-		tdr_map_clear(f->cache, free); /* bounded memory: re-read on demand */
-	dc = calloc(1, sizeof(*dc));
-	if (dc == NULL || tdr_map_put(f->cache, d, dlen, dc) < 0) {
-		free(dc);
-		return NULL;
-	}
-	return dc;
+	bson_uint32_to_string((*idx)++, &kp, buf, sizeof(buf));
+	bson_append_document_begin(writes, kp, -1, &rec);
+	BSON_APPEND_UTF8(&rec, "c", coll);
+	bson_append_utf8(&rec, "k", 1, key, (int)klen);
+	BSON_APPEND_DOCUMENT(&rec, "u", u);
+	bson_append_document_end(writes, &rec);
+	return 0;
 }
 
-static void note_identity(void *vctx, const bson_t *doc)
+static struct userdelta *user_delta(tdr_map *users, const char *u, size_t ulen)
 {
-	tdr_fold *f = vctx;
-	uint32_t dlen, ulen;
-	const char *d = tdr_bson_str(doc, "_id", &dlen), *u = tdr_bson_str(doc, "username", &ulen);
-	struct devcache *dc;
-	bson_iter_t it;
+	struct userdelta *ud = tdr_map_get(users, u, ulen);
 
-	if (d == NULL || u == NULL || ulen > TDR_USERNAME_MAX || (dc = tdr_map_get(f->cache, d, dlen)) == NULL)
-		return;
-	dc->linked = 1;
-	memcpy(dc->username, u, ulen);
-	dc->username[ulen] = '\0';
-	dc->linked_at = bson_iter_init_find(&it, doc, "linked_at") && BSON_ITER_HOLDS_DATE_TIME(&it)
-				? bson_iter_date_time(&it)
-				: 0;
-}
-
-static void note_count(void *vctx, const bson_t *doc)
-{
-	tdr_fold *f = vctx;
-	uint32_t dlen;
-	const char *d = tdr_bson_str(doc, "_id", &dlen);
-	struct devcache *dc;
-
-	if (d && (dc = tdr_map_get(f->cache, d, dlen)) != NULL) {
-		dc->count = tdr_bson_i64(doc, "count", 0);
-		dc->count_known = 1;
+	if (ud == NULL) {
+		ud = calloc(1, sizeof(*ud));
+		if (ud == NULL || tdr_map_put(users, u, ulen, ud) < 0) {
+			free(ud);
+			return NULL;
+		}
 	}
+	return ud;
 }
 
 /*
- * Resolve links for every device of the round and append identity_map and
- * username_metrics writes.  username_metrics.count is kept equal to the sum
- * of device_metrics.count over the devices linked to it: a (re)link moves the
- * device's whole count (read once, or known) as one forward delta.
+ * Resolve each touched device's link from its current identity_map and
+ * device_metrics documents, and record identity_map and username_metrics
+ * updates.  username_metrics.count stays the sum of device_metrics.count over
+ * the devices linked to it: a (re)link moves the device's whole count as one
+ * forward delta, and nothing re-reads history.
  */
-static int resolve_identities(tdr_fold *f, mongoc_client_t *c, tdr_map *devs, bson_t *writes, uint32_t *idx,
-			      int64_t seq, tdr_map *cache_updates, tdr_err *err)
+static int resolve_identities(tdr_map *devs, tdr_map *cur_dev, tdr_map *cur_id, bson_t *writes, uint32_t *idx,
+			      tdr_err *err)
 {
-	size_t pos = 0, klen, nmiss = 0, nneed = 0, n = tdr_map_count(devs);
-	const char *key, **miss = calloc(n ? n : 1, sizeof(*miss)), **need = calloc(n ? n : 1, sizeof(*need));
-	size_t *misslen = calloc(n ? n : 1, sizeof(*misslen)), *needlen = calloc(n ? n : 1, sizeof(*needlen));
 	tdr_map *users = tdr_map_new(256);
+	size_t pos = 0, klen;
+	const char *key;
 	void *v;
 	int rc = 0;
 
-	if (!miss || !need || !misslen || !needlen || !users) {
-		rc = tdr_err_set(err, TDR_ENOMEM, "out of memory");
-		goto out;
-	}
-	/* Devices we know nothing about: read their links (one $in per 500). */
-	while (tdr_map_next(devs, &pos, &key, &klen, &v))
-		if (tdr_map_get(f->cache, key, klen) == NULL) {
-			if (cache_get_or_add(f, key, klen) == NULL) {
-				rc = tdr_err_set(err, TDR_ENOMEM, "out of memory");
-				goto out;
-			}
-			miss[nmiss] = key;
-			misslen[nmiss++] = klen;
-		}
-	if (nmiss) {
-		mongoc_collection_t *ids = tdr_store_coll(f->st, c, TDR_C_IDENTITIES);
-
-		rc = read_in(f, ids, miss, misslen, nmiss, note_identity, f, err);
-		mongoc_collection_destroy(ids);
-		if (rc < 0)
-			goto out;
-	}
-	/* Devices whose link changes need their count before this round. */
-	pos = 0;
+	if (users == NULL)
+		return tdr_err_set(err, TDR_ENOMEM, "out of memory");
 	while (tdr_map_next(devs, &pos, &key, &klen, &v)) {
 		struct devround *dr = v;
-		struct devcache *dc = tdr_map_get(f->cache, key, klen);
-
-		if (dc == NULL) {
-			rc = tdr_err_set(err, TDR_ENOMEM, "device cache lost an entry");
-			goto out;
-		}
-		if (dr->best_u &&
-		    (!dc->linked || cmp_link(dr->best_t, dr->best_u, dr->best_ulen, dc->linked_at, dc->username,
-					     strlen(dc->username)) > 0) &&
-		    !(dc->linked && strlen(dc->username) == dr->best_ulen &&
-		      memcmp(dc->username, dr->best_u, dr->best_ulen) == 0) &&
-		    !dc->count_known) {
-			need[nneed] = key;
-			needlen[nneed++] = klen;
-		}
-	}
-	if (nneed) {
-		mongoc_collection_t *dm = tdr_store_coll(f->st, c, TDR_C_DEVICES);
-
-		rc = read_in(f, dm, need, needlen, nneed, note_count, f, err);
-		mongoc_collection_destroy(dm);
-		if (rc < 0)
-			goto out;
-		for (size_t i = 0; i < nneed; i++) {
-			struct devcache *dc = tdr_map_get(f->cache, need[i], needlen[i]);
-
-			if (dc && !dc->count_known) { /* no document yet: a new device */
-				dc->count = 0;
-				dc->count_known = 1;
-			}
-		}
-	}
-	/* Now every decision is local. */
-	pos = 0;
-	while (tdr_map_next(devs, &pos, &key, &klen, &v)) {
-		struct devround *dr = v;
-		struct devcache *dc = tdr_map_get(f->cache, key, klen);
-		struct devcache *next = calloc(1, sizeof(*next));
+		const bson_t *idoc = tdr_map_get(cur_id, key, klen), *ddoc = tdr_map_get(cur_dev, key, klen);
+		const char *old_u = idoc ? tdr_bson_str(idoc, "username", NULL) : NULL;
+		uint32_t old_ulen = 0;
+		int64_t old_t = 0, before = ddoc ? tdr_bson_i64(ddoc, "count", 0) : 0;
 		int improves, changes_user;
+		bson_iter_t it;
 
-		if (next == NULL) {
-			rc = tdr_err_set(err, TDR_ENOMEM, "out of memory");
-			goto out;
+		if (old_u) {
+			old_u = tdr_bson_str(idoc, "username", &old_ulen);
+			if (bson_iter_init_find(&it, idoc, "linked_at") && BSON_ITER_HOLDS_DATE_TIME(&it))
+				old_t = bson_iter_date_time(&it);
 		}
-		*next = *dc;
-		improves = dr->best_u && (!dc->linked || cmp_link(dr->best_t, dr->best_u, dr->best_ulen, dc->linked_at,
-								  dc->username, strlen(dc->username)) > 0);
-		changes_user = improves && !(dc->linked && strlen(dc->username) == dr->best_ulen &&
-					     memcmp(dc->username, dr->best_u, dr->best_ulen) == 0);
+		improves = dr->best_u &&
+			   (!old_u || cmp_link(dr->best_t, dr->best_u, dr->best_ulen, old_t, old_u, old_ulen) > 0);
+		changes_user = improves && !(old_u && old_ulen == dr->best_ulen && memcmp(old_u, dr->best_u, old_ulen) == 0);
 		if (changes_user) {
 			struct userdelta *ud;
 
-			if (dc->linked) {
-				ud = tdr_map_get(users, dc->username, strlen(dc->username));
-				if (ud == NULL && ((ud = calloc(1, sizeof(*ud))) == NULL ||
-						   tdr_map_put(users, dc->username, strlen(dc->username), ud) < 0)) {
-					free(next);
-					rc = tdr_err_set(err, TDR_ENOMEM, "out of memory");
-					goto out;
-				}
-				ud->count -= dc->count;
+			if (old_u) {
+				if ((ud = user_delta(users, old_u, old_ulen)) == NULL)
+					goto oom;
+				ud->count -= before;
 				ud->devices -= 1;
 			}
-			ud = tdr_map_get(users, dr->best_u, dr->best_ulen);
-			if (ud == NULL &&
-			    ((ud = calloc(1, sizeof(*ud))) == NULL || tdr_map_put(users, dr->best_u, dr->best_ulen, ud) < 0)) {
-				free(next);
-				rc = tdr_err_set(err, TDR_ENOMEM, "out of memory");
-				goto out;
-			}
-			ud->count += dc->count + dr->inc;
+			if ((ud = user_delta(users, dr->best_u, dr->best_ulen)) == NULL)
+				goto oom;
+			ud->count += before + dr->inc;
 			ud->devices += 1;
-		} else if (dc->linked) {
-			struct userdelta *ud = tdr_map_get(users, dc->username, strlen(dc->username));
+		} else if (old_u) {
+			struct userdelta *ud = user_delta(users, old_u, old_ulen);
 
-			if (ud == NULL && ((ud = calloc(1, sizeof(*ud))) == NULL ||
-					   tdr_map_put(users, dc->username, strlen(dc->username), ud) < 0)) {
-				free(next);
-				rc = tdr_err_set(err, TDR_ENOMEM, "out of memory");
-				goto out;
-			}
+			if (ud == NULL)
+				goto oom;
 			ud->count += dr->inc;
 		}
 		if (improves) {
-			bson_t u = BSON_INITIALIZER, set, rec;
-			char buf[16];
-			const char *kp;
+			bson_t u = BSON_INITIALIZER, set;
 
-			next->linked = 1;
-			next->linked_at = dr->best_t;
-			memcpy(next->username, dr->best_u, dr->best_ulen);
-			next->username[dr->best_ulen] = '\0';
-			BSON_APPEND_DOCUMENT_BEGIN(&u, "$set", &set);
+			BSON_APPEND_DOCUMENT_BEGIN(&u, "set", &set);
 			bson_append_utf8(&set, "username", -1, dr->best_u, (int)dr->best_ulen);
 			BSON_APPEND_DATE_TIME(&set, "linked_at", dr->best_t);
-			BSON_APPEND_INT64(&set, "_f", seq);
 			bson_append_document_end(&u, &set);
-			bson_uint32_to_string((*idx)++, &kp, buf, sizeof(buf));
-			bson_append_document_begin(writes, kp, -1, &rec);
-			BSON_APPEND_UTF8(&rec, "c", TDR_C_IDENTITIES);
-			bson_append_utf8(&rec, "k", 1, key, (int)klen);
-			BSON_APPEND_DOCUMENT(&rec, "u", &u);
-			bson_append_document_end(writes, &rec);
+			add_record(writes, idx, TDR_C_IDENTITIES, key, klen, &u);
 			bson_destroy(&u);
 		}
-		if (next->count_known)
-			next->count += dr->inc;
-		if (tdr_map_put(cache_updates, key, klen, next) < 0) {
-			free(next);
-			rc = tdr_err_set(err, TDR_ENOMEM, "out of memory");
-			goto out;
-		}
 	}
-	/* One username_metrics write per username touched. */
 	pos = 0;
 	while (tdr_map_next(users, &pos, &key, &klen, &v)) {
 		struct userdelta *ud = v;
-		bson_t u = BSON_INITIALIZER, d, rec;
-		char buf[16];
-		const char *kp;
+		bson_t u = BSON_INITIALIZER, d;
 
 		if (ud->count == 0 && ud->devices == 0)
 			continue;
-		BSON_APPEND_DOCUMENT_BEGIN(&u, "$inc", &d);
+		BSON_APPEND_DOCUMENT_BEGIN(&u, "inc", &d);
 		BSON_APPEND_INT64(&d, "count", ud->count);
 		BSON_APPEND_INT64(&d, "devices", ud->devices);
 		bson_append_document_end(&u, &d);
-		BSON_APPEND_DOCUMENT_BEGIN(&u, "$set", &d);
-		BSON_APPEND_INT64(&d, "_f", seq);
-		bson_append_document_end(&u, &d);
-		bson_uint32_to_string((*idx)++, &kp, buf, sizeof(buf));
-		bson_append_document_begin(writes, kp, -1, &rec);
-		BSON_APPEND_UTF8(&rec, "c", TDR_C_USERS);
-		bson_append_utf8(&rec, "k", 1, key, (int)klen);
-		BSON_APPEND_DOCUMENT(&rec, "u", &u);
-		bson_append_document_end(writes, &rec);
+		add_record(writes, idx, TDR_C_USERS, key, klen, &u);
 		bson_destroy(&u);
 	}
-out:
-	free(miss);
-	free(need);
-	free(misslen);
-	free(needlen);
 	tdr_map_free(users, free);
 	return rc;
+oom:
+	tdr_map_free(users, free);
+	return tdr_err_set(err, TDR_ENOMEM, "out of memory");
 }
 
 /* ------------------------------------------------------------ round */
@@ -622,23 +693,29 @@ static int read_record(tdr_fold *f, mongoc_client_t *c, int64_t seq, bson_t **re
 	return rc;
 }
 
-static int redo(tdr_fold *f, mongoc_client_t *c, const bson_t *record, int64_t seq, int64_t epoch, tdr_err *err)
+static int record_images(const bson_t *record, bson_t *images)
 {
 	bson_iter_t it;
-	bson_t writes;
 	const uint8_t *data;
 	uint32_t len;
+
+	if (!bson_iter_init_find(&it, record, "img") || !BSON_ITER_HOLDS_ARRAY(&it))
+		return -1;
+	bson_iter_array(&it, &len, &data);
+	return bson_init_static(images, data, len) ? 0 : -1;
+}
+
+static int redo(tdr_fold *f, mongoc_client_t *c, const bson_t *record, int64_t seq, int64_t epoch, tdr_err *err)
+{
+	bson_t images;
 	int rc;
 
-	if (!bson_iter_init_find(&it, record, "w") || !BSON_ITER_HOLDS_ARRAY(&it))
-		return tdr_err_set(err, TDR_EFAIL, "fold record %" PRId64 " has no writes", seq);
-	bson_iter_array(&it, &len, &data);
-	if (!bson_init_static(&writes, data, len))
+	if (record_images(record, &images) < 0)
 		return tdr_err_set(err, TDR_EFAIL, "fold record %" PRId64 " is corrupt", seq);
 	if (!tdr_coord_may_lead(f->coord, epoch))
 		return tdr_err_set(err, TDR_EFENCED, "no longer leader");
-	log_info("fold: redoing round %" PRId64 " left by a previous leader", seq);
-	if ((rc = apply_writes(f, c, &writes, seq, 1, err)) < 0)
+	log_info("fold: redoing round %" PRId64 " left unfinished by a previous leader", seq);
+	if ((rc = apply_images(f, c, &images, err)) < 0)
 		return rc;
 	if ((rc = finish_round(f, c, record, seq, epoch, err)) < 0)
 		return rc;
@@ -736,20 +813,50 @@ static size_t delta_of(const struct round *r, size_t ev_index)
 	return lo;
 }
 
-/* Step 2: the one dedup.  Fills r->new_idx with the events this round counts. */
+struct ledger_ctx {
+	const struct round *r;
+	tdr_map *ours; /* insert_id -> 1 when its ledger entry names one of this round's deltas */
+};
+
+static void note_ledger(void *vctx, const bson_t *doc)
+{
+	struct ledger_ctx *ctx = vctx;
+	uint32_t il, dl;
+	const char *id = tdr_bson_str(doc, "_id", &il), *dv = tdr_bson_str(doc, "d", &dl);
+
+	if (id == NULL || dv == NULL)
+		return;
+	for (size_t k = 0; k < ctx->r->ndeltas; k++) {
+		uint32_t l2;
+		const char *id2 = delta_id(ctx->r->deltas[k], &l2);
+
+		if (id2 && l2 == dl && memcmp(id2, dv, dl) == 0) {
+			(void)tdr_map_put(ctx->ours, id, il, (void *)1);
+			return;
+		}
+	}
+}
+
+/*
+ * Step 2: the one dedup.  Fills r->new_idx with the events this round counts.
+ * A duplicate key whose ledger entry names one of this round's deltas came
+ * from an attempt at this round that never committed: it is ours.
+ */
 static int dedup(tdr_fold *f, mongoc_client_t *c, struct round *r, int64_t *ret_dups, tdr_err *err)
 {
 	mongoc_collection_t *ledger = tdr_store_coll(f->st, c, TDR_C_LEDGER);
 	mongoc_bulk_operation_t *bulk = tdr_bulk_new(ledger, 0);
-	tdr_map *seen = tdr_map_new(r->nev);
-	size_t *cand = calloc(r->nev ? r->nev : 1, sizeof(*cand)), ncand = 0;
+	tdr_map *seen = tdr_map_new(r->nev), *ours = tdr_map_new(64);
+	size_t *cand = calloc(r->nev ? r->nev : 1, sizeof(*cand)), ncand = 0, ndup = 0;
+	const char **dkeys = NULL;
+	size_t *dlens = NULL;
 	char *isdup = NULL;
 	bson_t reply = BSON_INITIALIZER;
 	int64_t dups = 0;
 	int rc = 0;
 
 	r->new_idx = calloc(r->nev ? r->nev : 1, sizeof(*r->new_idx));
-	if (!seen || !cand || !r->new_idx) {
+	if (!seen || !ours || !cand || !r->new_idx) {
 		rc = tdr_err_set(err, TDR_ENOMEM, "out of memory");
 		goto out;
 	}
@@ -765,6 +872,8 @@ static int dedup(tdr_fold *f, mongoc_client_t *c, struct round *r, int64_t *ret_
 		}
 		cand[ncand++] = i;
 	}
+	if (ncand == 0)
+		goto out;
 	for (size_t j = 0; j < ncand; j++) {
 		const tdr_cevent *e = &r->ev[cand[j]];
 		uint32_t dlen;
@@ -777,13 +886,13 @@ static int dedup(tdr_fold *f, mongoc_client_t *c, struct round *r, int64_t *ret_
 		mongoc_bulk_operation_insert(bulk, &doc);
 		bson_destroy(&doc);
 	}
-	if (ncand == 0)
-		goto out;
 	bson_destroy(&reply);
 	if ((rc = tdr_bulk_run(bulk, "ledger", NULL, &reply, err)) < 0)
 		goto out;
 	isdup = calloc(ncand, 1);
-	if (isdup == NULL) {
+	dkeys = calloc(ncand, sizeof(*dkeys));
+	dlens = calloc(ncand, sizeof(*dlens));
+	if (isdup == NULL || dkeys == NULL || dlens == NULL) {
 		rc = tdr_err_set(err, TDR_ENOMEM, "out of memory");
 		goto out;
 	}
@@ -792,61 +901,36 @@ static int dedup(tdr_fold *f, mongoc_client_t *c, struct round *r, int64_t *ret_
 
 		if (bson_iter_init_find(&it, &reply, "writeErrors") && bson_iter_recurse(&it, &arr))
 			while (bson_iter_next(&arr)) {
-				bson_iter_t e;
 				bson_t ed;
 				const uint8_t *data;
 				uint32_t len;
+				int64_t index, code;
 
 				if (!BSON_ITER_HOLDS_DOCUMENT(&arr))
 					continue;
 				bson_iter_document(&arr, &len, &data);
 				if (!bson_init_static(&ed, data, len))
 					continue;
-				int64_t index = tdr_bson_i64(&ed, "index", -1), code = tdr_bson_i64(&ed, "code", 0);
-
-				(void)e;
-				if (index >= 0 && (size_t)index < ncand && (code == 11000 || code == 11001))
+				index = tdr_bson_i64(&ed, "index", -1);
+				code = tdr_bson_i64(&ed, "code", 0);
+				if (index >= 0 && (size_t)index < ncand && (code == 11000 || code == 11001) && !isdup[index]) {
 					isdup[index] = 1;
+					dkeys[ndup] = r->ev[cand[index]].insert_id;
+					dlens[ndup++] = r->ev[cand[index]].insert_id_len;
+				}
 			}
 	}
-	/* A duplicate is ours if its ledger entry names one of this round's deltas. */
-	for (size_t j = 0; j < ncand; j++) {
-		const tdr_cevent *e;
-		bson_t filter = BSON_INITIALIZER, opts;
-		mongoc_cursor_t *cur;
-		const bson_t *doc;
-		bson_error_t be;
-		int ours = 0;
+	/* All duplicates' ledger entries in one $in read (keyed reads scan on FerretDB). */
+	if (ndup) {
+		struct ledger_ctx ctx = { r, ours };
 
-		if (!isdup[j]) {
-			r->new_idx[r->nnew++] = cand[j];
-			continue;
-		}
-		e = &r->ev[cand[j]];
-		bson_append_utf8(&filter, "_id", 3, e->insert_id, (int)e->insert_id_len);
-		tdr_store_read_opts(f->st, &opts);
-		cur = mongoc_collection_find_with_opts(ledger, &filter, &opts, NULL);
-		if (mongoc_cursor_next(cur, &doc)) {
-			uint32_t dl;
-			const char *dv = tdr_bson_str(doc, "d", &dl);
-
-			for (size_t k = 0; dv && k < r->ndeltas && !ours; k++) {
-				uint32_t l2;
-				const char *id2 = delta_id(r->deltas[k], &l2);
-
-				ours = id2 && l2 == dl && memcmp(id2, dv, dl) == 0;
-			}
-		}
-		if (mongoc_cursor_error(cur, &be)) {
-			tdr_store_error(&be, "ledger lookup", err);
-			rc = TDR_ETRANSIENT;
-		}
-		mongoc_cursor_destroy(cur);
-		bson_destroy(&opts);
-		bson_destroy(&filter);
-		if (rc < 0)
+		if ((rc = read_in(f, ledger, dkeys, dlens, ndup, note_ledger, &ctx, err)) < 0)
 			goto out;
-		if (ours)
+	}
+	for (size_t j = 0; j < ncand; j++) {
+		const tdr_cevent *e = &r->ev[cand[j]];
+
+		if (!isdup[j] || tdr_map_get(ours, e->insert_id, e->insert_id_len))
 			r->new_idx[r->nnew++] = cand[j];
 		else
 			dups++;
@@ -857,14 +941,157 @@ out:
 	mongoc_bulk_operation_destroy(bulk);
 	mongoc_collection_destroy(ledger);
 	tdr_map_free(seen, NULL);
+	tdr_map_free(ours, NULL);
 	free(cand);
 	free(isdup);
+	free(dkeys);
+	free(dlens);
 	return rc;
 }
 
-static void free_devcache(void *p)
+/* Keys of coll in the recorded writes. */
+static int writes_keys(const bson_t *writes, const char *coll, const char ***ret_keys, size_t **ret_lens,
+		       size_t *ret_n)
 {
-	free(p);
+	bson_iter_t it;
+	size_t n = 0, cap = 0;
+	const char **keys = NULL;
+	size_t *lens = NULL;
+
+	if (bson_iter_init(&it, writes))
+		while (bson_iter_next(&it)) {
+			bson_t rec;
+			const uint8_t *data;
+			uint32_t len, klen;
+			const char *cc, *k;
+
+			if (!BSON_ITER_HOLDS_DOCUMENT(&it))
+				continue;
+			bson_iter_document(&it, &len, &data);
+			if (!bson_init_static(&rec, data, len))
+				continue;
+			cc = tdr_bson_str(&rec, "c", NULL);
+			k = tdr_bson_str(&rec, "k", &klen);
+			if (cc == NULL || k == NULL || strcmp(cc, coll) != 0)
+				continue;
+			if (n == cap) {
+				size_t ncap = cap ? cap * 2 : 64;
+				const char **nk = realloc(keys, ncap * sizeof(*nk));
+				size_t *nl;
+
+				if (nk == NULL)
+					goto oom;
+				keys = nk;
+				nl = realloc(lens, ncap * sizeof(*nl));
+				if (nl == NULL)
+					goto oom;
+				lens = nl;
+				cap = ncap;
+			}
+			keys[n] = k;
+			lens[n++] = klen;
+		}
+	*ret_keys = keys;
+	*ret_lens = lens;
+	*ret_n = n;
+	return 0;
+oom:
+	free(keys);
+	free(lens);
+	return -1;
+}
+
+/*
+ * Steps 3-4: read the current version of every document the writes touch
+ * (one $in per collection), compute after-images, and append them to images.
+ * cur_by_coll[i] maps key -> current document of derived_colls[i].
+ */
+static int build_images(tdr_fold *f, mongoc_client_t *c, const bson_t *writes, tdr_map *const *cur_by_coll,
+			const int *already_read, int64_t seq, bson_t *images, tdr_err *err)
+{
+	uint32_t idx = 0;
+	int rc = 0;
+
+	for (int ci = 0; derived_colls[ci] && rc == 0; ci++) {
+		const char **keys = NULL;
+		size_t *lens = NULL, n = 0;
+		tdr_map *cur = cur_by_coll[ci];
+		bson_iter_t it;
+
+		if (writes_keys(writes, derived_colls[ci], &keys, &lens, &n) < 0)
+			return tdr_err_set(err, TDR_ENOMEM, "out of memory");
+		if (n && !already_read[ci])
+			rc = read_current(f, c, derived_colls[ci], keys, lens, n, cur, err);
+		free(keys);
+		free(lens);
+		if (rc < 0)
+			break;
+		if (!bson_iter_init(&it, writes))
+			continue;
+		while (rc == 0 && bson_iter_next(&it)) {
+			bson_t rec, u, image, out;
+			bson_iter_t ui;
+			const uint8_t *data;
+			uint32_t len, klen;
+			const char *cc, *k;
+			bson_t *current;
+			char buf[16];
+			const char *kp;
+
+			if (!BSON_ITER_HOLDS_DOCUMENT(&it))
+				continue;
+			bson_iter_document(&it, &len, &data);
+			if (!bson_init_static(&rec, data, len))
+				continue;
+			cc = tdr_bson_str(&rec, "c", NULL);
+			k = tdr_bson_str(&rec, "k", &klen);
+			if (cc == NULL || k == NULL || strcmp(cc, derived_colls[ci]) != 0 ||
+			    !bson_iter_init_find(&ui, &rec, "u") || !BSON_ITER_HOLDS_DOCUMENT(&ui))
+				continue;
+			bson_iter_document(&ui, &len, &data);
+			if (!bson_init_static(&u, data, len))
+				continue;
+			current = tdr_map_get(cur, k, klen);
+			if (make_image(current, k, klen, &u, seq, &image) < 0) {
+				bson_destroy(&image);
+				rc = tdr_err_set(err, TDR_EFAIL, "cannot apply recorded update to %s %.*s", cc, (int)klen, k);
+				break;
+			}
+			bson_uint32_to_string(idx++, &kp, buf, sizeof(buf));
+			bson_append_document_begin(images, kp, -1, &out);
+			BSON_APPEND_UTF8(&out, "c", cc);
+			BSON_APPEND_DOCUMENT(&out, "d", &image);
+			bson_append_document_end(images, &out);
+			/* Two writes to one key in a round chain through the map. */
+			{
+				bson_t *copy = bson_copy(&image);
+
+				if (copy == NULL) {
+					bson_destroy(&image);
+					rc = tdr_err_set(err, TDR_ENOMEM, "out of memory");
+					break;
+				}
+				if (current)
+					bson_destroy(current);
+				if (tdr_map_put(cur, k, klen, copy) < 0) {
+					bson_destroy(copy);
+					bson_destroy(&image);
+					rc = tdr_err_set(err, TDR_ENOMEM, "out of memory");
+					break;
+				}
+			}
+			bson_destroy(&image);
+		}
+	}
+	return rc;
+}
+
+static int coll_index(const char *name)
+{
+	for (int i = 0; derived_colls[i]; i++)
+		if (strcmp(derived_colls[i], name) == 0)
+			return i;
+	return -1;
 }
 
 int tdr_fold_round(tdr_fold *f, int64_t epoch, int64_t *ret_n, tdr_err *err)
@@ -872,26 +1099,26 @@ int tdr_fold_round(tdr_fold *f, int64_t epoch, int64_t *ret_n, tdr_err *err)
 	mongoc_client_t *c = tdr_store_pop(f->st);
 	struct round r;
 	void *states[8] = { 0 };
-	tdr_map *devs = NULL, *cache_updates = NULL;
-	bson_t *record = NULL, writes = BSON_INITIALIZER, rec = BSON_INITIALIZER;
+	tdr_map *devs = NULL, *cur[8] = { 0 };
+	bson_t *record = NULL, writes = BSON_INITIALIZER, images, rec = BSON_INITIALIZER;
 	int64_t seq = 0, dups = 0, t0 = tdr_mono_us(), lag = 0;
 	uint32_t idx = 0;
-	int rc, np = 0;
+	int rc, np = 0, ncoll = 0, already_read[8] = { 0 };
 
 	memset(&r, 0, sizeof(r));
+	bson_init(&images);
 	*ret_n = 0;
-	if (epoch != f->cache_epoch) {
-		/* Another leader may have written since we last led: start cold. */
-		tdr_map_clear(f->cache, free_devcache);
-		f->cache_epoch = epoch;
-	}
+	for (ncoll = 0; derived_colls[ncoll]; ncoll++)
+		if ((cur[ncoll] = tdr_map_new(256)) == NULL) {
+			rc = tdr_err_set(err, TDR_ENOMEM, "out of memory");
+			goto out;
+		}
 	if ((rc = read_state_seq(f, c, &seq, err)) < 0)
 		goto out;
 	if ((rc = read_record(f, c, seq + 1, &record, err)) < 0)
 		goto out;
 	if (record) {
 		rc = redo(f, c, record, seq + 1, epoch, err);
-		tdr_map_clear(f->cache, free_devcache);
 		*ret_n = 1;
 		goto out;
 	}
@@ -906,10 +1133,8 @@ int tdr_fold_round(tdr_fold *f, int64_t epoch, int64_t *ret_n, tdr_err *err)
 	if ((rc = dedup(f, c, &r, &dups, err)) < 0)
 		goto out;
 
-	/* Step 3: aggregate the new events. */
-	devs = tdr_map_new(1024);
-	cache_updates = tdr_map_new(1024);
-	if (devs == NULL || cache_updates == NULL) {
+	/* Step 3: aggregate the new events, in delta order. */
+	if ((devs = tdr_map_new(1024)) == NULL) {
 		rc = tdr_err_set(err, TDR_ENOMEM, "out of memory");
 		goto out;
 	}
@@ -946,6 +1171,41 @@ int tdr_fold_round(tdr_fold *f, int64_t epoch, int64_t *ret_n, tdr_err *err)
 			dr->best_t = e->created_at_ms;
 		}
 	}
+	/* Identity needs the touched devices' current links and counts. */
+	{
+		size_t n = tdr_map_count(devs), pos = 0, k = 0, klen;
+		const char **keys = calloc(n ? n : 1, sizeof(*keys)), *key;
+		size_t *lens = calloc(n ? n : 1, sizeof(*lens));
+		void *v;
+
+		if (keys == NULL || lens == NULL) {
+			free(keys);
+			free(lens);
+			rc = tdr_err_set(err, TDR_ENOMEM, "out of memory");
+			goto out;
+		}
+		while (tdr_map_next(devs, &pos, &key, &klen, &v)) {
+			keys[k] = key;
+			lens[k++] = klen;
+		}
+		rc = read_current(f, c, TDR_C_DEVICES, keys, lens, k, cur[coll_index(TDR_C_DEVICES)], err);
+		if (rc == 0)
+			rc = read_current(f, c, TDR_C_IDENTITIES, keys, lens, k, cur[coll_index(TDR_C_IDENTITIES)], err);
+		free(keys);
+		free(lens);
+		if (rc < 0)
+			goto out;
+	}
+	for (int p = 0; p < np; p++)
+		tdr_projections[p].emit(states[p], &writes, &idx, seq + 1);
+	if ((rc = resolve_identities(devs, cur[coll_index(TDR_C_DEVICES)], cur[coll_index(TDR_C_IDENTITIES)], &writes,
+				     &idx, err)) < 0)
+		goto out;
+	/* Collections already read keep their maps; build_images reads the rest. */
+	already_read[coll_index(TDR_C_DEVICES)] = already_read[coll_index(TDR_C_IDENTITIES)] = 1;
+	if ((rc = build_images(f, c, &writes, cur, already_read, seq + 1, &images, err)) < 0)
+		goto out;
+
 	BSON_APPEND_INT64(&rec, "_id", seq + 1);
 	BSON_APPEND_INT64(&rec, "epoch", epoch);
 	BSON_APPEND_UTF8(&rec, "holder", f->cfg.name);
@@ -965,13 +1225,7 @@ int tdr_fold_round(tdr_fold *f, int64_t epoch, int64_t *ret_n, tdr_err *err)
 		}
 		bson_append_array_end(&rec, &arr);
 	}
-	BSON_APPEND_ARRAY_BEGIN(&rec, "w", &writes);
-	for (int p = 0; p < np; p++)
-		tdr_projections[p].emit(states[p], &writes, &idx, seq + 1);
-	rc = resolve_identities(f, c, devs, &writes, &idx, seq + 1, cache_updates, err);
-	bson_append_array_end(&rec, &writes);
-	if (rc < 0)
-		goto out;
+	BSON_APPEND_ARRAY(&rec, "img", &images);
 
 	/* Step 4: the commit point of the round. */
 	if (!tdr_coord_may_lead(f->coord, epoch)) {
@@ -984,7 +1238,7 @@ int tdr_fold_round(tdr_fold *f, int64_t epoch, int64_t *ret_n, tdr_err *err)
 
 		if (!mongoc_collection_insert_one(folds, &rec, NULL, NULL, &be)) {
 			rc = tdr_store_error(&be, "insert fold record", err);
-			/* Someone else committed this round: redo it next time (or find we are deposed). */
+			/* On a duplicate, someone committed this round: the next round redoes it. */
 			if (rc != TDR_EDUP)
 				rc = TDR_ETRANSIENT;
 		}
@@ -992,36 +1246,11 @@ int tdr_fold_round(tdr_fold *f, int64_t epoch, int64_t *ret_n, tdr_err *err)
 		if (rc < 0)
 			goto out;
 	}
-	/* Step 5-6. */
-	{
-		bson_iter_t it;
-		bson_t w;
-		const uint8_t *data;
-		uint32_t len;
-
-		bson_iter_init_find(&it, &rec, "w");
-		bson_iter_array(&it, &len, &data);
-		bson_init_static(&w, data, len);
-		if ((rc = apply_writes(f, c, &w, seq + 1, 0, err)) < 0) {
-			tdr_map_clear(f->cache, free_devcache);
-			goto out;
-		}
-	}
+	/* Steps 5-6. */
+	if ((rc = apply_images(f, c, &images, err)) < 0)
+		goto out;
 	if ((rc = finish_round(f, c, &rec, seq + 1, epoch, err)) < 0)
 		goto out;
-	{
-		/* The writes are durable: the cache may now believe them. */
-		size_t pos = 0, klen;
-		const char *key;
-		void *v;
-
-		while (tdr_map_next(cache_updates, &pos, &key, &klen, &v)) {
-			struct devcache *dc = cache_get_or_add(f, key, klen);
-
-			if (dc)
-				*dc = *(struct devcache *)v;
-		}
-	}
 	pthread_mutex_lock(&f->mu);
 	f->stats.rounds++;
 	f->stats.deltas += (int64_t)r.ndeltas;
@@ -1035,9 +1264,12 @@ out:
 	for (int p = 0; p < np; p++)
 		if (states[p])
 			tdr_projections[p].destroy(states[p]);
+	for (int i = 0; i < ncoll; i++)
+		tdr_map_free(cur[i], bson_free_value);
 	tdr_map_free(devs, free);
-	tdr_map_free(cache_updates, free);
 	bson_destroy(&rec);
+	bson_destroy(&writes);
+	bson_destroy(&images);
 	if (record)
 		bson_destroy(record);
 	round_free(&r);
@@ -1047,19 +1279,34 @@ out:
 
 /* ------------------------------------------------------------ triage */
 
-/* Give a partition to events whose producer wrote none (or a bad one). */
+/*
+ * Give a partition to events whose producer wrote none (or a bad one).
+ * One update_many per partition present ({_id: {$in}}), not one statement
+ * per event: on FerretDB every keyed statement is a scan.
+ */
 static int triage(tdr_fold *f, int64_t epoch, int64_t *ret_n, tdr_err *err)
 {
 	mongoc_client_t *c = tdr_store_pop(f->st);
 	mongoc_collection_t *events = tdr_store_coll(f->st, c, f->st->events);
+	uint32_t P = (uint32_t)f->cfg.partitions;
 	bson_t filter = BSON_INITIALIZER, notr, range, opts = BSON_INITIALIZER, proj;
-	mongoc_bulk_operation_t *bulk = tdr_bulk_new(events, 0);
+	bson_t *ids = calloc(P, sizeof(*ids));
+	uint32_t *count = calloc(P, sizeof(*count));
 	mongoc_cursor_t *cur;
 	const bson_t *doc;
 	bson_error_t be;
 	int64_t n = 0;
 	int rc = 0;
 
+	if (ids == NULL || count == NULL) {
+		free(ids);
+		free(count);
+		mongoc_collection_destroy(events);
+		tdr_store_push(f->st, c);
+		return tdr_err_set(err, TDR_ENOMEM, "out of memory");
+	}
+	for (uint32_t p = 0; p < P; p++)
+		bson_init(&ids[p]);
 	/* Missing, null, non-numeric or out of range: {part: {$not: {$gte: 0, $lt: P}}}. */
 	BSON_APPEND_DOCUMENT_BEGIN(&filter, "part", &notr);
 	BSON_APPEND_DOCUMENT_BEGIN(&notr, "$not", &range);
@@ -1075,25 +1322,18 @@ static int triage(tdr_fold *f, int64_t epoch, int64_t *ret_n, tdr_err *err)
 	cur = mongoc_collection_find_with_opts(events, &filter, &opts, NULL);
 	while (mongoc_cursor_next(cur, &doc)) {
 		bson_iter_t it;
-		bson_t sel = BSON_INITIALIZER, upd = BSON_INITIALIZER, set;
 		int32_t p;
+		char buf[16];
+		const char *kp;
 
-		if (!bson_iter_init_find(&it, doc, "_id")) {
-			bson_destroy(&sel);
-			bson_destroy(&upd);
+		if (!bson_iter_init_find(&it, doc, "_id"))
 			continue;
-		}
-		p = tdr_event_partition(bson_iter_value(&it), (uint32_t)f->cfg.partitions);
+		p = tdr_event_partition(bson_iter_value(&it), P);
 		/* An _id we cannot hash still needs an owner, who will dead-letter it. */
 		if (p < 0)
 			p = 0;
-		bson_append_value(&sel, "_id", 3, bson_iter_value(&it));
-		BSON_APPEND_DOCUMENT_BEGIN(&upd, "$set", &set);
-		BSON_APPEND_INT32(&set, "part", p);
-		bson_append_document_end(&upd, &set);
-		mongoc_bulk_operation_update_one_with_opts(bulk, &sel, &upd, NULL, NULL);
-		bson_destroy(&sel);
-		bson_destroy(&upd);
+		bson_uint32_to_string(count[p]++, &kp, buf, sizeof(buf));
+		bson_append_value(&ids[p], kp, -1, bson_iter_value(&it));
 		n++;
 	}
 	if (mongoc_cursor_error(cur, &be)) {
@@ -1101,13 +1341,30 @@ static int triage(tdr_fold *f, int64_t epoch, int64_t *ret_n, tdr_err *err)
 		rc = TDR_ETRANSIENT;
 	}
 	mongoc_cursor_destroy(cur);
-	if (rc == 0 && n) {
-		if (!tdr_coord_may_lead(f->coord, epoch))
-			rc = tdr_err_set(err, TDR_EFENCED, "no longer leader");
-		else
-			rc = tdr_bulk_run(bulk, "triage", NULL, NULL, err);
+	if (rc == 0 && n && !tdr_coord_may_lead(f->coord, epoch))
+		rc = tdr_err_set(err, TDR_EFENCED, "no longer leader");
+	for (uint32_t p = 0; p < P && rc == 0; p++) {
+		bson_t sel = BSON_INITIALIZER, in, upd = BSON_INITIALIZER, set;
+
+		if (count[p] == 0)
+			continue;
+		BSON_APPEND_DOCUMENT_BEGIN(&sel, "_id", &in);
+		BSON_APPEND_ARRAY(&in, "$in", &ids[p]);
+		bson_append_document_end(&sel, &in);
+		BSON_APPEND_DOCUMENT_BEGIN(&upd, "$set", &set);
+		BSON_APPEND_INT32(&set, "part", (int32_t)p);
+		bson_append_document_end(&upd, &set);
+		if (!mongoc_collection_update_many(events, &sel, &upd, NULL, NULL, &be)) {
+			tdr_store_error(&be, "triage", err);
+			rc = TDR_ETRANSIENT;
+		}
+		bson_destroy(&sel);
+		bson_destroy(&upd);
 	}
-	mongoc_bulk_operation_destroy(bulk);
+	for (uint32_t p = 0; p < P; p++)
+		bson_destroy(&ids[p]);
+	free(ids);
+	free(count);
 	bson_destroy(&filter);
 	bson_destroy(&opts);
 	mongoc_collection_destroy(events);
@@ -1187,14 +1444,11 @@ int tdr_fold_new(tdr_fold **ret, const tdr_config *cfg, tdr_store *st, tdr_coord
 	tdr_fold *f = calloc(1, sizeof(*f));
 	pthread_condattr_t ca;
 
-	if (f == NULL || (f->cache = tdr_map_new(4096)) == NULL) {
-		free(f);
+	if (f == NULL)
 		return tdr_err_set(err, TDR_ENOMEM, "out of memory");
-	}
 	f->cfg = *cfg;
 	f->st = st;
 	f->coord = coord;
-	f->cache_epoch = -1;
 	pthread_mutex_init(&f->mu, NULL);
 	pthread_condattr_init(&ca);
 	pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
@@ -1229,7 +1483,6 @@ void tdr_fold_free(tdr_fold *f)
 	if (f == NULL)
 		return;
 	tdr_fold_stop(f);
-	tdr_map_free(f->cache, free_devcache);
 	pthread_mutex_destroy(&f->mu);
 	pthread_cond_destroy(&f->cv);
 	free(f);

@@ -4,7 +4,11 @@
  * (identity_map and username_metrics depend on each other and on the
  * device counts, so the fold resolves them itself: fold.c.)
  *
- * Each aggregates a round in a hash map and emits one update per key.
+ * Each aggregates a round in a hash map and emits one update per key (the
+ * fold turns updates into after-images and stamps _f itself).
+ * Updates are recorded in the fold's redo record, where FerretDB refuses
+ * '$'-prefixed keys, so they are written as {inc, min, max, set, addToSet}
+ * (arrays for addToSet) and fold.c turns them into operators when applying.
  */
 #include "config.h"
 
@@ -72,6 +76,7 @@ static int counters_add(void *state, const tdr_cevent *ev, char day[11])
 
 static int counters_emit(void *state, bson_t *writes, uint32_t *idx, int64_t fold_seq)
 {
+	(void)fold_seq;
 	size_t pos = 0, klen;
 	const char *key;
 	void *v;
@@ -81,13 +86,12 @@ static int counters_emit(void *state, bson_t *writes, uint32_t *idx, int64_t fol
 		const char *bar = memchr(key, '|', klen);
 		bson_t u = BSON_INITIALIZER, inc, set;
 
-		BSON_APPEND_DOCUMENT_BEGIN(&u, "$inc", &inc);
+		BSON_APPEND_DOCUMENT_BEGIN(&u, "inc", &inc);
 		BSON_APPEND_INT64(&inc, "count", c->n);
 		bson_append_document_end(&u, &inc);
-		BSON_APPEND_DOCUMENT_BEGIN(&u, "$set", &set);
+		BSON_APPEND_DOCUMENT_BEGIN(&u, "set", &set);
 		bson_append_utf8(&set, "event", -1, key, (int)(bar - key));
 		bson_append_utf8(&set, "day", -1, bar + 1, (int)(klen - (size_t)(bar - key) - 1));
-		BSON_APPEND_INT64(&set, "_f", fold_seq);
 		bson_append_document_end(&u, &set);
 		append_record(writes, idx, TDR_C_COUNTERS, key, klen, &u);
 		bson_destroy(&u);
@@ -124,6 +128,7 @@ static int devices_add(void *state, const tdr_cevent *ev, char day[11])
 
 static int devices_emit(void *state, bson_t *writes, uint32_t *idx, int64_t fold_seq)
 {
+	(void)fold_seq;
 	size_t pos = 0, klen;
 	const char *key;
 	void *v;
@@ -132,18 +137,15 @@ static int devices_emit(void *state, bson_t *writes, uint32_t *idx, int64_t fold
 		const struct device *dv = v;
 		bson_t u = BSON_INITIALIZER, d;
 
-		BSON_APPEND_DOCUMENT_BEGIN(&u, "$inc", &d);
+		BSON_APPEND_DOCUMENT_BEGIN(&u, "inc", &d);
 		BSON_APPEND_INT64(&d, "count", dv->n);
 		bson_append_document_end(&u, &d);
 		/* $min/$max are idempotent; $inc is guarded by _f on redo. */
-		BSON_APPEND_DOCUMENT_BEGIN(&u, "$min", &d);
+		BSON_APPEND_DOCUMENT_BEGIN(&u, "min", &d);
 		BSON_APPEND_DATE_TIME(&d, "first_seen", dv->tmin);
 		bson_append_document_end(&u, &d);
-		BSON_APPEND_DOCUMENT_BEGIN(&u, "$max", &d);
+		BSON_APPEND_DOCUMENT_BEGIN(&u, "max", &d);
 		BSON_APPEND_DATE_TIME(&d, "last_seen", dv->tmax);
-		bson_append_document_end(&u, &d);
-		BSON_APPEND_DOCUMENT_BEGIN(&u, "$set", &d);
-		BSON_APPEND_INT64(&d, "_f", fold_seq);
 		bson_append_document_end(&u, &d);
 		append_record(writes, idx, TDR_C_DEVICES, key, klen, &u);
 		bson_destroy(&u);
@@ -179,6 +181,7 @@ static int devev_add(void *state, const tdr_cevent *ev, char day[11])
 
 static int devev_emit(void *state, bson_t *writes, uint32_t *idx, int64_t fold_seq)
 {
+	(void)fold_seq;
 	size_t pos = 0, klen;
 	const char *key;
 	void *v;
@@ -191,13 +194,12 @@ static int devev_emit(void *state, bson_t *writes, uint32_t *idx, int64_t fold_s
 
 		while (bar > key && bar[-1] != '|')
 			bar--;
-		BSON_APPEND_DOCUMENT_BEGIN(&u, "$inc", &d);
+		BSON_APPEND_DOCUMENT_BEGIN(&u, "inc", &d);
 		BSON_APPEND_INT64(&d, "count", c->n);
 		bson_append_document_end(&u, &d);
-		BSON_APPEND_DOCUMENT_BEGIN(&u, "$set", &d);
+		BSON_APPEND_DOCUMENT_BEGIN(&u, "set", &d);
 		bson_append_utf8(&d, "distinct_id", -1, key, (int)(bar - 1 - key));
 		bson_append_utf8(&d, "event", -1, bar, (int)(key + klen - bar));
-		BSON_APPEND_INT64(&d, "_f", fold_seq);
 		bson_append_document_end(&u, &d);
 		append_record(writes, idx, TDR_C_DEVICE_EVENTS, key, klen, &u);
 		bson_destroy(&u);
@@ -258,18 +260,17 @@ static int signins_add(void *state, const tdr_cevent *ev, char day[11])
 
 static int signins_emit(void *state, bson_t *writes, uint32_t *idx, int64_t fold_seq)
 {
+	(void)fold_seq;
 	size_t pos = 0, klen;
 	const char *key;
 	void *v;
 
 	while (tdr_map_next(state, &pos, &key, &klen, &v)) {
 		const struct days *ds = v;
-		bson_t u = BSON_INITIALIZER, add, each, set;
+		bson_t u = BSON_INITIALIZER, add, arr;
 
-		BSON_APPEND_DOCUMENT_BEGIN(&u, "$addToSet", &add);
-		BSON_APPEND_DOCUMENT_BEGIN(&add, "days", &each);
-		bson_t arr;
-		BSON_APPEND_ARRAY_BEGIN(&each, "$each", &arr);
+		BSON_APPEND_DOCUMENT_BEGIN(&u, "addToSet", &add);
+		BSON_APPEND_ARRAY_BEGIN(&add, "days", &arr);
 		for (size_t i = 0; i < ds->n; i++) {
 			char buf[16];
 			const char *kp;
@@ -277,12 +278,8 @@ static int signins_emit(void *state, bson_t *writes, uint32_t *idx, int64_t fold
 			bson_uint32_to_string((uint32_t)i, &kp, buf, sizeof(buf));
 			bson_append_utf8(&arr, kp, -1, ds->d[i], 10);
 		}
-		bson_append_array_end(&each, &arr);
-		bson_append_document_end(&add, &each);
+		bson_append_array_end(&add, &arr);
 		bson_append_document_end(&u, &add);
-		BSON_APPEND_DOCUMENT_BEGIN(&u, "$set", &set);
-		BSON_APPEND_INT64(&set, "_f", fold_seq);
-		bson_append_document_end(&u, &set);
 		append_record(writes, idx, TDR_C_SIGNINS, key, klen, &u);
 		bson_destroy(&u);
 	}

@@ -1,0 +1,990 @@
+#!/usr/bin/env python3
+"""tdrain integration-test harness.
+
+One file, standard library only (pymongo, from Debian's python3-pymongo, is
+imported lazily by Store.client()).  A test does:
+
+    import os, sys
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
+    import harness
+
+    def main(h):
+        m = h.start_ferretdb()                      # real FerretDB, SQLite backend
+        e = h.start_etcd()                          # real etcd
+        p = h.start_tdrain('a', {'store.uri': m.uri, 'coord.backend': 'etcd',
+                                 'coord.etcd_endpoint': e.endpoint})
+        h.ok(h.wait_until(lambda: m.db().events.count_documents({}) == 0, 20,
+                          desc='backlog drained'), 'drained')
+        h.ok(p.stop() == 0, 'clean exit')
+
+    harness.Harness().main(main)
+
+Output is TAP (automake's tap-driver.sh reads it): h.ok(), h.diag(),
+h.skip_all(), h.done().  An uncaught exception becomes a "not ok" with the
+traceback as diagnostics, and the test exits 1.
+
+Every server or daemon a test starts runs in its own process group, on
+127.0.0.1, on ports from free_port(), with its data under h.tmp.  At exit
+(normal, exception, SIGTERM or SIGINT) the harness stops exactly the process
+groups it started, by PID, and removes h.tmp (kept when the test failed and
+KEEP_TMP=1).
+
+Environment:
+    TDRAIN_BUILDDIR   build tree holding tdrain, tdrainctl, ... (default: <repo>/build)
+    TDRAIN_SRCDIR     source tree (default: the repository holding this file)
+    FERRETDB          FerretDB binary (default: ${TDRAIN_CACHE:-~/.cache/tdrain}/bin/ferretdb)
+    ETCD              etcd binary (default: etcd on PATH)
+    PG_BINDIR         PostgreSQL binaries (default: /usr/lib/postgresql/15/bin)
+    TDRAIN_VALGRIND=1 run tdrain under valgrind (--error-exitcode=99 --leak-check=full);
+                      TDRAIN_VALGRIND_ARGS adds options
+    KEEP_TMP=1        keep h.tmp of a failed test
+    HARNESS_VERBOSE=1 print each started command as a diagnostic
+
+Command-line use (scripts/demo.sh, bench/bench.sh):
+
+    python3 tests/harness.py serve --ferretdb [--backend sqlite|postgresql] --etcd --json
+
+starts the servers, prints one JSON line with their endpoints, and keeps them
+running until standard input closes (or, with --no-stdin, until SIGTERM or
+SIGINT); then stops them and removes their data.
+"""
+
+import atexit
+import fcntl
+import json
+import os
+import random
+import shlex
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+import urllib.request
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+__all__ = ['Harness', 'Store', 'Etcd', 'Postgres', 'Proc', 'free_port', 'REPO']
+
+
+# --------------------------------------------------------------------------
+# Ports
+# --------------------------------------------------------------------------
+
+_PORT_LOCK_DIR = os.path.join(tempfile.gettempdir(), 'tdrain-ports')
+_PORT_RANGE = (20000, 32000)   # below Linux's ephemeral range (32768-60999)
+_port_locks = {}               # port -> fd holding its lock for this process's life
+_rng = random.SystemRandom()
+
+
+def _port_bindable(port):
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        s.bind(('127.0.0.1', port))
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
+def free_port():
+    """Return a TCP port on 127.0.0.1 that nothing listens on.
+
+    The port is taken below the kernel's ephemeral range, so outgoing client
+    connections cannot grab it before the server binds it, and it is reserved
+    with a lock file (held until this process exits) so that tests running in
+    parallel (make -j) never pick the same port.  Falls back to binding
+    127.0.0.1:0 if the range looks exhausted.
+    """
+    try:
+        os.makedirs(_PORT_LOCK_DIR, exist_ok=True)
+        os.chmod(_PORT_LOCK_DIR, 0o1777)
+    except OSError:
+        pass
+    for _ in range(500):
+        port = _rng.randrange(*_PORT_RANGE)
+        if port in _port_locks:
+            continue
+        try:
+            fd = os.open(os.path.join(_PORT_LOCK_DIR, '%d.lock' % port), os.O_CREAT | os.O_RDWR, 0o666)
+        except OSError:
+            break
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            continue
+        if not _port_bindable(port):
+            os.close(fd)
+            continue
+        _port_locks[port] = fd
+        return port
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.bind(('127.0.0.1', 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def _tcp_open(port, host='127.0.0.1', timeout=0.5):
+    """True if something accepts TCP connections on host:port."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _wire_ping(port, timeout=2.0):
+    """Send {ping: 1} as an OP_MSG to a MongoDB-wire server; True if it says ok.
+
+    Needs no driver, so servers can be checked before (or without) pymongo.
+    """
+    def cstring(s):
+        return s.encode() + b'\0'
+    elems = b'\x10' + cstring('ping') + struct.pack('<i', 1) + b'\x02' + cstring('$db') + \
+        struct.pack('<i', len('admin') + 1) + cstring('admin')
+    doc = struct.pack('<i', 4 + len(elems) + 1) + elems + b'\0'
+    body = struct.pack('<I', 0) + b'\x00' + doc           # flags, section kind 0, body
+    msg = struct.pack('<iiii', 16 + len(body), 1, 0, 2013) + body
+    try:
+        with socket.create_connection(('127.0.0.1', port), timeout=timeout) as s:
+            s.settimeout(timeout)
+            s.sendall(msg)
+            hdr = b''
+            while len(hdr) < 16:
+                chunk = s.recv(16 - len(hdr))
+                if not chunk:
+                    return False
+                hdr += chunk
+            length = struct.unpack('<i', hdr[:4])[0]
+            rest = b''
+            while len(rest) < length - 16:
+                chunk = s.recv(length - 16 - len(rest))
+                if not chunk:
+                    return False
+                rest += chunk
+    except OSError:
+        return False
+    # "ok" as a double 1.0 (FerretDB and MongoDB both answer that way).
+    return b'\x01ok\x00' + struct.pack('<d', 1.0) in rest
+
+
+def _http_post_json(url, obj, timeout=2.0):
+    data = json.dumps(obj).encode()
+    req = urllib.request.Request(url, data=data, headers={'Content-Type': 'application/json'})
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        return json.loads(r.read().decode() or '{}')
+
+
+def _tail(path, lines=40):
+    try:
+        with open(path, 'rb') as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - 64 * 1024))
+            data = f.read().decode('utf-8', 'replace')
+    except OSError as e:
+        return '(cannot read %s: %s)' % (path, e)
+    return '\n'.join(data.splitlines()[-lines:])
+
+
+# --------------------------------------------------------------------------
+# Processes
+# --------------------------------------------------------------------------
+
+class _Managed:
+    """A child process in its own process group, logged to a file.
+
+    Subclasses define _argv() and _ready(); start() launches and waits for
+    readiness; stop() sends SIGTERM and waits (SIGKILL after a grace period);
+    kill() sends SIGKILL.  The harness kills the whole process group at exit.
+    """
+
+    kind = 'process'
+    ready_timeout = 20.0
+    stop_timeout = 15.0
+
+    def __init__(self, h, name, log):
+        self.h = h
+        self.name = name
+        self.log = log
+        self.popen = None
+        self._user = None          # (uid, gid) to run as, or None
+        self._env = None
+        self._cwd = None
+        h._register(self)
+
+    # -- to be defined by subclasses --
+    def _argv(self):
+        raise NotImplementedError
+
+    def _ready(self):
+        return True
+
+    # -- common --
+    @property
+    def pid(self):
+        """PID of the running process (None before the first start)."""
+        return self.popen.pid if self.popen else None
+
+    def alive(self):
+        """True while the process has not exited (a stopped process is alive)."""
+        return self.popen is not None and self.popen.poll() is None
+
+    def _preexec(self):
+        user = self._user
+
+        def fn():
+            if user is not None:
+                os.setgroups([])
+                os.setgid(user[1])
+                os.setuid(user[0])
+        return fn if user is not None else None
+
+    def _launch(self):
+        argv = self._argv()
+        if os.environ.get('HARNESS_VERBOSE'):
+            self.h.diag('start %s: %s' % (self.name, ' '.join(shlex.quote(a) for a in argv)))
+        logf = open(self.log, 'ab')   # appended: a restart keeps the earlier output
+        try:
+            self.popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
+                                          start_new_session=True, env=self._env, cwd=self._cwd,
+                                          preexec_fn=self._preexec(), close_fds=True)
+        finally:
+            logf.close()
+
+    def start(self, timeout=None):
+        """Start the process (no-op if running) and wait until it is ready."""
+        if self.alive():
+            return self
+        self._launch()
+        timeout = self.ready_timeout if timeout is None else timeout
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.popen.poll() is not None:
+                raise RuntimeError('%s %s exited with status %s during start-up; log %s:\n%s'
+                                   % (self.kind, self.name, self.popen.returncode, self.log, _tail(self.log, 20)))
+            try:
+                if self._ready():
+                    return self
+            except Exception:       # not ready yet
+                pass
+            time.sleep(0.1)
+        self.kill()
+        raise RuntimeError('%s %s not ready within %.0f s; log %s:\n%s'
+                           % (self.kind, self.name, timeout, self.log, _tail(self.log, 20)))
+
+    def signal(self, sig):
+        """Send sig to the process itself (not its group)."""
+        if self.alive():
+            os.kill(self.popen.pid, sig)
+
+    def wait(self, timeout=None):
+        """Wait for exit; return the exit status (negative: killed by that signal), or None on timeout."""
+        if self.popen is None:
+            return None
+        try:
+            return self.popen.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def stop(self, timeout=None):
+        """SIGTERM, wait up to timeout, then SIGKILL the group; return the exit status."""
+        if self.popen is None:
+            return None
+        if self.alive():
+            self.signal(signal.SIGTERM)
+            self.signal(signal.SIGCONT)   # a SIGSTOPped process must run to exit
+            rc = self.wait(self.stop_timeout if timeout is None else timeout)
+            if rc is None:
+                self.h.diag('%s %s did not exit after SIGTERM: SIGKILL' % (self.kind, self.name))
+                self._killpg(signal.SIGKILL)
+                rc = self.wait(10)
+        self._reap_group()
+        return self.popen.returncode
+
+    def kill(self):
+        """SIGKILL the process group; return the exit status."""
+        if self.popen is None:
+            return None
+        self._killpg(signal.SIGKILL)
+        self.wait(10)
+        return self.popen.returncode
+
+    def restart(self, timeout=None):
+        """stop() then start() with the same ports and data directory."""
+        self.stop()
+        return self.start(timeout)
+
+    def _killpg(self, sig):
+        try:
+            os.killpg(self.popen.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def _reap_group(self):
+        # Leftover members of the group (e.g. PostgreSQL backends) after the leader exited.
+        self._killpg(signal.SIGKILL)
+
+    def _cleanup(self):
+        """Called by the harness at exit: end the whole group, politely first."""
+        if self.popen is None:
+            return
+        if self.alive():
+            self._killpg(signal.SIGTERM)
+            self._killpg(signal.SIGCONT)
+            if self.wait(5) is None:
+                self._killpg(signal.SIGKILL)
+                self.wait(5)
+        self._reap_group()
+
+    def log_text(self):
+        """The whole log file (stdout and stderr of every start) as text."""
+        try:
+            with open(self.log, 'rb') as f:
+                return f.read().decode('utf-8', 'replace')
+        except OSError:
+            return ''
+
+
+class Postgres(_Managed):
+    """A private PostgreSQL 15 cluster: initdb'd in h.tmp, run as user postgres.
+
+    p.port, p.socket_dir, p.url (for FerretDB's --postgresql-url), p.dsn
+    """
+
+    kind = 'postgresql'
+    ready_timeout = 30.0
+
+    def __init__(self, h, name, settings=None):
+        self.dir = os.path.join(h.tmp, name)
+        super().__init__(h, name, os.path.join(h.tmp, name + '.log'))
+        self.bindir = os.environ.get('PG_BINDIR', '/usr/lib/postgresql/15/bin')
+        if not os.path.exists(os.path.join(self.bindir, 'postgres')):
+            raise RuntimeError('PostgreSQL not found in %s (apt-get install postgresql)' % self.bindir)
+        self.port = free_port()
+        self.data = os.path.join(self.dir, 'data')
+        self.socket_dir = os.path.join(self.dir, 'sock')
+        self.settings = dict(settings or {})
+        self.database = 'ferretdb'
+        self._user = None
+        if os.geteuid() == 0:
+            import pwd
+            pw = pwd.getpwnam('postgres')
+            self._user = (pw.pw_uid, pw.pw_gid)
+            os.chmod(h.tmp, 0o711)   # let postgres traverse to its directory
+        os.makedirs(self.socket_dir)
+        if self._user:
+            for d in (self.dir, self.socket_dir):
+                os.chown(d, *self._user)
+        self._env = dict(os.environ, LC_ALL='C', LANG='C')
+        self._cwd = self.dir
+        self._initdb()
+
+    def _initdb(self):
+        argv = [os.path.join(self.bindir, 'initdb'), '-D', self.data, '-U', 'postgres', '--auth=trust',
+                '-E', 'UTF8', '--locale=C', '--no-sync']
+        with open(self.log, 'ab') as logf:
+            r = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
+                               env=self._env, cwd=self.dir, preexec_fn=self._preexec(), timeout=120)
+        if r.returncode != 0:
+            raise RuntimeError('initdb failed (%d); log %s:\n%s' % (r.returncode, self.log, _tail(self.log, 20)))
+
+    def _argv(self):
+        argv = [os.path.join(self.bindir, 'postgres'), '-D', self.data, '-p', str(self.port),
+                '-k', self.socket_dir, '-c', 'listen_addresses=127.0.0.1', '-c', 'max_connections=200']
+        for k, v in sorted(self.settings.items()):
+            argv += ['-c', '%s=%s' % (k, v)]
+        return argv
+
+    def _ready(self):
+        r = subprocess.run([os.path.join(self.bindir, 'pg_isready'), '-q', '-h', self.socket_dir,
+                            '-p', str(self.port), '-U', 'postgres'],
+                           stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           timeout=10)
+        return r.returncode == 0
+
+    def start(self, timeout=None):
+        super().start(timeout)
+        if self.psql("SELECT count(*) FROM pg_database WHERE datname = '%s'" % self.database).strip() == '0':
+            self.psql('CREATE DATABASE %s' % self.database)
+        return self
+
+    def stop(self, timeout=None):
+        # SIGINT is PostgreSQL's "fast shutdown"; SIGTERM waits for clients.
+        if self.alive():
+            self.signal(signal.SIGINT)
+        return super().stop(timeout)
+
+    def psql(self, sql, db='postgres'):
+        """Run one SQL statement with psql; return its unaligned output."""
+        r = subprocess.run([os.path.join(self.bindir, 'psql'), '-X', '-q', '-A', '-t', '-v', 'ON_ERROR_STOP=1',
+                            '-h', self.socket_dir, '-p', str(self.port), '-U', 'postgres', '-d', db, '-c', sql],
+                           stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
+        if r.returncode != 0:
+            raise RuntimeError('psql %r failed: %s' % (sql, r.stderr.strip()))
+        return r.stdout
+
+    @property
+    def url(self):
+        """postgres:// URL over the Unix socket, for FerretDB."""
+        return 'postgres://postgres@127.0.0.1:%d/%s?host=%s&sslmode=disable' % (
+            self.port, self.database, self.socket_dir)
+
+
+class Store(_Managed):
+    """A FerretDB 1.24 server (MongoDB wire protocol) on 127.0.0.1.
+
+    m.uri, m.port, m.pid, m.dir, m.backend, m.pg (the Postgres, postgresql backend only);
+    m.start(), m.stop(), m.kill(), m.restart() keep the port and data;
+    m.client() is a cached pymongo.MongoClient; m.db(name) one of its databases.
+    """
+
+    kind = 'ferretdb'
+
+    def __init__(self, h, name, backend='sqlite', pg_settings=None, extra_args=None):
+        if backend not in ('sqlite', 'postgresql'):
+            raise ValueError('backend must be sqlite or postgresql, not %r' % backend)
+        self.dir = os.path.join(h.tmp, name)
+        os.makedirs(self.dir)
+        super().__init__(h, name, os.path.join(h.tmp, name + '.log'))
+        self.binary = h.ferretdb_binary()
+        self.backend = backend
+        self.port = free_port()
+        self.extra_args = list(extra_args or [])
+        self._client = None
+        self.pg = None
+        if backend == 'postgresql':
+            self.pg = Postgres(h, name + '-pg', pg_settings)
+            self.pg.start()
+
+    @property
+    def uri(self):
+        """mongodb://127.0.0.1:PORT/"""
+        return 'mongodb://127.0.0.1:%d/' % self.port
+
+    def _argv(self):
+        argv = [self.binary, '--listen-addr=127.0.0.1:%d' % self.port, '--state-dir=' + self.dir,
+                '--debug-addr=-', '--telemetry=disable', '--log-level=info']
+        if self.backend == 'sqlite':
+            argv += ['--handler=sqlite', '--sqlite-url=file:%s/' % self.dir]
+        else:
+            argv += ['--handler=postgresql', '--postgresql-url=' + self.pg.url]
+        return argv + self.extra_args
+
+    def _ready(self):
+        return _wire_ping(self.port)
+
+    def start(self, timeout=None):
+        if self.pg is not None and not self.pg.alive():
+            self.pg.start()
+        return super().start(timeout)
+
+    def client(self, **kw):
+        """A pymongo.MongoClient with short timeouts (cached unless kw are given)."""
+        if self._client is not None and not kw:
+            return self._client
+        try:
+            import pymongo
+        except ImportError:
+            raise RuntimeError('pymongo is missing: apt-get install python3-pymongo (and run /usr/bin/python3)')
+        opts = dict(serverSelectionTimeoutMS=5000, connectTimeoutMS=3000, socketTimeoutMS=60000,
+                    directConnection=True, retryWrites=False)
+        opts.update(kw)
+        c = pymongo.MongoClient(self.uri, **opts)
+        if not kw:
+            self._client = c
+        return c
+
+    def db(self, name='tdrain'):
+        """client()[name]"""
+        return self.client()[name]
+
+    def _cleanup(self):
+        if self._client is not None:
+            try:
+                self._client.close()
+            except Exception:
+                pass
+            self._client = None
+        super()._cleanup()
+
+
+class Etcd(_Managed):
+    """An etcd 3.4 member on 127.0.0.1 (client and peer ports from free_port()).
+
+    e.endpoint ("http://127.0.0.1:PORT"), e.port, e.peer_port, e.pid, e.dir;
+    e.start(), e.stop(), e.kill(), e.restart() keep ports and data;
+    e.post(path, obj) calls the v3 JSON gateway.
+    """
+
+    kind = 'etcd'
+
+    def __init__(self, h, name, extra_args=None):
+        self.dir = os.path.join(h.tmp, name)
+        super().__init__(h, name, os.path.join(h.tmp, name + '.log'))
+        self.binary = os.environ.get('ETCD') or shutil.which('etcd') or '/usr/bin/etcd'
+        if not os.access(self.binary, os.X_OK):
+            raise RuntimeError('etcd not found (apt-get install etcd-server)')
+        self.port = free_port()
+        self.peer_port = free_port()
+        self.extra_args = list(extra_args or [])
+        self._env = {k: v for k, v in os.environ.items() if not k.startswith('ETCD')}
+
+    @property
+    def endpoint(self):
+        """http://127.0.0.1:PORT"""
+        return 'http://127.0.0.1:%d' % self.port
+
+    def _argv(self):
+        c = 'http://127.0.0.1:%d' % self.port
+        p = 'http://127.0.0.1:%d' % self.peer_port
+        return [self.binary, '--name', 'default', '--data-dir', self.dir,
+                '--listen-client-urls', c, '--advertise-client-urls', c,
+                '--listen-peer-urls', p, '--initial-advertise-peer-urls', p,
+                '--initial-cluster', 'default=' + p, '--initial-cluster-state', 'new'] + self.extra_args
+
+    def _ready(self):
+        self.post('/v3/kv/range', {'key': 'AA=='}, timeout=1.0)
+        return True
+
+    def post(self, path, obj, timeout=5.0):
+        """POST obj as JSON to the v3 gateway (path like '/v3/kv/range'); return the decoded reply."""
+        return _http_post_json(self.endpoint + path, obj, timeout)
+
+
+class Proc(_Managed):
+    """A tdrain daemon started by Harness.start_tdrain().
+
+    p.pid, p.name, p.conf (config file path), p.log;
+    p.stop(timeout=20) -> exit status; p.kill9(); p.sigstop(); p.sigcont();
+    p.wait(timeout) -> exit status or None; p.alive(); p.log_text(); p.start() relaunches.
+    """
+
+    kind = 'tdrain'
+    stop_timeout = 20.0
+
+    def __init__(self, h, name, conf, argv, env):
+        super().__init__(h, name, os.path.join(h.tmp, name + '.log'))
+        self.conf = conf
+        self.argv = argv
+        self._env = env
+
+    def _argv(self):
+        return list(self.argv)
+
+    def start(self, timeout=None):
+        """Launch (no readiness check: tdrain's own behaviour is what tests observe)."""
+        if not self.alive():
+            self._launch()
+        return self
+
+    def stop(self, timeout=20):
+        """SIGTERM, wait up to timeout s, SIGKILL if still running; return the exit status."""
+        if self.h.valgrind:
+            timeout = timeout * 5
+        return super().stop(timeout)
+
+    def kill9(self):
+        """SIGKILL the process; return its exit status (-9)."""
+        if self.popen is None:
+            return None
+        if self.alive():
+            os.kill(self.popen.pid, signal.SIGKILL)
+        self.wait(10)
+        self._reap_group()
+        return self.popen.returncode
+
+    def sigstop(self):
+        """Freeze the process (SIGSTOP)."""
+        self.signal(signal.SIGSTOP)
+
+    def sigcont(self):
+        """Resume a frozen process (SIGCONT)."""
+        self.signal(signal.SIGCONT)
+
+    def valgrind_logs(self):
+        """Paths of valgrind's reports for this daemon (TDRAIN_VALGRIND=1), one per run."""
+        import glob
+        return sorted(glob.glob(os.path.join(self.h.tmp, self.name + '.valgrind.*.log')))
+
+
+# --------------------------------------------------------------------------
+# The harness
+# --------------------------------------------------------------------------
+
+class SkipAll(SystemExit):
+    pass
+
+
+class Harness:
+    """One test: a temp dir, the processes it started, and the TAP stream.
+
+    Attributes: tmp, builddir, srcdir, name, valgrind.
+    """
+
+    def __init__(self, name=None, tap=True):
+        self.name = name or os.path.splitext(os.path.basename(sys.argv[0] or 'test'))[0] or 'test'
+        self.srcdir = os.path.abspath(os.environ.get('TDRAIN_SRCDIR') or REPO)
+        self.builddir = os.path.abspath(os.environ.get('TDRAIN_BUILDDIR') or os.path.join(REPO, 'build'))
+        self.valgrind = os.environ.get('TDRAIN_VALGRIND', '') not in ('', '0')
+        self.tmp = tempfile.mkdtemp(prefix='tdrain-%s-' % self.name, dir='/tmp')
+        self.tap = tap
+        self.count = 0
+        self.failed = 0
+        self._done = False
+        self._cleaned = False
+        self._managed = []
+        self._running = set()     # Popen objects of h.run() in flight
+        self._counter = {}
+        self._t0 = time.monotonic()
+        atexit.register(self.cleanup)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, self._on_signal)
+        self._prev_excepthook = sys.excepthook
+        sys.excepthook = self._excepthook
+
+    # ---- TAP ----
+    def _out(self, line):
+        sys.stdout.write(line + '\n')
+        sys.stdout.flush()
+
+    def ok(self, cond, desc=''):
+        """Record one test point; return bool(cond)."""
+        good = bool(cond)
+        self.count += 1
+        if not good:
+            self.failed += 1
+        desc = ' '.join(str(desc).split()).replace('#', '\\#')
+        if self.tap:
+            self._out('%s %d%s' % ('ok' if good else 'not ok', self.count, ' - ' + desc if desc else ''))
+        if not good:
+            here = os.path.abspath(__file__)
+            for frame in reversed(traceback.extract_stack()[:-1]):
+                if os.path.abspath(frame.filename) != here:
+                    self.diag('  failed at %s:%d' % (os.path.basename(frame.filename), frame.lineno))
+                    break
+        return good
+
+    def is_(self, got, expected, desc=''):
+        """ok(got == expected), with both values as diagnostics on failure."""
+        good = self.ok(got == expected, desc)
+        if not good:
+            self.diag('       got: %r' % (got,))
+            self.diag('  expected: %r' % (expected,))
+        return good
+
+    def diag(self, msg):
+        """Print msg as TAP diagnostics ('# ' before each line)."""
+        text = str(msg)
+        out = sys.stdout if self.tap else sys.stderr
+        for line in text.splitlines() or ['']:
+            out.write('# ' + line + '\n')
+        out.flush()
+
+    def skip_all(self, reason):
+        """Skip the whole test: print '1..0 # SKIP reason' and exit 0."""
+        if self.count:
+            self.diag('skip_all after %d test points: %s' % (self.count, reason))
+            self.done()
+        self._out('1..0 # SKIP %s' % reason)
+        self._done = True
+        raise SkipAll(0)
+
+    def done(self):
+        """Print the plan '1..N' and exit: 0 if every point passed, else 1."""
+        if self.count == 0:
+            self.ok(False, 'the test recorded no test points')
+        self._done = True
+        if self.failed:
+            self.diag('%d of %d failed in %.1f s' % (self.failed, self.count, time.monotonic() - self._t0))
+            self._dump_logs()
+        self._out('1..%d' % self.count)
+        sys.exit(0 if self.failed == 0 else 1)
+
+    def main(self, fn):
+        """Run fn(h); an exception becomes 'not ok' with its traceback; then done()."""
+        try:
+            fn(self)
+        except SystemExit:
+            raise
+        except BaseException as e:
+            self._record_exception(type(e), e, e.__traceback__)
+        if not self._done:
+            self.done()
+
+    def _record_exception(self, etype, value, tb):
+        self.ok(False, 'uncaught exception: %s' % (traceback.format_exception_only(etype, value)[-1].strip()))
+        self.diag(''.join(traceback.format_exception(etype, value, tb)).rstrip())
+
+    def _excepthook(self, etype, value, tb):
+        if not self.tap or issubclass(etype, SystemExit):
+            return self._prev_excepthook(etype, value, tb)
+        self._record_exception(etype, value, tb)
+        if not self._done:
+            self._done = True
+            if self.failed:
+                self._dump_logs()
+            self._out('1..%d' % self.count)
+        # The interpreter exits with status 1 after the hook returns.
+
+    def _dump_logs(self):
+        for m in self._managed:
+            logs = [m.log] + (m.valgrind_logs() if isinstance(m, Proc) else [])
+            for log in logs:
+                if log and os.path.exists(log):
+                    self.diag('---- last lines of %s (%s) ----' % (os.path.basename(log), m.kind))
+                    self.diag(_tail(log, 25))
+
+    # ---- lifecycle ----
+    def _register(self, managed):
+        self._managed.append(managed)
+
+    def _next(self, prefix):
+        n = self._counter.get(prefix, 0) + 1
+        self._counter[prefix] = n
+        return '%s%d' % (prefix, n)
+
+    def _on_signal(self, signum, frame):
+        try:
+            self.diag('terminated by signal %d: stopping started processes' % signum)
+        except Exception:
+            pass
+        self.cleanup()
+        os._exit(128 + signum)
+
+    def cleanup(self):
+        """Stop every process this harness started (by process group); remove tmp."""
+        if self._cleaned:
+            return
+        self._cleaned = True
+        for p in list(self._running):
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except OSError:
+                pass
+        # Daemons first, then the stores they use, PostgreSQL last.
+        order = {'tdrain': 0, 'ferretdb': 1, 'etcd': 1, 'postgresql': 2}
+        for m in sorted(self._managed, key=lambda x: order.get(x.kind, 0)):
+            try:
+                m._cleanup()
+            except Exception as e:
+                sys.stderr.write('harness: cleanup of %s: %s\n' % (m.name, e))
+        failed = self.failed or (self.tap and not self._done)
+        if failed and os.environ.get('KEEP_TMP', '') not in ('', '0'):
+            sys.stderr.write('harness: kept %s\n' % self.tmp)
+        else:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+    # ---- paths ----
+    def tool(self, name):
+        """Path of a built program (tdrain, tdrainctl, tdrain-loadgen, tests/lease_conformance)."""
+        path = os.path.join(self.builddir, name)
+        if not os.access(path, os.X_OK):
+            raise FileNotFoundError('%s is not built (TDRAIN_BUILDDIR=%s)' % (name, self.builddir))
+        return path
+
+    def ferretdb_binary(self):
+        """FERRETDB, else ${TDRAIN_CACHE:-~/.cache/tdrain}/bin/ferretdb (scripts/deps.sh builds it)."""
+        path = os.environ.get('FERRETDB')
+        if not path:
+            cache = os.environ.get('TDRAIN_CACHE') or os.path.join(os.path.expanduser('~'), '.cache', 'tdrain')
+            path = os.path.join(cache, 'bin', 'ferretdb')
+        if not os.access(path, os.X_OK):
+            raise RuntimeError('FerretDB not found at %s: run scripts/deps.sh' % path)
+        return path
+
+    # ---- servers and daemons ----
+    def start_ferretdb(self, backend='sqlite', pg_settings=None, extra_args=None):
+        """Start FerretDB (backend 'sqlite' or 'postgresql', the latter on a private PostgreSQL 15)
+        and wait until it answers a ping.  Returns a Store."""
+        return self._start_with_retry(lambda: Store(self, self._next('ferretdb'), backend, pg_settings, extra_args))
+
+    def start_etcd(self, extra_args=None):
+        """Start an etcd member and wait until its v3 gateway answers.  Returns an Etcd."""
+        return self._start_with_retry(lambda: Etcd(self, self._next('etcd'), extra_args))
+
+    def _start_with_retry(self, make):
+        # A port can still be taken between free_port() and the server's bind by
+        # something outside the harness: try fresh ports a few times.
+        for attempt in range(3):
+            s = make()
+            try:
+                return s.start()
+            except RuntimeError as e:
+                if attempt == 2 or 'address already in use' not in str(e).lower():
+                    raise
+                self.diag('%s: port taken, retrying on another' % s.name)
+                s._cleanup()
+                self._managed.remove(s)
+
+    def start_tdrain(self, name, config, args=None, env=None):
+        """Write h.tmp/<name>.conf from config ("key = value" lines) and launch
+        tdrain -c CONF -N name [args...] with output to h.tmp/<name>.log.
+
+        env adds to (None values remove from) the environment.  Under
+        TDRAIN_VALGRIND=1 the daemon runs in valgrind (exit status 99 on errors).
+        Returns a Proc (no readiness wait)."""
+        conf = os.path.join(self.tmp, name + '.conf')
+        with open(conf, 'w') as f:
+            f.write(self.config_text(config))
+        argv = [self.tool('tdrain'), '-c', conf, '-N', name] + [str(a) for a in (args or [])]
+        if self.valgrind:
+            # valgrind's report goes to its own file so the daemon's log stays as it is.
+            vlog = os.path.join(self.tmp, name + '.valgrind.%p.log')
+            argv = ['valgrind', '--error-exitcode=99', '--leak-check=full', '--errors-for-leak-kinds=definite',
+                    '--show-leak-kinds=definite', '--num-callers=30', '--log-file=' + vlog] + \
+                shlex.split(os.environ.get('TDRAIN_VALGRIND_ARGS', '')) + argv
+        p = Proc(self, name, conf, argv, self._environ(env))
+        return p.start()
+
+    @staticmethod
+    def config_text(config):
+        """The "key = value" text of a config dict (bools as true/false)."""
+        lines = []
+        for k, v in config.items():
+            if isinstance(v, bool):
+                v = 'true' if v else 'false'
+            lines.append('%s = %s\n' % (k, v))
+        return ''.join(lines)
+
+    @staticmethod
+    def _environ(env):
+        e = dict(os.environ)
+        for k, v in (env or {}).items():
+            if v is None:
+                e.pop(k, None)
+            else:
+                e[k] = str(v)
+        return e
+
+    # ---- helpers ----
+    def run(self, argv, timeout=120, check=False, env=None, input=None, cwd=None):
+        """Run a command to completion; return subprocess.CompletedProcess (text stdout/stderr).
+
+        env adds to (None values remove from) the environment.  On timeout the
+        command's process group is killed and returncode is None.  check=True
+        raises CalledProcessError on a non-zero status."""
+        argv = [str(a) for a in argv]
+        if os.environ.get('HARNESS_VERBOSE'):
+            self.diag('run: ' + ' '.join(shlex.quote(a) for a in argv))
+        p = subprocess.Popen(argv, stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env=self._environ(env), cwd=cwd, start_new_session=True)
+        self._running.add(p)
+        try:
+            out, err = p.communicate(input=input, timeout=timeout)
+            rc = p.returncode
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except OSError:
+                pass
+            out, err = p.communicate()
+            rc = None
+            self.diag('timed out after %s s: %s' % (timeout, ' '.join(argv)))
+        finally:
+            self._running.discard(p)
+        r = subprocess.CompletedProcess(argv, rc, out, err)
+        r.timed_out = rc is None
+        if check and rc != 0:
+            raise subprocess.CalledProcessError(rc if rc is not None else -9, argv, out, err)
+        return r
+
+    def wait_until(self, pred, timeout, interval=0.1, desc=''):
+        """Poll pred() until it is true (True) or timeout seconds pass (False).
+
+        An exception from pred counts as false; the last one is reported with
+        desc when the wait times out."""
+        deadline = time.monotonic() + timeout
+        last_exc = None
+        while True:
+            try:
+                if pred():
+                    return True
+            except Exception as e:
+                last_exc = e
+            if time.monotonic() >= deadline:
+                if desc:
+                    self.diag('timed out after %.1f s waiting for %s%s'
+                              % (timeout, desc, ' (last error: %s)' % last_exc if last_exc else ''))
+                return False
+            time.sleep(interval)
+
+
+# --------------------------------------------------------------------------
+# Command line: serve
+# --------------------------------------------------------------------------
+
+def _serve(argv):
+    import argparse
+    ap = argparse.ArgumentParser(prog='harness.py serve',
+                                 description='Start FerretDB and/or etcd on free loopback ports; print their '
+                                 'endpoints; keep them running until stdin closes or SIGTERM/SIGINT.')
+    ap.add_argument('--ferretdb', action='store_true', help='start FerretDB')
+    ap.add_argument('--backend', choices=('sqlite', 'postgresql'), default='sqlite', help='FerretDB backend')
+    ap.add_argument('--pg-set', action='append', default=[], metavar='NAME=VALUE',
+                    help='PostgreSQL setting (postgresql backend), repeatable')
+    ap.add_argument('--etcd', action='store_true', help='start etcd')
+    ap.add_argument('--json', action='store_true', help='print one JSON line (default: shell assignments)')
+    ap.add_argument('--no-stdin', action='store_true', help='ignore stdin; run until SIGTERM/SIGINT')
+    ap.add_argument('--keep', action='store_true', help='keep the data directory at exit')
+    a = ap.parse_args(argv)
+    if not (a.ferretdb or a.etcd):
+        ap.error('nothing to serve: give --ferretdb and/or --etcd')
+
+    h = Harness(name='serve', tap=False)
+    info = {'tmp': h.tmp, 'pid': os.getpid()}
+    try:
+        if a.ferretdb:
+            settings = dict(kv.split('=', 1) for kv in a.pg_set)
+            m = h.start_ferretdb(backend=a.backend, pg_settings=settings)
+            info['ferretdb'] = {'uri': m.uri, 'port': m.port, 'pid': m.pid, 'backend': m.backend,
+                                'log': m.log, 'dir': m.dir}
+            if m.pg is not None:
+                info['postgresql'] = {'port': m.pg.port, 'pid': m.pg.pid, 'socket_dir': m.pg.socket_dir,
+                                      'url': m.pg.url, 'log': m.pg.log}
+        if a.etcd:
+            e = h.start_etcd()
+            info['etcd'] = {'endpoint': e.endpoint, 'port': e.port, 'pid': e.pid, 'log': e.log, 'dir': e.dir}
+    except Exception as e:
+        sys.stderr.write('harness serve: %s\n' % e)
+        h.failed = 1
+        sys.exit(1)
+    if a.keep:
+        os.environ['KEEP_TMP'] = '1'
+        h.failed = 1    # cleanup() keeps tmp only for a "failed" run
+    if a.json:
+        print(json.dumps(info, sort_keys=True), flush=True)
+    else:
+        lines = ['SERVE_TMP=%s' % shlex.quote(h.tmp), 'SERVE_PID=%d' % os.getpid()]
+        if 'ferretdb' in info:
+            lines.append('FERRETDB_URI=%s' % shlex.quote(info['ferretdb']['uri']))
+        if 'etcd' in info:
+            lines.append('ETCD_ENDPOINT=%s' % shlex.quote(info['etcd']['endpoint']))
+        print('\n'.join(lines), flush=True)
+    try:
+        if a.no_stdin:
+            while True:
+                signal.pause()
+        else:
+            while sys.stdin.buffer.read1(65536) if hasattr(sys.stdin.buffer, 'read1') else sys.stdin.read(1):
+                pass
+    except (KeyboardInterrupt, OSError):
+        pass
+    h.cleanup()
+    return 0
+
+
+if __name__ == '__main__':
+    if len(sys.argv) >= 2 and sys.argv[1] == 'serve':
+        sys.exit(_serve(sys.argv[2:]))
+    sys.stderr.write('usage: %s serve [--ferretdb [--backend sqlite|postgresql]] [--etcd] [--json] [--no-stdin]\n'
+                     % sys.argv[0])
+    sys.exit(64)

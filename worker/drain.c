@@ -468,25 +468,39 @@ static int process(tdr_drain *d, const tdr_coord_view *v, struct item *items, si
 	mongoc_bulk_operation_destroy(bulk);
 	bulk = NULL;
 
-	/* 6. forget: the events' effects are committed; delete them from the FIFO by _id. */
-	bulk = tdr_bulk_new(d->events, 0);
-	for (size_t i = 0; i < n; i++) {
-		bson_t f = BSON_INITIALIZER;
+	/*
+	 * 6. forget: the events' effects are committed; delete them from the FIFO
+	 * in ONE statement.  MongoDB serves {_id: {$in}} from the _id index;
+	 * FerretDB 1.24 scans the collection for any keyed statement (its _id
+	 * index is not used by its own queries: docs/DESIGN.md), so one scan per
+	 * batch is the least it allows, where per-_id statements would cost one each.
+	 */
+	{
+		bson_t f = BSON_INITIALIZER, in, arr;
+		bson_error_t be;
+		uint32_t k = 0;
 
-		if (items[i].group < 0 || !groups[items[i].group].live)
-			continue;
-		bson_append_value(&f, "_id", 3, &items[i].id);
-		mongoc_bulk_operation_remove_one(bulk, &f);
+		BSON_APPEND_DOCUMENT_BEGIN(&f, "_id", &in);
+		BSON_APPEND_ARRAY_BEGIN(&in, "$in", &arr);
+		for (size_t i = 0; i < n; i++) {
+			char key[16];
+			const char *kp;
+
+			if (items[i].group < 0 || !groups[items[i].group].live)
+				continue;
+			bson_uint32_to_string(k++, &kp, key, sizeof(key));
+			bson_append_value(&arr, kp, -1, &items[i].id);
+			acked++;
+		}
+		bson_append_array_end(&in, &arr);
+		bson_append_document_end(&f, &in);
+		if (acked && !mongoc_collection_delete_many(d->events, &f, NULL, NULL, &be)) {
+			/* Committed and acknowledged: a later claim finds these again, and the fold dedups them. */
+			tdr_store_error(&be, "delete acknowledged events", err);
+			log_warn("%s", err->msg);
+		}
 		bson_destroy(&f);
-		acked++;
 	}
-	if (acked && (rc = tdr_bulk_run(bulk, "delete acknowledged", NULL, NULL, err)) < 0) {
-		/* Committed and acknowledged: a later claim finds these again, and the fold dedups them. */
-		log_warn("%s", err->msg);
-		rc = 0;
-	}
-	mongoc_bulk_operation_destroy(bulk);
-	bulk = NULL;
 	t2 = tdr_mono_us();
 
 	pthread_mutex_lock(&d->mu);
