@@ -14,11 +14,17 @@ static int name_char_ok(unsigned char ch)
 	       ch == '.' || ch == ':' || ch == '/' || ch == '-';
 }
 
+/* Unicode category Cc: C0 (NUL included), DEL, and C1 (U+0080-U+009F = C2 80..C2 9F in UTF-8). */
 static int has_control(const char *s, uint32_t len)
 {
-	for (uint32_t i = 0; i < len; i++)
-		if ((unsigned char)s[i] < 0x20 || s[i] == 0x7f)
+	for (uint32_t i = 0; i < len; i++) {
+		unsigned char c = (unsigned char)s[i];
+
+		if (c < 0x20 || c == 0x7f)
 			return 1;
+		if (c == 0xc2 && i + 1 < len && (unsigned char)s[i + 1] >= 0x80 && (unsigned char)s[i + 1] <= 0x9f)
+			return 1;
+	}
 	return 0;
 }
 
@@ -28,9 +34,13 @@ static int has_control(const char *s, uint32_t len)
 		return -1;                                     \
 	} while (0)
 
-/* A string field: present, a string, non-empty, bounded, valid UTF-8. */
-static int string_field(const bson_t *doc, const char *key, uint32_t max, int required, const char **ret,
-			uint32_t *ret_len, char *reason, size_t reasonlen)
+/*
+ * A string field: present, a string, non-empty, bounded, then either in the
+ * event-name charset (charset set: checked before UTF-8, which it implies)
+ * or valid UTF-8.
+ */
+static int string_field(const bson_t *doc, const char *key, uint32_t max, int required, int charset,
+			const char **ret, uint32_t *ret_len, char *reason, size_t reasonlen)
 {
 	bson_iter_t it;
 	const char *s;
@@ -50,8 +60,14 @@ static int string_field(const bson_t *doc, const char *key, uint32_t max, int re
 		FAIL("%s: empty", key);
 	if (len > max)
 		FAIL("%s: too long (%u bytes, at most %u)", key, len, max);
-	if (!bson_utf8_validate(s, len, false))
+	if (charset) {
+		for (uint32_t i = 0; i < len; i++)
+			if (!name_char_ok((unsigned char)s[i]))
+				FAIL("%s: invalid character at byte %u", key, i);
+	} else if (!bson_utf8_validate(s, len, true)) {
+		/* allow_null: an embedded NUL is valid UTF-8; the control check rejects it. */
 		FAIL("%s: invalid UTF-8", key);
+	}
 	*ret = s;
 	*ret_len = len;
 	return 0;
@@ -60,29 +76,39 @@ static int string_field(const bson_t *doc, const char *key, uint32_t max, int re
 int tdr_event_validate(const bson_t *doc, const tdr_config *cfg, tdr_cevent *out, char *reason, size_t reasonlen)
 {
 	bson_iter_t it;
-	char key[TDR_INSERT_ID_MAX + 8];
+	char key[TDR_ID_MAX + 8];
 
 	memset(out, 0, sizeof(*out));
 	if ((int64_t)doc->len > cfg->max_event_bytes)
 		FAIL("document: too large (%u bytes, at most %lld)", doc->len, (long long)cfg->max_event_bytes);
 	if (!bson_iter_init_find(&it, doc, "_id"))
 		FAIL("_id: missing");
+	/* ObjectId or string only (docs/EVENTS.md): what every producer language hashes alike. */
+	if (BSON_ITER_HOLDS_UTF8(&it)) {
+		uint32_t len;
+
+		(void)bson_iter_utf8(&it, &len);
+		if (len == 0)
+			FAIL("_id: empty");
+		if (len > TDR_ID_MAX)
+			FAIL("_id: too long (%u bytes, at most %u)", len, TDR_ID_MAX);
+	} else if (!BSON_ITER_HOLDS_OID(&it)) {
+		FAIL("_id: unsupported type");
+	}
 	if (tdr_id_key(bson_iter_value(&it), key, sizeof(key)) < 0)
 		FAIL("_id: unsupported type");
-	if (string_field(doc, "insert_id", TDR_INSERT_ID_MAX, 1, &out->insert_id, &out->insert_id_len, reason,
+	if (string_field(doc, "insert_id", TDR_INSERT_ID_MAX, 1, 0, &out->insert_id, &out->insert_id_len, reason,
 			 reasonlen) < 0)
 		return -1;
-	if (string_field(doc, "event", TDR_EVENT_NAME_MAX, 1, &out->event, &out->event_len, reason, reasonlen) < 0)
+	if (string_field(doc, "event", TDR_EVENT_NAME_MAX, 1, 1, &out->event, &out->event_len, reason, reasonlen) <
+	    0)
 		return -1;
-	for (uint32_t i = 0; i < out->event_len; i++)
-		if (!name_char_ok((unsigned char)out->event[i]))
-			FAIL("event: invalid character at byte %u", i);
-	if (string_field(doc, "distinct_id", TDR_DISTINCT_ID_MAX, 1, &out->distinct_id, &out->distinct_id_len,
+	if (string_field(doc, "distinct_id", TDR_DISTINCT_ID_MAX, 1, 0, &out->distinct_id, &out->distinct_id_len,
 			 reason, reasonlen) < 0)
 		return -1;
 	if (has_control(out->distinct_id, out->distinct_id_len))
 		FAIL("distinct_id: control character");
-	if (string_field(doc, "username", TDR_USERNAME_MAX, 0, &out->username, &out->username_len, reason,
+	if (string_field(doc, "username", TDR_USERNAME_MAX, 0, 0, &out->username, &out->username_len, reason,
 			 reasonlen) < 0)
 		return -1;
 	if (out->username && has_control(out->username, out->username_len))
@@ -94,8 +120,6 @@ int tdr_event_validate(const bson_t *doc, const tdr_config *cfg, tdr_cevent *out
 	out->created_at_ms = bson_iter_date_time(&it);
 	if (bson_iter_init_find(&it, doc, "properties") && !BSON_ITER_HOLDS_DOCUMENT(&it))
 		FAIL("properties: not a document");
-	if (bson_iter_init_find(&it, doc, "part") && !BSON_ITER_HOLDS_INT32(&it) && !BSON_ITER_HOLDS_INT64(&it))
-		FAIL("part: not an integer");
 	{
 		char name[TDR_EVENT_NAME_MAX + 1];
 

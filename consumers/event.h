@@ -16,6 +16,7 @@
 
 #include "lib/conf.h"
 
+#define TDR_ID_MAX 128
 #define TDR_INSERT_ID_MAX 128
 #define TDR_EVENT_NAME_MAX 128
 #define TDR_DISTINCT_ID_MAX 256

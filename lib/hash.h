@@ -4,8 +4,9 @@
  * FNV-1a, 32-bit (offset basis 2166136261, prime 16777619): standard, with
  * implementations in every language, so a producer can compute an event's
  * partition itself.  Input is the canonical key of the event's _id:
- *   ObjectId -> its 24 lowercase hex characters;  string -> its UTF-8 bytes;
- *   32/64-bit integer -> its decimal text.
+ *   ObjectId -> its 24 lowercase hex characters;  string -> its UTF-8 bytes.
+ * (tdr_id_key also renders integers, as decimal text, for tools; events with
+ * integer _ids are dead-lettered: docs/EVENTS.md.)
  * partition = fnv1a32(key) % partition_count.  Test vectors: docs/EVENTS.md.
  */
 #ifndef TDRAIN_HASH_H

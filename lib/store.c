@@ -7,6 +7,19 @@
 
 static int mongoc_ready;
 
+/*
+ * libmongoc's own log lines ("stream: Failed to buffer 4 bytes") repeat what
+ * the failing call returns to us, and we log that once with context; keep
+ * them at debug so the journal has one line per problem.
+ */
+static void route_mongoc_log(mongoc_log_level_t level, const char *domain, const char *message, void *data)
+{
+	(void)data;
+	if (level == MONGOC_LOG_LEVEL_TRACE)
+		return;
+	tdr_log(level <= MONGOC_LOG_LEVEL_CRITICAL ? LOG_WARNING : LOG_DEBUG, "libmongoc %s: %s", domain, message);
+}
+
 int tdr_store_open(tdr_store **ret, const tdr_config *cfg, const char *appname, tdr_err *err)
 {
 	bson_error_t be;
@@ -14,6 +27,7 @@ int tdr_store_open(tdr_store **ret, const tdr_config *cfg, const char *appname, 
 
 	if (!mongoc_ready) {
 		mongoc_init();
+		mongoc_log_set_handler(route_mongoc_log, NULL);
 		mongoc_ready = 1;
 	}
 	st = calloc(1, sizeof(*st));

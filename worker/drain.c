@@ -17,12 +17,15 @@
 #include "lib/bsonx.h"
 #include "lib/clock.h"
 #include "lib/log.h"
+#include "lib/map.h"
 #include "worker/drain.h"
 
 /* A batch never holds more than this many bytes of documents in memory. */
 #define BATCH_BYTES_MAX (64 * 1024 * 1024)
 /* Dead-letter copies of larger documents keep only their head (16 MiB document limit). */
 #define DL_HEAD_BYTES 4096
+/* Acknowledged events whose FIFO delete is unconfirmed; past this we stop claiming. */
+#define FORGET_MAX 50000
 
 struct item {
 	bson_t *doc;
@@ -59,6 +62,13 @@ struct tdr_drain {
 	struct recovered *rec;
 	size_t nrec, caprec;
 	int trace_fd;
+	/*
+	 * Acknowledged events not yet confirmed deleted from the FIFO (a delete
+	 * can time out on a slow store and still land, or not).  Claims skip
+	 * them and the delete is retried first, so a slow delete never causes a
+	 * second dispatch.  canonical _id key -> bson_value_t *.
+	 */
+	tdr_map *forget;
 	pthread_mutex_t mu;
 	struct tdr_drain_stats stats;
 	int64_t rate_t0, rate_acked0;
@@ -106,16 +116,30 @@ int tdr_drain_new(tdr_drain **ret, const tdr_config *cfg, tdr_store *st, tdr_coo
 	d->claims = tdr_store_coll(st, d->client, TDR_C_CLAIMS);
 	d->deltas = tdr_store_coll(st, d->client, TDR_C_DELTAS);
 	d->dead = tdr_store_coll(st, d->client, TDR_C_DEADLETTER);
+	d->forget = tdr_map_new(4096);
+	if (d->forget == NULL) {
+		tdr_drain_free(d);
+		return tdr_err_set(err, TDR_ENOMEM, "out of memory");
+	}
 	pthread_mutex_init(&d->mu, NULL);
 	d->rate_t0 = tdr_mono_ms();
 	*ret = d;
 	return 0;
 }
 
+static void value_free(void *p)
+{
+	if (p) {
+		bson_value_destroy(p);
+		free(p);
+	}
+}
+
 void tdr_drain_free(tdr_drain *d)
 {
 	if (d == NULL)
 		return;
+	tdr_map_free(d->forget, value_free);
 	mongoc_collection_destroy(d->events);
 	mongoc_collection_destroy(d->claims);
 	mongoc_collection_destroy(d->deltas);
@@ -262,6 +286,97 @@ static void unclaim(tdr_drain *d, struct group *groups, size_t ng)
 	if (any)
 		(void)tdr_bulk_run(bulk, "unclaim", NULL, NULL, &err);
 	mongoc_bulk_operation_destroy(bulk);
+}
+
+/* Map key for any _id: its canonical key, or (unsupported types) its extended JSON. */
+static int id_map_key(const bson_value_t *id, char *key, size_t keylen)
+{
+	int len = tdr_id_key(id, key, keylen);
+
+	if (len < 0) {
+		bson_t tmp = BSON_INITIALIZER;
+		char *json;
+
+		bson_append_value(&tmp, "v", 1, id);
+		json = bson_as_canonical_extended_json(&tmp, NULL);
+		bson_destroy(&tmp);
+		if (json == NULL)
+			return -1;
+		snprintf(key, keylen, "\x01%s", json);
+		bson_free(json);
+		len = (int)strlen(key);
+	}
+	return len;
+}
+
+static int forget_add(tdr_drain *d, const bson_value_t *id)
+{
+	char key[512];
+	int len = id_map_key(id, key, sizeof(key));
+	bson_value_t *copy;
+
+	if (len < 0)
+		return -1;
+	if (tdr_map_get(d->forget, key, (size_t)len))
+		return 0;
+	copy = malloc(sizeof(*copy));
+	if (copy == NULL)
+		return -1;
+	bson_value_copy(id, copy);
+	if (tdr_map_put(d->forget, key, (size_t)len, copy) < 0) {
+		value_free(copy);
+		return -1;
+	}
+	return 0;
+}
+
+static int forgotten(tdr_drain *d, const bson_value_t *id)
+{
+	char key[512];
+	int len = id_map_key(id, key, sizeof(key));
+
+	return len >= 0 && tdr_map_get(d->forget, key, (size_t)len) != NULL;
+}
+
+/*
+ * Delete every acknowledged-but-unconfirmed event from the FIFO in ONE
+ * statement.  MongoDB serves {_id: {$in}} from the _id index; FerretDB 1.24
+ * scans the collection for any keyed statement (its _id index is not used by
+ * its own queries: docs/DESIGN.md), so one scan per batch is the least it
+ * allows, where per-_id statements would cost a scan each.
+ */
+static int forget_flush(tdr_drain *d, tdr_err *err)
+{
+	bson_t f = BSON_INITIALIZER, in, arr;
+	bson_error_t be;
+	size_t pos = 0, klen;
+	const char *key;
+	void *v;
+	uint32_t k = 0;
+	int rc = 0;
+
+	if (tdr_map_count(d->forget) == 0)
+		return 0;
+	BSON_APPEND_DOCUMENT_BEGIN(&f, "_id", &in);
+	BSON_APPEND_ARRAY_BEGIN(&in, "$in", &arr);
+	while (tdr_map_next(d->forget, &pos, &key, &klen, &v)) {
+		char buf[16];
+		const char *kp;
+
+		bson_uint32_to_string(k++, &kp, buf, sizeof(buf));
+		bson_append_value(&arr, kp, -1, v);
+	}
+	bson_append_array_end(&in, &arr);
+	bson_append_document_end(&f, &in);
+	if (!mongoc_collection_delete_many(d->events, &f, NULL, NULL, &be)) {
+		/* The effects are committed; only the FIFO copy lingers.  Retried before the next claim. */
+		tdr_store_error(&be, "delete acknowledged events", err);
+		rc = TDR_ETRANSIENT;
+	} else {
+		tdr_map_clear(d->forget, value_free);
+	}
+	bson_destroy(&f);
+	return rc;
 }
 
 /*
@@ -468,39 +583,18 @@ static int process(tdr_drain *d, const tdr_coord_view *v, struct item *items, si
 	mongoc_bulk_operation_destroy(bulk);
 	bulk = NULL;
 
-	/*
-	 * 6. forget: the events' effects are committed; delete them from the FIFO
-	 * in ONE statement.  MongoDB serves {_id: {$in}} from the _id index;
-	 * FerretDB 1.24 scans the collection for any keyed statement (its _id
-	 * index is not used by its own queries: docs/DESIGN.md), so one scan per
-	 * batch is the least it allows, where per-_id statements would cost one each.
-	 */
-	{
-		bson_t f = BSON_INITIALIZER, in, arr;
-		bson_error_t be;
-		uint32_t k = 0;
-
-		BSON_APPEND_DOCUMENT_BEGIN(&f, "_id", &in);
-		BSON_APPEND_ARRAY_BEGIN(&in, "$in", &arr);
-		for (size_t i = 0; i < n; i++) {
-			char key[16];
-			const char *kp;
-
-			if (items[i].group < 0 || !groups[items[i].group].live)
-				continue;
-			bson_uint32_to_string(k++, &kp, key, sizeof(key));
-			bson_append_value(&arr, kp, -1, &items[i].id);
+	/* 6. forget: delete the acknowledged events from the FIFO (see forget_flush). */
+	for (size_t i = 0; i < n; i++)
+		if (items[i].group >= 0 && groups[items[i].group].live) {
+			if (forget_add(d, &items[i].id) < 0) {
+				rc = tdr_err_set(err, TDR_ENOMEM, "out of memory");
+				break;
+			}
 			acked++;
 		}
-		bson_append_array_end(&in, &arr);
-		bson_append_document_end(&f, &in);
-		if (acked && !mongoc_collection_delete_many(d->events, &f, NULL, NULL, &be)) {
-			/* Committed and acknowledged: a later claim finds these again, and the fold dedups them. */
-			tdr_store_error(&be, "delete acknowledged events", err);
-			log_warn("%s", err->msg);
-		}
-		bson_destroy(&f);
-	}
+	if (rc == 0 && forget_flush(d, err) < 0)
+		log_debug("%s (will retry)", err->msg);
+	rc = 0;
 	t2 = tdr_mono_us();
 
 	pthread_mutex_lock(&d->mu);
@@ -802,6 +896,9 @@ static int claim_and_process(tdr_drain *d, const tdr_coord_view *v, int *ret_ful
 		nactive += !v->scopes[i].draining;
 	if (nactive == 0)
 		return 0;
+	/* Unconfirmed deletes first: claiming past them would dispatch them again. */
+	if (forget_flush(d, err) < 0 && tdr_map_count(d->forget) >= FORGET_MAX)
+		return err->code;
 	items = calloc((size_t)limit, sizeof(*items));
 	if (items == NULL)
 		return tdr_err_set(err, TDR_ENOMEM, "out of memory");
@@ -821,7 +918,7 @@ static int claim_and_process(tdr_drain *d, const tdr_coord_view *v, int *ret_ful
 		bson_append_array_end(&in, &arr);
 		bson_append_document_end(&filter, &in);
 	}
-	BSON_APPEND_INT64(&opts, "limit", limit);
+	BSON_APPEND_INT64(&opts, "limit", limit + (int64_t)tdr_map_count(d->forget));
 	BSON_APPEND_INT64(&opts, "maxTimeMS", d->st->timeout_ms);
 	/*
 	 * FIFO order.  MongoDB serves {_id: 1} from an index.  FerretDB sorts
@@ -837,6 +934,10 @@ static int claim_and_process(tdr_drain *d, const tdr_coord_view *v, int *ret_ful
 	while (n < (size_t)limit && bytes < BATCH_BYTES_MAX && mongoc_cursor_next(cur, &doc)) {
 		int32_t part = TDR_SCOPE_ALL;
 
+		bson_iter_t idit;
+
+		if (bson_iter_init_find(&idit, doc, "_id") && forgotten(d, bson_iter_value(&idit)))
+			continue;
 		if (partitioned) {
 			int64_t p = tdr_bson_i64(doc, "part", -1);
 
