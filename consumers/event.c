@@ -28,6 +28,24 @@ static int has_control(const char *s, uint32_t len)
 	return 0;
 }
 
+/*
+ * Strict UTF-8 that lets raw NUL bytes through (the control check rejects
+ * them) but not C0 80, the overlong NUL that bson_utf8_validate() accepts
+ * when allow_null is true.  A NUL byte never sits inside a valid multi-byte
+ * sequence, so validating the pieces between NULs is exact.
+ */
+static int utf8_ok(const char *s, uint32_t len)
+{
+	const char *p = s, *end = s + len, *z;
+
+	while ((z = memchr(p, '\0', (size_t)(end - p))) != NULL) {
+		if (!bson_utf8_validate(p, (size_t)(z - p), false))
+			return 0;
+		p = z + 1;
+	}
+	return bson_utf8_validate(p, (size_t)(end - p), false);
+}
+
 #define FAIL(...)                                              \
 	do {                                                   \
 		snprintf(reason, reasonlen, __VA_ARGS__);     \
@@ -64,8 +82,8 @@ static int string_field(const bson_t *doc, const char *key, uint32_t max, int re
 		for (uint32_t i = 0; i < len; i++)
 			if (!name_char_ok((unsigned char)s[i]))
 				FAIL("%s: invalid character at byte %u", key, i);
-	} else if (!bson_utf8_validate(s, len, true)) {
-		/* allow_null: an embedded NUL is valid UTF-8; the control check rejects it. */
+	} else if (!utf8_ok(s, len)) {
+		/* an embedded NUL passes here; the control check rejects it where it applies */
 		FAIL("%s: invalid UTF-8", key);
 	}
 	*ret = s;
@@ -100,6 +118,8 @@ int tdr_event_validate(const bson_t *doc, const tdr_config *cfg, tdr_cevent *out
 	if (string_field(doc, "insert_id", TDR_INSERT_ID_MAX, 1, 0, &out->insert_id, &out->insert_id_len, reason,
 			 reasonlen) < 0)
 		return -1;
+	if (has_control(out->insert_id, out->insert_id_len))
+		FAIL("insert_id: control character");
 	if (string_field(doc, "event", TDR_EVENT_NAME_MAX, 1, 1, &out->event, &out->event_len, reason, reasonlen) <
 	    0)
 		return -1;
@@ -120,6 +140,13 @@ int tdr_event_validate(const bson_t *doc, const tdr_config *cfg, tdr_cevent *out
 	out->created_at_ms = bson_iter_date_time(&it);
 	if (bson_iter_init_find(&it, doc, "properties") && !BSON_ITER_HOLDS_DOCUMENT(&it))
 		FAIL("properties: not a document");
+	{
+		size_t off = 0;
+
+		/* Any other string (properties, extra fields) must be UTF-8 too: the archive writes JSON. */
+		if (!bson_validate(doc, BSON_VALIDATE_UTF8 | BSON_VALIDATE_UTF8_ALLOW_NULL, &off))
+			FAIL("document: invalid UTF-8 or malformed BSON near byte %zu", off);
+	}
 	{
 		char name[TDR_EVENT_NAME_MAX + 1];
 

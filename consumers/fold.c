@@ -1403,7 +1403,12 @@ static void *fold_thread(void *arg)
 			epoch = 0;
 		}
 		if (leader) {
-			if (f->cfg.mode == TDR_MODE_PARTITIONED)
+			/*
+			 * Triage is an optimisation (claims compute missing partitions
+			 * themselves), index-served on MongoDB; on FerretDB its keyed
+			 * updates cost a scan per document, so it is not run there.
+			 */
+			if (f->cfg.mode == TDR_MODE_PARTITIONED && !f->st->is_ferretdb)
 				rc = triage(f, epoch, &tn, &err);
 			if (rc == 0)
 				rc = tdr_fold_round(f, epoch, &n, &err);

@@ -153,26 +153,32 @@ static size_t utf8_seq(const unsigned char *s, size_t n, uint32_t *cp)
 static void clean_text(const char *s, size_t n, char *out, size_t outlen)
 {
 	const unsigned char *p = (const unsigned char *)s;
-	size_t o = 0, i = 0, limit;
+	size_t o = 0, i, need = 0, cap;
 
 	if (outlen == 0)
 		return;
-	limit = outlen > 4 ? outlen - 4 : 0; /* room for "..." and NUL */
-	while (i < n) {
-		uint32_t cp = 0;
-		size_t len = utf8_seq(p + i, n - i, &cp);
-		int bad = len == 0 || cp < 0x20 || cp == 0x7f || (cp >= 0x80 && cp < 0xa0);
-		size_t take = bad ? 1 : len;
+	/* Two passes: the clean form's length decides between whole and cut. */
+	for (int pass = 0; pass < 2; pass++) {
+		if (pass == 1)
+			cap = need <= outlen - 1 ? outlen - 1 : (outlen > 4 ? outlen - 4 : 0); /* room for "..." */
+		for (i = 0; i < n;) {
+			uint32_t cp = 0;
+			size_t len = utf8_seq(p + i, n - i, &cp);
+			int bad = len == 0 || cp < 0x20 || cp == 0x7f || (cp >= 0x80 && cp < 0xa0);
+			size_t adv = len ? len : 1, take = bad ? 1 : len;
 
-		if (o + take > limit && (i + (bad ? 1 : len) < n || o + take > outlen - 1))
-			break;
-		if (bad) {
-			out[o++] = '?';
-			i += len ? len : 1;
-		} else {
-			memcpy(out + o, p + i, len);
-			o += len;
-			i += len;
+			if (pass == 0) {
+				need += take;
+			} else {
+				if (o + take > cap)
+					break;
+				if (bad)
+					out[o] = '?';
+				else
+					memcpy(out + o, p + i, len);
+				o += take;
+			}
+			i += adv;
 		}
 	}
 	if (i < n && o + 3 < outlen) {
@@ -418,7 +424,7 @@ struct ctl {
 	mongoc_client_t *client;
 	tdr_lease_backend *be;
 	char uri_safe[1100];
-	char coord_safe[300];
+	char coord_safe[1100];
 };
 
 /* libmongoc's own diagnostics: warnings and worse go through our log, the rest is noise for an operator. */
@@ -832,21 +838,51 @@ static int head_date(struct ctl *c, const char *coll, const char *field, int *fo
 	return rc;
 }
 
+/*
+ * One status.  With a rate, the FIFO count and fold seq are sampled, then
+ * again --interval later; everything else is read together right after the
+ * second sample, so the numbers shown (fifo, claimed, head, deltas) describe
+ * one moment rather than a spread of it.
+ */
 static int gather_status(struct ctl *c, struct status *s, int rate, int64_t interval_ms, tdr_err *err)
 {
 	const tdr_config *cfg = &c->cfg;
-	int64_t t0 = tdr_mono_ms(), seq = 0, epoch = 0, at = 0;
+	int64_t t0 = 0, seq = 0, epoch = 0, at = 0;
 	bson_t head;
 	bson_iter_t it;
 	int has = 0, found, rc;
 	char holder[TDR_HOLDER_MAX];
 
-	/* First sample of the rate, taken before the other reads so they overlap the interval. */
-	if ((rc = est_count(c, cfg->events_coll, &s->fifo0, err)) < 0)
+	if (rate) {
+		tdr_lease_info *first = NULL;
+		size_t nfirst = 0;
+
+		t0 = tdr_mono_ms();
+		if ((rc = est_count(c, cfg->events_coll, &s->fifo0, err)) < 0)
+			return rc;
+		if ((rc = read_fold_state(c, &has, &seq, &epoch, &at, holder, sizeof(holder), err)) < 0)
+			return rc;
+		s->seq0 = has ? seq : 0;
+		/*
+		 * With the mongo backend an observer judges expiry by how long a
+		 * lease has gone unrenewed on its own clock.  Listing now and again
+		 * after the interval lets an unrenewed lease count down instead of
+		 * looking freshly renewed to a process that just started.
+		 */
+		if ((rc = list_leases(c, &first, &nfirst, err)) < 0)
+			return rc;
+		free(first);
+		tdr_sleep_ms(interval_ms - (tdr_mono_ms() - t0), NULL);
+	}
+
+	/* The second rate sample: the FIFO total shown, and the end of the interval. */
+	if ((rc = est_count(c, cfg->events_coll, &s->fifo, err)) < 0)
 		return rc;
-	if ((rc = read_fold_state(c, &has, &seq, &epoch, &at, holder, sizeof(holder), err)) < 0)
-		return rc;
-	s->seq0 = has ? seq : 0;
+	if (rate) {
+		s->has_rate = 1;
+		s->rate_ms = tdr_mono_ms() - t0;
+		s->fifo1 = s->fifo;
+	}
 
 	/*
 	 * Claims before leases: a claim record we see then existed before the
@@ -857,24 +893,9 @@ static int gather_status(struct ctl *c, struct status *s, int rate, int64_t inte
 		return rc;
 	for (size_t i = 0; i < s->nclaims; i++)
 		s->claimed += s->claims[i].nids;
-
-	if (cfg->mode == TDR_MODE_PARTITIONED) {
-		bson_t f = BSON_INITIALIZER, part, not;
-
-		/* No valid part: missing, null, not a number, or outside [0, P); one scan of the FIFO on FerretDB. */
-		BSON_APPEND_DOCUMENT_BEGIN(&f, "part", &part);
-		BSON_APPEND_DOCUMENT_BEGIN(&part, "$not", &not);
-		BSON_APPEND_INT32(&not, "$gte", 0);
-		BSON_APPEND_INT64(&not, "$lt", cfg->partitions);
-		bson_append_document_end(&part, &not);
-		bson_append_document_end(&f, &part);
-		rc = count_docs(c, cfg->events_coll, &f, &s->untriaged, err);
-		bson_destroy(&f);
-		if (rc < 0)
-			return rc;
-	} else {
-		s->untriaged = -1;
-	}
+	if ((rc = list_leases(c, &s->leases, &s->nleases, err)) < 0)
+		return rc;
+	qsort(s->leases, s->nleases, sizeof(*s->leases), cmp_lease);
 
 	{
 		bson_t filter = BSON_INITIALIZER, proj = BSON_INITIALIZER;
@@ -899,6 +920,24 @@ static int gather_status(struct ctl *c, struct status *s, int rate, int64_t inte
 		bson_destroy(&head);
 	}
 
+	if (cfg->mode == TDR_MODE_PARTITIONED) {
+		bson_t f = BSON_INITIALIZER, part, not;
+
+		/* No valid part: missing, null, not a number, or outside [0, P); one scan of the FIFO on FerretDB. */
+		BSON_APPEND_DOCUMENT_BEGIN(&f, "part", &part);
+		BSON_APPEND_DOCUMENT_BEGIN(&part, "$not", &not);
+		BSON_APPEND_INT32(&not, "$gte", 0);
+		BSON_APPEND_INT64(&not, "$lt", cfg->partitions);
+		bson_append_document_end(&part, &not);
+		bson_append_document_end(&f, &part);
+		rc = count_docs(c, cfg->events_coll, &f, &s->untriaged, err);
+		bson_destroy(&f);
+		if (rc < 0)
+			return rc;
+	} else {
+		s->untriaged = -1;
+	}
+
 	if ((rc = est_count(c, TDR_C_DEADLETTER, &s->deadletters, err)) < 0)
 		return rc;
 	if ((rc = est_count(c, TDR_C_DELTAS, &s->deltas, err)) < 0)
@@ -911,42 +950,11 @@ static int gather_status(struct ctl *c, struct status *s, int rate, int64_t inte
 		if (rc < 0)
 			return rc;
 	}
-
-	if (rate) {
-		int64_t left = interval_ms - (tdr_mono_ms() - t0);
-
-		if (left > 0)
-			tdr_sleep_ms(left, NULL);
-	}
-	/*
-	 * Leases last: with the mongo backend an observer judges expiry by how
-	 * long a lease has gone unrenewed on its own clock; listing once at the
-	 * start and once here lets an unrenewed lease count down over the
-	 * interval instead of looking freshly renewed.
-	 */
-	if (rate) {
-		tdr_lease_info *first = NULL;
-		size_t nfirst = 0;
-
-		if ((rc = list_leases(c, &first, &nfirst, err)) < 0)
-			return rc;
-		free(first);
-	}
-	if ((rc = list_leases(c, &s->leases, &s->nleases, err)) < 0)
-		return rc;
-	qsort(s->leases, s->nleases, sizeof(*s->leases), cmp_lease);
-
-	/* The FIFO total and fold state, at the end of the interval. */
-	if ((rc = est_count(c, cfg->events_coll, &s->fifo, err)) < 0)
-		return rc;
 	if ((rc = read_fold_state(c, &s->has_fold, &s->fold_seq, &s->fold_epoch, &s->fold_at_ms, s->fold_holder,
 				  sizeof(s->fold_holder), err)) < 0)
 		return rc;
 	s->now_ms = tdr_wall_ms();
 	if (rate) {
-		s->has_rate = 1;
-		s->rate_ms = tdr_mono_ms() - t0;
-		s->fifo1 = s->fifo;
 		s->seq1 = s->has_fold ? s->fold_seq : 0;
 		s->rate = s->rate_ms > 0 ? (double)(s->fifo0 - s->fifo1) * 1000.0 / (double)s->rate_ms : 0.0;
 	}
@@ -1945,14 +1953,14 @@ static int recover_scope(struct ctl *c, int32_t part, const struct claimrec *rec
 			 const tdr_lease_info *leases, size_t nleases, int64_t *tot_recs, int64_t *tot_events,
 			 tdr_err *err)
 {
-	char name[32], who[TDR_HOLDER_MAX + 64], scope[32], epochs[128] = "";
+	char name[32], who[TDR_HOLDER_MAX + 64], scope[32], recids[128] = "";
 	const tdr_lease_info *li;
 	mongoc_collection_t *co;
 	mongoc_bulk_operation_t *bulk;
 	bson_t reply;
 	int64_t nsel = 0, events = 0, removed;
 	size_t el = 0;
-	int live, rc;
+	int live, rc, cut = 0;
 
 	scope_lease_name(&c->cfg, part, name, sizeof(name));
 	li = find_lease(leases, nleases, name);
@@ -1985,8 +1993,13 @@ static int recover_scope(struct ctl *c, int32_t part, const struct claimrec *rec
 		bson_destroy(&f);
 		nsel++;
 		events += recs[i].nids;
-		if (el < sizeof(epochs) - 24 && !strstr(epochs, recs[i].id))
-			el += (size_t)snprintf(epochs + el, sizeof(epochs) - el, "%s%s", el ? " " : "", recs[i].id);
+		/* The first few record ids, for the operator's log; "..." says there were more. */
+		if (!cut && el + strlen(recs[i].id) + 5 < sizeof(recids)) {
+			el += (size_t)snprintf(recids + el, sizeof(recids) - el, "%s%s", el ? " " : "", recs[i].id);
+		} else if (!cut) {
+			snprintf(recids + el, sizeof(recids) - el, " ...");
+			cut = 1;
+		}
 	}
 	if (nsel == 0) {
 		mongoc_bulk_operation_destroy(bulk);
@@ -1994,16 +2007,16 @@ static int recover_scope(struct ctl *c, int32_t part, const struct claimrec *rec
 		printf("%s: %s: no orphaned claim records\n", scope, who);
 		return 0;
 	}
+	/* tdr_bulk_run fills reply whether or not the bulk succeeded. */
 	rc = tdr_bulk_run(bulk, "delete orphaned claim records", NULL, &reply, err);
 	removed = rc == 0 ? tdr_bson_i64(&reply, "nRemoved", 0) : 0;
-	if (rc == 0)
-		bson_destroy(&reply);
+	bson_destroy(&reply);
 	mongoc_bulk_operation_destroy(bulk);
 	mongoc_collection_destroy(co);
 	if (rc < 0)
 		return rc;
 	printf("%s: %s: deleted %" PRId64 " orphaned claim record%s (%" PRId64 " events pending again) [%s]",
-	       scope, who, removed, removed == 1 ? "" : "s", events, epochs);
+	       scope, who, removed, removed == 1 ? "" : "s", events, recids);
 	if (removed < nsel)
 		printf("; %" PRId64 " already gone (acknowledged or recovered meanwhile)", nsel - removed);
 	printf("\n");

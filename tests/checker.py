@@ -231,7 +231,7 @@ def classify(doc, size, max_event_bytes=DEFAULT_MAX_EVENT_BYTES, allow=None):
                                              ("distinct_id", 256, True, None),
                                              ("username", 256, False, None)):
         r = check_string(doc, field, maxlen, required, charset,
-                         controls=field in ("distinct_id", "username"))
+                         controls=field in ("insert_id", "distinct_id", "username"))
         if r:
             return r, None
     if "created_at" not in doc:

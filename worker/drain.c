@@ -899,13 +899,23 @@ static int claim_and_process(tdr_drain *d, const tdr_coord_view *v, int *ret_ful
 	/* Unconfirmed deletes first: claiming past them would dispatch them again. */
 	if (forget_flush(d, err) < 0 && tdr_map_count(d->forget) >= FORGET_MAX)
 		return err->code;
-	items = calloc((size_t)limit, sizeof(*items));
+	items = calloc((size_t)limit * (partitioned ? 2 : 1), sizeof(*items));
 	if (items == NULL)
 		return tdr_err_set(err, TDR_ENOMEM, "out of memory");
 	if (partitioned) {
+		/*
+		 * {$or: [{part: {$in: owned}}, {part: {$not: {$gte: 0, $lt: P}}}]}:
+		 * our partitions, plus events no one has given a valid `part` yet,
+		 * whose partition we compute here.  That way an event a producer wrote
+		 * without `part` is claimable at once, with no write; the leader's
+		 * triage (MongoDB only, where it is index-served) just narrows later reads.
+		 */
+		bson_t or, b0, b1, not, range;
 		uint32_t k = 0;
 
-		BSON_APPEND_DOCUMENT_BEGIN(&filter, "part", &in);
+		BSON_APPEND_ARRAY_BEGIN(&filter, "$or", &or);
+		BSON_APPEND_DOCUMENT_BEGIN(&or, "0", &b0);
+		BSON_APPEND_DOCUMENT_BEGIN(&b0, "part", &in);
 		BSON_APPEND_ARRAY_BEGIN(&in, "$in", &arr);
 		for (size_t i = 0; i < v->nscopes; i++)
 			if (!v->scopes[i].draining) {
@@ -916,7 +926,19 @@ static int claim_and_process(tdr_drain *d, const tdr_coord_view *v, int *ret_ful
 				bson_append_int32(&arr, kp, -1, v->scopes[i].part);
 			}
 		bson_append_array_end(&in, &arr);
-		bson_append_document_end(&filter, &in);
+		bson_append_document_end(&b0, &in);
+		bson_append_document_end(&or, &b0);
+		BSON_APPEND_DOCUMENT_BEGIN(&or, "1", &b1);
+		BSON_APPEND_DOCUMENT_BEGIN(&b1, "part", &not);
+		BSON_APPEND_DOCUMENT_BEGIN(&not, "$not", &range);
+		BSON_APPEND_INT32(&range, "$gte", 0);
+		BSON_APPEND_INT64(&range, "$lt", d->cfg.partitions);
+		bson_append_document_end(&not, &range);
+		bson_append_document_end(&b1, &not);
+		bson_append_document_end(&or, &b1);
+		bson_append_array_end(&filter, &or);
+		/* Untriaged events of other partitions come back too: read further. */
+		limit *= 2;
 	}
 	BSON_APPEND_INT64(&opts, "limit", limit + (int64_t)tdr_map_count(d->forget));
 	BSON_APPEND_INT64(&opts, "maxTimeMS", d->st->timeout_ms);
@@ -931,7 +953,7 @@ static int claim_and_process(tdr_drain *d, const tdr_coord_view *v, int *ret_ful
 		bson_append_document_end(&opts, &sort);
 	}
 	cur = mongoc_collection_find_with_opts(d->events, &filter, &opts, NULL);
-	while (n < (size_t)limit && bytes < BATCH_BYTES_MAX && mongoc_cursor_next(cur, &doc)) {
+	while (n < (size_t)d->cfg.batch_size && bytes < BATCH_BYTES_MAX && mongoc_cursor_next(cur, &doc)) {
 		int32_t part = TDR_SCOPE_ALL;
 
 		bson_iter_t idit;
@@ -939,13 +961,25 @@ static int claim_and_process(tdr_drain *d, const tdr_coord_view *v, int *ret_ful
 		if (bson_iter_init_find(&idit, doc, "_id") && forgotten(d, bson_iter_value(&idit)))
 			continue;
 		if (partitioned) {
-			int64_t p = tdr_bson_i64(doc, "part", -1);
+			bson_iter_t pit;
+			int64_t p = -1;
 
-			if (p < 0 || p >= d->cfg.partitions)
-				continue;
+			if (bson_iter_init_find(&pit, doc, "part") &&
+			    (BSON_ITER_HOLDS_INT32(&pit) || BSON_ITER_HOLDS_INT64(&pit) || BSON_ITER_HOLDS_DOUBLE(&pit)))
+				p = bson_iter_as_int64(&pit);
+			if (p < 0 || p >= d->cfg.partitions) {
+				/* An _id that cannot be hashed goes to partition 0, whose owner dead-letters it. */
+				p = bson_iter_init_find(&idit, doc, "_id")
+					    ? tdr_event_partition(bson_iter_value(&idit), (uint32_t)d->cfg.partitions)
+					    : 0;
+				if (p < 0)
+					p = 0;
+			}
+			if (find_scope(v, (int32_t)p) < 0)
+				continue; /* someone else's */
 			part = (int32_t)p;
 		}
-		if (item_add(items, &n, doc, part, 1) == 0)
+		if (n < (size_t)d->cfg.batch_size && item_add(items, &n, doc, part, 1) == 0)
 			bytes += doc->len;
 	}
 	if (mongoc_cursor_error(cur, &be)) {
@@ -963,7 +997,7 @@ static int claim_and_process(tdr_drain *d, const tdr_coord_view *v, int *ret_ful
 	pthread_mutex_unlock(&d->mu);
 	if (rc == 0 && n > 0)
 		rc = process(d, v, items, n, &acked, err);
-	*ret_full = rc == 0 && n == (size_t)limit;
+	*ret_full = rc == 0 && n == (size_t)d->cfg.batch_size;
 	*ret_n = (int64_t)n;
 	items_free(items, n);
 	return rc;

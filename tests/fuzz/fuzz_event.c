@@ -78,23 +78,65 @@ static int charset_ok(const char *s, size_t n)
 	return 1;
 }
 
-/* Unicode Cc in valid UTF-8: U+0000-001F, U+007F, U+0080-009F (C2 80..C2 9F). */
-static int has_cc(const char *s, size_t n)
+/*
+ * Strict UTF-8 (RFC 3629), written out here rather than taken from libbson so
+ * the oracle does not share the validator's quirks: no overlong forms (C0 80
+ * included), no surrogates, nothing above U+10FFFF.  *cc is set if a code
+ * point is in Unicode category Cc: U+0000-001F, U+007F-009F.
+ */
+static int strict_utf8(const unsigned char *s, size_t n, int *cc)
 {
-	for (size_t i = 0; i < n; i++) {
-		unsigned char c = (unsigned char)s[i];
+	*cc = 0;
+	for (size_t i = 0; i < n;) {
+		unsigned char c = s[i];
+		uint32_t cp;
+		size_t k;
+		unsigned char lo = 0x80, hi = 0xbf;
 
-		if (c < 0x20 || c == 0x7f)
-			return 1;
-		if (c == 0xc2 && i + 1 < n && (unsigned char)s[i + 1] >= 0x80 && (unsigned char)s[i + 1] <= 0x9f)
-			return 1;
+		if (c < 0x80) {
+			cp = c;
+			k = 0;
+		} else if (c >= 0xc2 && c <= 0xdf) {
+			cp = c & 0x1f;
+			k = 1;
+		} else if (c >= 0xe0 && c <= 0xef) {
+			cp = c & 0x0f;
+			k = 2;
+			if (c == 0xe0)
+				lo = 0xa0;
+			else if (c == 0xed)
+				hi = 0x9f;
+		} else if (c >= 0xf0 && c <= 0xf4) {
+			cp = c & 0x07;
+			k = 3;
+			if (c == 0xf0)
+				lo = 0x90;
+			else if (c == 0xf4)
+				hi = 0x8f;
+		} else {
+			return 0;
+		}
+		if (k >= n - i) /* truncated sequence */
+			return 0;
+		for (size_t j = 1; j <= k; j++) {
+			unsigned char d = s[i + j];
+
+			if (j == 1 ? (d < lo || d > hi) : (d < 0x80 || d > 0xbf))
+				return 0;
+			cp = cp << 6 | (d & 0x3f);
+		}
+		if (cp < 0x20 || (cp >= 0x7f && cp <= 0x9f))
+			*cc = 1;
+		i += k + 1;
 	}
-	return 0;
+	return 1;
 }
 
 /* 1 valid, 0 invalid, -1 the contract does not say (not checked). */
 static int expected(const char *field, const char *s, size_t n)
 {
+	int cc;
+
 	if (strcmp(field, "_id") == 0)
 		return n >= 1 && n <= TDR_ID_MAX;
 	if (strcmp(field, "insert_id") == 0) {
@@ -102,13 +144,13 @@ static int expected(const char *field, const char *s, size_t n)
 			return 0;
 		if (memchr(s, '\0', n) != NULL)
 			return -1; /* NUL is valid UTF-8; the docs do not say whether an insert_id may hold one */
-		return bson_utf8_validate(s, n, false);
+		return strict_utf8((const unsigned char *)s, n, &cc);
 	}
 	if (strcmp(field, "event") == 0)
 		return n >= 1 && n <= TDR_EVENT_NAME_MAX && charset_ok(s, n);
-	/* distinct_id, username */
+	/* distinct_id, username: valid UTF-8 without control characters */
 	return n >= 1 && n <= (strcmp(field, "username") == 0 ? TDR_USERNAME_MAX : TDR_DISTINCT_ID_MAX) &&
-	       bson_utf8_validate(s, n, true) && !has_cc(s, n);
+	       strict_utf8((const unsigned char *)s, n, &cc) && !cc;
 }
 
 /* The rest of a valid event, with field set to (s, n). */

@@ -158,7 +158,7 @@ for t in $TARGETS; do
 	[ -f "$FUZZ_DIR/$t.dict" ] && dict=("-dict=$FUZZ_DIR/$t.dict")
 	log=$WORK/$t.log
 	(cd "$WORK" && "./$t" -max_total_time="$PER" -max_len=65536 -timeout=25 -rss_limit_mb=2560 \
-		-print_final_stats=1 "${dict[@]}" -artifact_prefix="$WORK/artifacts/$t-" \
+		-print_final_stats=1 ${dict[@]+"${dict[@]}"} -artifact_prefix="$WORK/artifacts/$t-" \
 		"$WORK/corpus/$t" </dev/null >"$log" 2>&1)
 	rc=$?
 	execs=$(sed -n 's/^stat::number_of_executed_units: *\([0-9]*\).*/\1/p' "$log" | tail -n 1)

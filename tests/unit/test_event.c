@@ -287,10 +287,12 @@ static void test_insert_id(void)
 	string_case("insert_id", "\x80ins", -1, "insert_id: invalid UTF-8", "lone continuation byte");
 	string_case("insert_id", "ins-\xe2\x82", -1, "insert_id: invalid UTF-8", "truncated 3-byte sequence");
 	string_case("insert_id", "a\xc3(b", -1, "insert_id: invalid UTF-8", "bad continuation");
-	/* insert_id need only be valid UTF-8 (docs/EVENTS.md): a tab, quotes and emoji are fine. */
-	string_case("insert_id", "ins\t\"7\"\\ \xf0\x9f\x98\x80", -1, NULL, "tab, quotes, emoji");
-	{
-		/* Not pinned: docs/EVENTS.md does not say whether NUL (valid UTF-8) may sit in an insert_id. */
+	/* C0 80 is "modified UTF-8" for NUL (libbson accepts it when NULs are allowed): overlong, invalid. */
+	string_case("insert_id", "ins\xc0\x80", -1, "insert_id: invalid UTF-8", "overlong NUL C0 80");
+	/* insert_id: valid UTF-8 without control characters (docs/EVENTS.md): quotes and emoji are fine, a tab is not. */
+	string_case("insert_id", "ins\"7\"\\ \xf0\x9f\x98\x80", -1, NULL, "quotes, backslash, emoji");
+	string_case("insert_id", "ins\t7", -1, "insert_id: control character", "tab");	{
+		/* An embedded NUL is a control character (docs/EVENTS.md). */
 		bson_t doc;
 		tdr_cevent ev;
 		char reason[TDR_REASON_MAX] = "";
@@ -298,10 +300,9 @@ static void test_insert_id(void)
 		bson_init(&doc);
 		build(&doc, "insert_id");
 		bson_append_utf8(&doc, "insert_id", -1, "a\0b", 3);
-		if (tdr_event_validate(&doc, &defcfg, &ev, reason, sizeof(reason)) == 0)
-			diag("note: an insert_id with an embedded NUL is accepted");
-		else
-			diag("note: an insert_id with an embedded NUL is rejected: %s", reason);
+		ok(tdr_event_validate(&doc, &defcfg, &ev, reason, sizeof(reason)) < 0 &&
+			   strncmp(reason, "insert_id: control character", 28) == 0,
+		   "insert_id with an embedded NUL: %s", reason);
 		bson_destroy(&doc);
 	}
 }
@@ -368,6 +369,9 @@ static void test_person_field(const char *f, uint32_t max)
 	}
 	string_case(f, "dev-\xff", -1, WANT("invalid UTF-8"), "byte 0xff");
 	string_case(f, "dev-\xc0\xaf", -1, WANT("invalid UTF-8"), "overlong '/'");
+	string_case(f, "dev\xc0\x80", -1, WANT("invalid UTF-8"), "overlong NUL C0 80");
+	string_case(f, "dev-\xed\xa0\x80", -1, WANT("invalid UTF-8"), "UTF-16 surrogate U+D800");
+	string_case(f, "dev-\xf4\x90\x80\x80", -1, WANT("invalid UTF-8"), "above U+10FFFF");
 	string_case(f, "dev-\xe2\x82", -1, WANT("invalid UTF-8"), "truncated sequence");
 	string_case(f, "\x80", -1, WANT("invalid UTF-8"), "lone continuation byte");
 	/* C0 controls, DEL, and NUL inside the string (explicit length). */
