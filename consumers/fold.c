@@ -116,6 +116,7 @@ static int read_in(tdr_fold *f, mongoc_collection_t *coll, const char *const *ke
 		bson_append_array_end(&in, &arr);
 		bson_append_document_end(&filter, &in);
 		tdr_store_read_opts(f->st, &opts);
+		BSON_APPEND_INT64(&opts, "batchSize", IN_CHUNK); /* one reply, no getMore */
 		cur = mongoc_collection_find_with_opts(coll, &filter, &opts, NULL);
 		while (mongoc_cursor_next(cur, &doc))
 			fn(ctx, doc);
@@ -741,6 +742,7 @@ static int read_deltas(tdr_fold *f, mongoc_client_t *c, struct round *r, tdr_err
 		return tdr_err_set(err, TDR_ENOMEM, "out of memory");
 	}
 	BSON_APPEND_INT64(&opts, "limit", f->cfg.fold_max_deltas);
+	BSON_APPEND_INT64(&opts, "batchSize", f->cfg.fold_max_deltas);
 	BSON_APPEND_INT64(&opts, "maxTimeMS", f->st->timeout_ms);
 	cur = mongoc_collection_find_with_opts(deltas, &filter, &opts, NULL);
 	while (r->ndeltas < (size_t)f->cfg.fold_max_deltas && r->nev < ROUND_EVENTS_MAX &&
@@ -1113,6 +1115,14 @@ int tdr_fold_round(tdr_fold *f, int64_t epoch, int64_t *ret_n, tdr_err *err)
 			rc = tdr_err_set(err, TDR_ENOMEM, "out of memory");
 			goto out;
 		}
+	/*
+	 * Deltas first: with none there is nothing to fold, and nothing to redo
+	 * either that cannot wait (a redo record's deltas are deleted only after
+	 * its images are applied; the state advance it may still owe happens at
+	 * the next round that has work).  An idle fold costs one read.
+	 */
+	if ((rc = read_deltas(f, c, &r, err)) < 0 || r.ndeltas == 0)
+		goto out;
 	if ((rc = read_state_seq(f, c, &seq, err)) < 0)
 		goto out;
 	if ((rc = read_record(f, c, seq + 1, &record, err)) < 0)
@@ -1122,8 +1132,6 @@ int tdr_fold_round(tdr_fold *f, int64_t epoch, int64_t *ret_n, tdr_err *err)
 		*ret_n = 1;
 		goto out;
 	}
-	if ((rc = read_deltas(f, c, &r, err)) < 0 || r.ndeltas == 0)
-		goto out;
 	{
 		bson_iter_t it;
 

@@ -941,6 +941,8 @@ static int claim_and_process(tdr_drain *d, const tdr_coord_view *v, int *ret_ful
 		limit *= 2;
 	}
 	BSON_APPEND_INT64(&opts, "limit", limit + (int64_t)tdr_map_count(d->forget));
+	/* The whole batch in the first reply: no getMore round trip. */
+	BSON_APPEND_INT64(&opts, "batchSize", limit + (int64_t)tdr_map_count(d->forget));
 	BSON_APPEND_INT64(&opts, "maxTimeMS", d->st->timeout_ms);
 	/*
 	 * FIFO order.  MongoDB serves {_id: 1} from an index.  FerretDB sorts
