@@ -180,8 +180,9 @@ static int try_acquire(struct tdr_coord *c, const char *name, enum held_kind kin
 			log_debug("acquire %s: %s", name, err.msg);
 		return rc;
 	}
+	/* A failover is taking a lease its holder did not give back. */
 	for (size_t i = 0; i < ninfos; i++)
-		if (strcmp(infos[i].name, name) == 0 && strcmp(infos[i].holder, c->cfg.name) != 0)
+		if (strcmp(infos[i].name, name) == 0 && strcmp(infos[i].holder, c->cfg.name) != 0 && !infos[i].released)
 			previous = infos[i].holder;
 	memset(&h, 0, sizeof(h));
 	snprintf(h.name, sizeof(h.name), "%s", name);

@@ -10,6 +10,7 @@
 
 #include <errno.h>
 #include <getopt.h>
+#include <pthread.h>
 #include <inttypes.h>
 #include <signal.h>
 #include <stdio.h>
@@ -33,14 +34,30 @@
 static volatile sig_atomic_t got_stop, got_reload;
 static volatile int stop_flag; /* mirrors got_stop for tdr_sleep_ms */
 
-static void on_signal(int sig)
+/*
+ * SIGTERM, SIGINT and SIGHUP are blocked in every thread and taken here with
+ * sigwait(), so the reply to a reload is immediate (systemctl reload waits
+ * only if RELOADING=1 arrives before its kill returns) even while the drain
+ * loop sits in a slow store call.  The loop acts on the flags.
+ */
+static void *signal_thread(void *arg)
 {
-	if (sig == SIGHUP)
-		got_reload = 1;
-	else {
-		got_stop = 1;
-		stop_flag = 1;
+	const sigset_t *set = arg;
+
+	for (;;) {
+		int sig;
+
+		if (sigwait(set, &sig) != 0)
+			continue;
+		if (sig == SIGHUP) {
+			tdr_notify_reloading();
+			got_reload = 1;
+		} else {
+			got_stop = 1;
+			stop_flag = 1;
+		}
 	}
+	return NULL;
 }
 
 static void usage(FILE *out)
@@ -156,7 +173,8 @@ int main(int argc, char **argv)
 	tdr_archive *ar = NULL;
 	tdr_drain *drain = NULL;
 	tdr_fold *fold = NULL;
-	struct sigaction sa;
+	static sigset_t sigs;
+	pthread_t sigthr;
 	int opt, status = EX_OK;
 	char redacted[1100];
 
@@ -219,13 +237,19 @@ int main(int argc, char **argv)
 	tdr_log_init("tdrain", tdr_log_level_parse(cfg.log_level));
 	tdr_log_set_context(cfg.name);
 	tdr_notify_init();
-	memset(&sa, 0, sizeof(sa));
-	sa.sa_handler = on_signal;
-	sigemptyset(&sa.sa_mask);
-	sigaction(SIGTERM, &sa, NULL);
-	sigaction(SIGINT, &sa, NULL);
-	sigaction(SIGHUP, &sa, NULL);
+	/* Before any other thread exists, so all of them inherit the mask. */
+	sigemptyset(&sigs);
+	sigaddset(&sigs, SIGTERM);
+	sigaddset(&sigs, SIGINT);
+	sigaddset(&sigs, SIGHUP);
+	pthread_sigmask(SIG_BLOCK, &sigs, NULL);
 	signal(SIGPIPE, SIG_IGN);
+	if (pthread_create(&sigthr, NULL, signal_thread, &sigs) != 0) {
+		fprintf(stderr, "tdrain: cannot start the signal thread: %s\n", strerror(errno));
+		free(a.sets);
+		return EX_OSERR;
+	}
+	pthread_detach(sigthr);
 
 	tdr_redact_uri(cfg.store_uri, redacted, sizeof(redacted));
 	if (tdr_store_open(&st, &cfg, "tdrain", &err) < 0) {
@@ -300,7 +324,6 @@ int main(int argc, char **argv)
 				tdr_config nc;
 
 				got_reload = 0;
-				tdr_notify_reloading();
 				if (load_config(&a, &nc, &err) < 0) {
 					log_err("reload: configuration error, keeping the running one: %s", err.msg);
 				} else {
