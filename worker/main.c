@@ -249,7 +249,7 @@ int main(int argc, char **argv)
 		free(a.sets);
 		return EX_OSERR;
 	}
-	pthread_detach(sigthr);
+
 
 	tdr_redact_uri(cfg.store_uri, redacted, sizeof(redacted));
 	if (tdr_store_open(&st, &cfg, "tdrain", &err) < 0) {
@@ -436,6 +436,9 @@ out:
 	tdr_coord_free(coord);
 	tdr_store_close(st);
 	mongoc_cleanup();
+	/* sigwait() is a cancellation point: end the signal thread so nothing outlives main. */
+	pthread_cancel(sigthr);
+	pthread_join(sigthr, NULL);
 	free(a.sets);
 	return status;
 }
