@@ -6,7 +6,7 @@ Against a real FerretDB and this test's own HTTP sink on 127.0.0.1:
 1. Delivery through failures.  The sink answers 500 to the first requests,
    then stalls longer than archive.http_timeout_ms on a few, then accepts
    (200) and records every line.  tdrain (single mode, small archive files)
-   drains 5000 loadgen events; once the FIFO is empty and no unsent archive
+   drains 2000 loadgen events (T07_EVENTS); once the FIFO is empty and no unsent archive
    file is left, every insert_id loadgen wrote must have reached the sink at
    least once, every line must have the archive line's field set, nothing is
    in failed/, and the URL's password never appears in tdrain's log.
@@ -178,6 +178,10 @@ def read_ndjson(path):
     return docs
 
 
+# Events of the delivery scenario: enough for ~20 archive files of ~100 events.
+N1 = int(os.environ.get('T07_EVENTS', '2000'))
+
+
 def spooled(adir):
     """Archive files not yet delivered (closed or open), failed/ excluded."""
     return sorted(glob.glob(os.path.join(adir, '*.ndjson')) + glob.glob(os.path.join(adir, '*.ndjson.open')))
@@ -187,12 +191,12 @@ def base_config(m, db, adir):
     return {
         'store.uri': m.uri,
         'store.database': db,
-        'store.timeout_ms': 1500,
+        'store.timeout_ms': 5000,
         'coord.backend': 'mongo',
         'coord.mode': 'single',
-        'coord.lease_ttl_ms': 3000,
-        'coord.renew_deadline_ms': 2000,
-        'coord.retry_period_ms': 500,
+        'coord.lease_ttl_ms': 12000,
+        'coord.renew_deadline_ms': 8000,
+        'coord.retry_period_ms': 1000,
         'archive.dir': adir,
         'archive.max_bytes': 65536,
         'archive.max_age_s': 1,
@@ -224,10 +228,10 @@ def scenario_delivery(h, m):
     sink = Sink(fail_first=4, stall_count=2, stall_s=2.5)
     adir = os.path.join(h.tmp, 'archive-a')
     nd = os.path.join(h.tmp, 'a.ndjson')
-    if not h.ok(loadgen(h, m, 'tdrain', 5000, nd, 1), 'loadgen inserted 5000 events'):
+    if not h.ok(loadgen(h, m, 'tdrain', N1, nd, 1), 'loadgen inserted %d events' % N1):
         return
     want = {d['insert_id'] for d in read_ndjson(nd)}
-    h.is_(len(want), 5000, 'loadgen wrote 5000 distinct insert_ids')
+    h.is_(len(want), N1, 'loadgen wrote %d distinct insert_ids' % N1)
 
     cfg = base_config(m, 'tdrain', adir)
     cfg['archive.http_url'] = sink.url('/ingest?query=INSERT%20INTO%20events%20FORMAT%20JSONEachRow')
