@@ -32,7 +32,7 @@
 #include "worker/notify.h"
 
 static volatile sig_atomic_t got_stop, got_reload;
-static volatile int stop_flag; /* mirrors got_stop for tdr_sleep_ms */
+static volatile int wake_flag; /* any signal: ends the loop's idle sleep at once */
 
 /*
  * SIGTERM, SIGINT and SIGHUP are blocked in every thread and taken here with
@@ -54,8 +54,8 @@ static void *signal_thread(void *arg)
 			got_reload = 1;
 		} else {
 			got_stop = 1;
-			stop_flag = 1;
 		}
+		wake_flag = 1;
 	}
 	return NULL;
 }
@@ -419,8 +419,9 @@ int main(int argc, char **argv)
 				}
 				last_status = now;
 			}
-			if (wait > 0)
-				tdr_sleep_ms(wait, &stop_flag);
+			if (wait > 0 && !got_reload)
+				tdr_sleep_ms(wait, &wake_flag);
+			wake_flag = 0;
 		}
 	}
 
