@@ -171,15 +171,14 @@ build_and_check "build" "$BUILD_DIR" "${FLAGS[@]}"
 if [ "$CI" = true ] || [ "${TDRAIN_SANITIZE:-0}" = 1 ]; then
 	export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=1:abort_on_error=1}
 	export UBSAN_OPTIONS=${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1}
-	# Every unit test and the integration tests that exercise the daemon's code
-	# paths (drain, fold, partitions, etcd, validation, archive, ctl).  The
+	# Every unit test and the integration tests that exercise the daemon's core
+	# code paths (CLI, drain, fold, partitions, both lease backends).  The
 	# timing-bound ones (failover, kill trials, network partitions, systemd)
 	# measure wall-clock behaviour that a 2-3x slower binary distorts; they run
 	# in the plain build above.  ASAN_TESTS overrides the list.
 	ASAN_TESTS=${ASAN_TESTS:-$(cd "$ROOT" && ls tests/unit/test_*.c | sed 's/\.c$//' | tr '\n' ' ') \
 tests/integration/t01_cli_config.py tests/integration/t02_single_drain.py tests/integration/t03_lease_conformance.py \
-tests/integration/t04_partitioned.py tests/integration/t06_malformed.py tests/integration/t07_archive_http.py \
-tests/integration/t08_ctl.py}
+tests/integration/t04_partitioned.py}
 	CHECK_TESTS=$ASAN_TESTS build_and_check "asan" "$ASAN_BUILD_DIR" "${FLAGS[@]}" --enable-sanitizers
 	unset ASAN_OPTIONS UBSAN_OPTIONS
 fi
