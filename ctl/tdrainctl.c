@@ -62,6 +62,7 @@
 #define DLQ_LIMIT_MAX 100000
 #define RATE_INTERVAL_DEFAULT 1000
 #define CTL_OP_TIMEOUT_MS 15000 /* one store operation of tdrainctl: see widen_op_timeout() */
+#define UNTRIAGED_SCAN_MAX 10000 /* FerretDB: count untriaged events only in a FIFO this small */
 #define ID_SHOWN_MAX 64         /* dlq list's ID column; --json has the whole _id */
 #define DOC_SHOWN_MAX 64        /* dlq list's DOCUMENT column */
 
@@ -592,18 +593,7 @@ static int cmp_lease(const void *x, const void *y)
 
 static int est_count(struct ctl *c, const char *coll, int64_t *ret, tdr_err *err)
 {
-	mongoc_collection_t *co = tdr_store_coll(c->st, c->client, coll);
-	bson_t opts;
-	bson_error_t be;
-	int rc = 0;
-
-	tdr_store_read_opts(c->st, &opts);
-	*ret = mongoc_collection_estimated_document_count(co, &opts, NULL, NULL, &be);
-	if (*ret < 0)
-		rc = tdr_store_error(&be, coll, err);
-	bson_destroy(&opts);
-	mongoc_collection_destroy(co);
-	return rc;
+	return tdr_store_count_estimate(c->st, c->client, coll, ret, err);
 }
 
 static int count_docs(struct ctl *c, const char *coll, const bson_t *filter, int64_t *ret, tdr_err *err)
@@ -772,7 +762,8 @@ struct status {
 	size_t nleases;
 	struct claimrec *claims;
 	size_t nclaims;
-	int64_t fifo, claimed, pending, untriaged; /* untriaged -1: not applicable */
+	int64_t fifo, claimed, pending, untriaged; /* untriaged -1: not applicable or not counted */
+	int untriaged_skipped;                      /* FerretDB, FIFO above UNTRIAGED_SCAN_MAX */
 	int64_t orphan_records, orphan_events, stray_records;
 	int has_head;
 	char head_id[ID_TEXT_MAX];
@@ -920,10 +911,18 @@ static int gather_status(struct ctl *c, struct status *s, int rate, int64_t inte
 		bson_destroy(&head);
 	}
 
-	if (cfg->mode == TDR_MODE_PARTITIONED) {
+	/*
+	 * No valid part: missing, null, not a number, or outside [0, P).  MongoDB
+	 * counts it from the {part, _id} index.  FerretDB reads the whole FIFO for
+	 * it, and there it is informational only (claims compute a missing
+	 * partition, nothing writes it), so a large FIFO is not read for it.
+	 */
+	s->untriaged = -1;
+	if (cfg->mode == TDR_MODE_PARTITIONED && c->st->is_ferretdb && s->fifo > UNTRIAGED_SCAN_MAX)
+		s->untriaged_skipped = 1;
+	else if (cfg->mode == TDR_MODE_PARTITIONED) {
 		bson_t f = BSON_INITIALIZER, part, not;
 
-		/* No valid part: missing, null, not a number, or outside [0, P); one scan of the FIFO on FerretDB. */
 		BSON_APPEND_DOCUMENT_BEGIN(&f, "part", &part);
 		BSON_APPEND_DOCUMENT_BEGIN(&part, "$not", &not);
 		BSON_APPEND_INT32(&not, "$gte", 0);
@@ -934,8 +933,6 @@ static int gather_status(struct ctl *c, struct status *s, int rate, int64_t inte
 		bson_destroy(&f);
 		if (rc < 0)
 			return rc;
-	} else {
-		s->untriaged = -1;
 	}
 
 	if ((rc = est_count(c, TDR_C_DEADLETTER, &s->deadletters, err)) < 0)
@@ -1250,6 +1247,8 @@ static int status_text(const struct ctl *c, const struct status *s, tdr_err *err
 	       s->claimed, s->nclaims, s->pending);
 	if (s->untriaged >= 0)
 		printf("  untriaged %" PRId64, s->untriaged);
+	else if (s->untriaged_skipped)
+		printf("  untriaged not counted (FerretDB would read all %" PRId64 ")", s->fifo);
 	printf("\n");
 	if (s->orphan_records || s->stray_records)
 		printf("             orphaned: %" PRId64 " claim records (%" PRId64 " events) of deposed epochs or unheld "
@@ -1679,7 +1678,11 @@ static int find_by_id(struct ctl *c, const char *coll, const bson_value_t *id, b
 	return rc;
 }
 
-/* The document to put back: the original, minus `part` so the leader triages it again. */
+/*
+ * The document to put back: the original, minus `part`, so that its partition
+ * is computed again under the current coord.partitions (by the replica that
+ * claims it, or by the leader's triage on MongoDB).
+ */
 static int requeue_doc(const bson_t *entry, const bson_value_t *id, bson_t *out)
 {
 	bson_iter_t it;
@@ -1756,24 +1759,17 @@ static int requeue_one(struct ctl *c, const bson_value_t *id, int dry_run, int n
 		bson_destroy(&present);
 		if (rc == 0) {
 			/*
-			 * The same rules the replicas apply, to the document as they will
-			 * see it: in partitioned mode triage adds `part` back first.
+			 * The same rules the replicas apply, to the document as inserted:
+			 * the claiming replica computes a missing partition without writing
+			 * it.  (On MongoDB the leader's triage may write `part` first,
+			 * which adds 10 bytes to a document at the size limit.)
 			 */
-			bson_t triaged;
-
-			bson_copy_to(&doc, &triaged);
-			if (c->cfg.mode == TDR_MODE_PARTITIONED) {
-				int32_t p = tdr_event_partition(id, (uint32_t)c->cfg.partitions);
-
-				BSON_APPEND_INT32(&triaged, "part", p < 0 ? 0 : p);
-			}
-			if (tdr_event_validate(&triaged, &c->cfg, &ev, reason, sizeof(reason)) < 0) {
+			if (tdr_event_validate(&doc, &c->cfg, &ev, reason, sizeof(reason)) < 0) {
 				clean_text(reason, strlen(reason), why, sizeof(why));
 				rs->would_fail_again++;
 			} else {
 				why[0] = '\0';
 			}
-			bson_destroy(&triaged);
 			printf("%s: would requeue%s%s%s\n", idt, in_fifo ? " (already in the FIFO: a duplicate)" : "",
 			       why[0] ? "; still invalid, it would be dead-lettered again: " : "", why);
 			if (in_fifo)

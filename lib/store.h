@@ -71,6 +71,13 @@ int tdr_bulk_run(mongoc_bulk_operation_t *bulk, const char *what, int64_t *ret_d
 		 tdr_err *err);
 mongoc_bulk_operation_t *tdr_bulk_new(mongoc_collection_t *coll, int ordered);
 
+/*
+ * Documents in coll, cheaply: MongoDB answers estimatedDocumentCount from
+ * metadata; FerretDB 1.24 answers it by reading every document, but collStats
+ * from its storage's row count, so there collStats is asked first.
+ */
+int tdr_store_count_estimate(tdr_store *st, mongoc_client_t *c, const char *coll, int64_t *ret, tdr_err *err);
+
 /* Options document carrying maxTimeMS for reads. */
 void tdr_store_read_opts(const tdr_store *st, bson_t *opts);
 

@@ -112,15 +112,11 @@ static void observe_store(tdr_store *st, struct tdr_metrics *m)
 	const char *colls[3] = { st->events, TDR_C_DEADLETTER, TDR_C_DELTAS };
 	int64_t *outs[3] = { &m->backlog, &m->deadletter, &m->pending_deltas };
 	bson_t opts;
-	bson_error_t be;
 
 	tdr_store_read_opts(st, &opts);
-	for (int i = 0; i < 3; i++) {
-		mongoc_collection_t *coll = tdr_store_coll(st, c, colls[i]);
-
-		*outs[i] = mongoc_collection_estimated_document_count(coll, &opts, NULL, NULL, &be);
-		mongoc_collection_destroy(coll);
-	}
+	for (int i = 0; i < 3; i++)
+		if (tdr_store_count_estimate(st, c, colls[i], outs[i], NULL) < 0)
+			*outs[i] = -1;
 	m->oldest_age_ms = -1;
 	if (m->backlog > 0) {
 		mongoc_collection_t *coll = tdr_store_coll(st, c, st->events);
