@@ -131,12 +131,38 @@ static void renew_all(struct tdr_coord *c)
 	for (size_t i = 0; i < n; i++) {
 		tdr_err err;
 		int64_t sent = tdr_mono_ms();
-		int rc = c->be->ops->renew(c->be, snap[i].name, snap[i].epoch, c->cfg.lease_ttl_ms, &err);
+		int rc;
 		struct held *h;
 
+		/*
+		 * Past its deadline a lease is lost, whatever a late renewal would say: others may
+		 * already judge it expired (with the store down, each earlier renewal in this loop
+		 * can take store.timeout_ms, so the loop can outlast the TTL).
+		 */
+		if (sent >= snap[i].valid_until) {
+			pthread_mutex_lock(&c->mu);
+			h = find_held(c, snap[i].name);
+			if (h && h->epoch == snap[i].epoch && sent >= h->valid_until) {
+				log_lease(c, LOG_ERR, TDR_EV_LEASE_LOST, h, NULL, "renew deadline passed");
+				remove_held(c, h->name);
+			}
+			pthread_mutex_unlock(&c->mu);
+			continue;
+		}
+		rc = c->be->ops->renew(c->be, snap[i].name, snap[i].epoch, c->cfg.lease_ttl_ms, &err);
 		pthread_mutex_lock(&c->mu);
 		h = find_held(c, snap[i].name);
 		if (h == NULL || h->epoch != snap[i].epoch) {
+			pthread_mutex_unlock(&c->mu);
+			continue;
+		}
+		/*
+		 * A renewal answered a TTL or more after the previous one was sent may have raced
+		 * with a takeover (an observer may have read the lease before it landed): lost.
+		 */
+		if (rc == 0 && tdr_mono_ms() >= h->valid_until - c->cfg.renew_deadline_ms + c->cfg.lease_ttl_ms) {
+			log_lease(c, LOG_ERR, TDR_EV_LEASE_LOST, h, NULL, "renewal answered after the lease could expire");
+			remove_held(c, h->name);
 			pthread_mutex_unlock(&c->mu);
 			continue;
 		}

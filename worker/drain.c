@@ -461,6 +461,24 @@ static int process(tdr_drain *d, const tdr_coord_view *v, struct item *items, si
 		goto abandon;
 	mongoc_bulk_operation_destroy(bulk);
 	bulk = NULL;
+	/*
+	 * We may have paused between the check above and the insert.  A claim record that
+	 * landed after our lease ended is one the next holder never sees (it recovers orphans
+	 * once, when it gains the scope): take it back and leave its events to that holder.
+	 * A record that landed before this check passed landed before any takeover, so the
+	 * next holder recovers it.
+	 */
+	for (size_t g = 0; g < ng; g++) {
+		if (!groups[g].live || tdr_coord_may_write(d->coord, groups[g].part, groups[g].epoch))
+			continue;
+		unclaim(d, &groups[g], 1);
+		groups[g].live = 0;
+		log_warn("partition %d epoch %" PRId64 ": lease ended while claiming; claim %s taken back",
+			 groups[g].part, groups[g].epoch, groups[g].id);
+		pthread_mutex_lock(&d->mu);
+		d->stats.fenced++;
+		pthread_mutex_unlock(&d->mu);
+	}
 
 	/* 3. consume: validate, then archive what is valid. */
 	valid_docs = calloc(n ? n : 1, sizeof(*valid_docs));
