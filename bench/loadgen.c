@@ -423,9 +423,14 @@ static void append_properties(bson_t *body, const char *event)
 		BSON_APPEND_INT32(&p, "exit_code", code);
 		BSON_APPEND_INT64(&p, "duration_ms", scale + (int64_t)((r >> 40) % (uint64_t)scale));
 	} else if (strcmp(event, "daily_sign_in") == 0) {
-		BSON_APPEND_UTF8(&p, "method", rng_below(4) ? "browser" : "token");
+		/* BSON_APPEND_UTF8 evaluates its value twice (strlen): pick it once. */
+		const char *method = rng_below(4) ? "browser" : "token";
+
+		BSON_APPEND_UTF8(&p, "method", method);
 	} else if (strcmp(event, "extension_installed") == 0) {
-		BSON_APPEND_UTF8(&p, "extension", rng_below(2) ? "vscode" : "jetbrains");
+		const char *ext = rng_below(2) ? "vscode" : "jetbrains";
+
+		BSON_APPEND_UTF8(&p, "extension", ext);
 	} else if (strcmp(event, "config.changed") == 0) {
 		BSON_APPEND_UTF8(&p, "key", "telemetry.level");
 	} else {
