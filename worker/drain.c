@@ -680,6 +680,7 @@ struct orphan_ids {
 	bson_value_t *ids;
 	int64_t *att;
 	size_t n, cap;
+	tdr_map *index; /* id key -> position + 1: one entry per event across records */
 	char **recs;   /* claim record _ids to delete afterwards */
 	int64_t *rec_epochs;
 	size_t nrecs, caprecs;
@@ -687,6 +688,7 @@ struct orphan_ids {
 
 static void orphans_free(struct orphan_ids *o)
 {
+	tdr_map_free(o->index, NULL);
 	for (size_t i = 0; i < o->n; i++)
 		bson_value_destroy(&o->ids[i]);
 	for (size_t i = 0; i < o->nrecs; i++)
@@ -697,8 +699,25 @@ static void orphans_free(struct orphan_ids *o)
 	free(o->rec_epochs);
 }
 
+/*
+ * An event can sit in several orphaned records (a holder that died while
+ * recovering left both its predecessor's record and its own): it is one
+ * orphan, and its attempts are the most any record counted.
+ */
 static int orphans_add_id(struct orphan_ids *o, const bson_value_t *id, int64_t att)
 {
+	char key[512];
+	int klen = id_map_key(id, key, sizeof(key));
+	uintptr_t pos;
+
+	if (klen < 0 || (o->index == NULL && (o->index = tdr_map_new(256)) == NULL))
+		return -1;
+	pos = (uintptr_t)tdr_map_get(o->index, key, (size_t)klen);
+	if (pos) {
+		if (att > o->att[pos - 1])
+			o->att[pos - 1] = att;
+		return 0;
+	}
 	if (o->n == o->cap) {
 		size_t ncap = o->cap ? o->cap * 2 : 256;
 		bson_value_t *ni = realloc(o->ids, ncap * sizeof(*ni));
@@ -715,6 +734,8 @@ static int orphans_add_id(struct orphan_ids *o, const bson_value_t *id, int64_t 
 	}
 	bson_value_copy(id, &o->ids[o->n]);
 	o->att[o->n++] = att;
+	if (tdr_map_put(o->index, key, (size_t)klen, (void *)(uintptr_t)o->n) < 0)
+		return -1;
 	return 0;
 }
 
