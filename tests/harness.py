@@ -66,6 +66,11 @@ import time
 import traceback
 import urllib.request
 
+# libmongoc keeps diagnostic counters in /dev/shm/mongoc-<pid>; a process killed with
+# SIGKILL leaves its file behind, and a later process reusing that pid then prints
+# "Falling back to malloc for counters" on stderr.  Tests kill replicas on purpose.
+os.environ['MONGOC_DISABLE_SHM'] = '1'
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 __all__ = ['Harness', 'Store', 'Etcd', 'Postgres', 'Proc', 'free_port', 'REPO']
