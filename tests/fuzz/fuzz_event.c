@@ -139,18 +139,16 @@ static int expected(const char *field, const char *s, size_t n)
 
 	if (strcmp(field, "_id") == 0)
 		return n >= 1 && n <= TDR_ID_MAX;
-	if (strcmp(field, "insert_id") == 0) {
-		if (n == 0 || n > TDR_INSERT_ID_MAX)
-			return 0;
-		if (memchr(s, '\0', n) != NULL)
-			return -1; /* NUL is valid UTF-8; the docs do not say whether an insert_id may hold one */
-		return strict_utf8((const unsigned char *)s, n, &cc);
-	}
 	if (strcmp(field, "event") == 0)
 		return n >= 1 && n <= TDR_EVENT_NAME_MAX && charset_ok(s, n);
-	/* distinct_id, username: valid UTF-8 without control characters */
-	return n >= 1 && n <= (strcmp(field, "username") == 0 ? TDR_USERNAME_MAX : TDR_DISTINCT_ID_MAX) &&
-	       strict_utf8((const unsigned char *)s, n, &cc) && !cc;
+	/* insert_id, distinct_id, username: valid UTF-8 without control characters (NUL included) */
+	{
+		size_t max = strcmp(field, "insert_id") == 0 ? TDR_INSERT_ID_MAX
+			     : strcmp(field, "username") == 0 ? TDR_USERNAME_MAX
+								: TDR_DISTINCT_ID_MAX;
+
+		return n >= 1 && n <= max && strict_utf8((const unsigned char *)s, n, &cc) && !cc;
+	}
 }
 
 /* The rest of a valid event, with field set to (s, n). */
