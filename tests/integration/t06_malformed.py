@@ -17,6 +17,9 @@ On one real FerretDB (a database per scenario):
 3. drain.allow_events = "cli_invocation,daily_sign_in": other well-formed names
    are dead-lettered with "event: not in allow-list" (malformed ones keep
    their own reasons) and the checker run with allow=[...] agrees;
+3b. one document within 4 KiB of the 16 MiB BSON limit (too large to be copied
+   whole into a dead letter) behind 200 events: dead-lettered as
+   "document: too large" with doc_head (<= 4 KiB) + doc_bytes;
 4. poison: drain.max_attempts = 2.  A TCP proxy between the only replica and
    FerretDB holds the batch's delta insert (step 4 of the cycle), so the
    replica is killed with SIGKILL at a known point: right after its claim
@@ -28,7 +31,7 @@ On one real FerretDB (a database per scenario):
    everything else drains exactly.
 
 T06_EVENTS (default 3000) sizes the corpus runs; T06_SCENARIOS (default
-"single,partitioned,allow,poison") picks scenarios.
+"single,partitioned,allow,huge,poison") picks scenarios.
 Prints "# FIGURES scenario=... events=... lost=... mismatches=..." lines that
 tests/fault_suite.sh sums up.
 """
@@ -97,7 +100,7 @@ def manifest_lines(path):
 
 
 def raw_originals(files):
-    """{id_key: (bson bytes, size)} of every document in the NDJSON files."""
+    """{id_key: (bson bytes, decoded document)} of every document in the NDJSON files."""
     import bson
     out = {}
     for path in files:
@@ -134,7 +137,7 @@ def check_deadletter_docs(h, m, dbname, files, label):
     """Every dead letter carries its original document (or its head and size)."""
     orig = raw_originals(files)
     dl = deadletters_raw(m, dbname)
-    whole = head = bad = 0
+    whole = exact = head = bad = 0
     for key, (raw, d) in dl.items():
         if key not in orig:
             bad += 1
@@ -145,12 +148,16 @@ def check_deadletter_docs(h, m, dbname, files, label):
             got = raw['doc'].raw
             if got == want_raw or d['doc'] == want_doc:
                 whole += 1
+                exact += got == want_raw
             else:
                 bad += 1
                 h.diag('[%s] dead letter %s: doc differs from the original (%d vs %d bytes)'
                        % (label, checker.show_id(d['_id']), len(got), len(want_raw)))
         elif 'doc_head' in d:
-            if d.get('doc_bytes') == len(want_raw) and isinstance(d['doc_head'], str) and d['doc_head']:
+            shown = checker.show_id(d['_id'])
+            if d.get('doc_bytes') == len(want_raw) and isinstance(d['doc_head'], str) \
+                    and 0 < len(d['doc_head'].encode('utf-8', 'surrogateescape')) <= 4096 \
+                    and shown in d['doc_head']:
                 head += 1
             else:
                 bad += 1
@@ -164,9 +171,9 @@ def check_deadletter_docs(h, m, dbname, files, label):
                 bad += 1
                 h.diag('[%s] dead letter %s: field %s missing' % (label, checker.show_id(d['_id']), f))
     h.ok(bad == 0 and whole + head == len(dl),
-         '[%s] every dead letter holds its original document (%d whole, %d as doc_head + doc_bytes)'
-         % (label, whole, head))
-    return dl
+         '[%s] every dead letter holds its original document (%d whole, %d of them byte for byte; '
+         '%d as doc_head + doc_bytes)' % (label, whole, exact, head))
+    return dl, head
 
 
 def no_bad_log_lines(h, procs, label):
@@ -199,6 +206,22 @@ def drained(db):
 
 
 # ------------------------------------------------------------------ corpus runs
+
+def insert_huge(h, m, dbname):
+    """One more oversized event, too large for a dead letter to hold whole (a document
+    within 4 KiB of the 16 MiB BSON limit): its dead letter keeps doc_head + doc_bytes.
+    Inserted behind everything else; written to its own NDJSON file for the checker."""
+    import datetime
+    from bson import json_util
+    doc = {'_id': 'bad-huge', 'insert_id': 'huge-1', 'event': 'cli_invocation', 'distinct_id': 'dev-huge',
+           'created_at': datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0),
+           'properties': {'blob': 'x' * (16 * 1024 * 1024 - 3000)}}
+    m.client()[dbname].events.insert_one(doc)
+    path = os.path.join(h.tmp, dbname + '-huge.ndjson')
+    with open(path, 'w') as f:
+        f.write(json_util.dumps(doc, json_options=json_util.CANONICAL_JSON_OPTIONS) + '\n')
+    return path
+
 
 def corpus_run(h, m, label, dbname, mode, names, allow=None):
     db = m.db(dbname)
@@ -266,6 +289,35 @@ def corpus_run(h, m, label, dbname, mode, names, allow=None):
     h.is_(lost, 0, '[%s] no event lost (every valid insert_id in the ledger, every bad one dead-lettered)' % label)
     figures(h, 't06-' + label, trials=1, events=ex.events, lost=lost, mismatches=len(mism),
             double_owners=0, deposed_writes=0)
+
+
+# ------------------------------------------------------------------ a document too large to copy whole
+
+def huge_run(h, m):
+    """Kept apart from the corpus runs: on FerretDB every scan of the FIFO decodes the
+    16 MiB document again, so it sits in a small FIFO of its own."""
+    label, dbname = 'huge', 't06huge'
+    db = m.db(dbname)
+    nd = os.path.join(h.tmp, dbname + '.ndjson')
+    r = loadgen(h, m, dbname, nd, 200, 64)
+    files = [nd, insert_huge(h, m, dbname)]
+    h.ok(r.returncode == 0, '[%s] 200 events and one document of %d bytes inserted'
+         % (label, checker.parse_line(open(files[1]).readline())[1]))
+    p = h.start_tdrain(dbname + '-a', base_conf(h, m, dbname, 'a'), args=['-N', 'a'])
+    ok = h.wait_until(lambda: drained(db), 300, interval=1, desc='[%s] drained' % label)
+    h.ok(ok and p.alive(), '[%s] drained, the replica still running' % label)
+    n, ex, mism = checker.check_full(m.uri, dbname, files)
+    for x in mism[:10]:
+        h.diag('  ' + str(x))
+    h.ok(not mism, '[%s] checker: derived state and dead letter exact (%d documents, %d mismatches)'
+         % (label, n, len(mism)))
+    h.is_(db.tdrain_deadletter.count_documents({}), 1, '[%s] one dead letter' % label)
+    _, heads = check_deadletter_docs(h, m, dbname, files, label)
+    h.is_(heads, 1, '[%s] the near-16-MiB document is kept as doc_head (at most 4 KiB) + doc_bytes' % label)
+    h.is_(p.stop(), 0, '[%s] exits 0 on SIGTERM' % label)
+    lost = lost_events(m, dbname, files)
+    figures(h, 't06-' + label, trials=1, events=ex.events, lost=lost, mismatches=len(mism), double_owners=0,
+            deposed_writes=0)
 
 
 # ------------------------------------------------------------------ poison (max_attempts)
@@ -509,13 +561,15 @@ def poison_run(h, m):
 def main(h):
     m = h.start_ferretdb()
     t0 = time.monotonic()
-    only = os.environ.get('T06_SCENARIOS', 'single,partitioned,allow,poison').split(',')
+    only = os.environ.get('T06_SCENARIOS', 'single,partitioned,allow,huge,poison').split(',')
     if 'single' in only:
         corpus_run(h, m, 'single', 't06single', 'single', ['a'])
     if 'partitioned' in only:
         corpus_run(h, m, 'partitioned', 't06part', 'partitioned', ['a', 'b'])
     if 'allow' in only:
         corpus_run(h, m, 'allow', 't06allow', 'single', ['a'], allow=ALLOW)
+    if 'huge' in only:
+        huge_run(h, m)
     if 'poison' in only:
         poison_run(h, m)
     h.diag('t06 total %.1f s' % (time.monotonic() - t0))

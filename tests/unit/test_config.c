@@ -263,7 +263,7 @@ static void test_env(void)
 	ok(cfg.batch_size == 12, "precedence: set beats env and file (batch_size %lld)", (long long)cfg.batch_size);
 	ok(cfg.poll_max_ms == 21, "precedence: env beats file (poll_max_ms %lld)", (long long)cfg.poll_max_ms);
 	ok(cfg.max_attempts == 3, "precedence: file beats default (max_attempts %lld)", (long long)cfg.max_attempts);
-	ok(cfg.fold_max_deltas == 16, "precedence: default when nothing else sets it");
+	ok(cfg.fold_max_deltas == 256, "precedence: default when nothing else sets it");
 	unsetenv("TDRAIN_DRAIN_BATCH_SIZE");
 	unsetenv("TDRAIN_DRAIN_POLL_MAX_MS");
 }
