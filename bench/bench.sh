@@ -1,0 +1,416 @@
+#!/usr/bin/env bash
+# bench/bench.sh - `make bench`: tdrain's drain rate, latency and cost, next to
+# two references measured in the same run, on the same store and the same data.
+#
+#   TDRAIN_BUILDDIR=/path/to/build bash bench/bench.sh
+#
+# Stores.  By default it starts its own servers as the tests do (tests/harness.py
+# serve): FerretDB 1.24 on its PostgreSQL backend, then FerretDB on SQLite as a
+# second row.  BENCH_URI=mongodb://host:port/ benchmarks that server instead
+# (a real MongoDB: nothing is started, each scenario uses its own database
+# bench_* which is dropped afterwards).
+#
+# Scenarios (docs/PERFORMANCE.md explains each and the method):
+#   drain      a pre-loaded backlog at two sizes, single mode, 1 replica, so an
+#              O(backlog) cost per batch shows as a falling rate;
+#   raw        the RAW CEILING on the same data: find head / insert one claim
+#              document / delete_many {_id: {$in}} per batch, nothing else
+#              (tdrain-bench-refs raw);
+#   old        the OLD ALGORITHM of seed 000 (per affected username: findOne,
+#              find all devices, re-sum, updateOne; tdrain-bench-refs old) and
+#              tdrain on the same, smaller, backlog;
+#   part-N     partitioned mode with 1, 2 and 3 replicas;
+#   steady     a producer at a fixed rate; end-to-end latency (insert ->
+#              visible in the projections) p50/p99.
+#
+# Environment (defaults in brackets):
+#   BENCH_URI          benchmark this MongoDB instead of starting FerretDB
+#   BENCH_STORES       FerretDB backends to run ["postgresql sqlite"]
+#   BENCH_SIZES        the two drain backlogs [FerretDB: "10000 40000"; MongoDB: "100000 1000000"]
+#   BENCH_OLD_SIZE     backlog for the old-algorithm comparison [FerretDB 3000; MongoDB 100000]
+#   BENCH_PART_SIZE    backlog of the partitioned runs [the first drain size]
+#   BENCH_RATE         steady producer rate, events/s [FerretDB 100; MongoDB 5000]
+#   BENCH_STEADY_S     steady run length in seconds [60]
+#   BENCH_BATCH        drain.batch_size for tdrain and both references [1000, tdrain's default]
+#   BENCH_SET          extra tdrain settings, "key=value key=value" (for A/B runs)
+#   BENCH_OUT          results directory [/var/tmp/tdrain-bench]
+#   BENCH_SCENARIOS    subset to run, e.g. "drain raw" [all]
+# Output: the table on stdout and in $BENCH_OUT/table.txt; per-run samples
+# ($BENCH_OUT/*.dat), logs, and $BENCH_OUT/perf-drain.png (gnuplot, when installed).
+set -euo pipefail
+
+SRCDIR=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+BUILDDIR=${TDRAIN_BUILDDIR:-$SRCDIR/build}
+BUILDDIR=$(cd "$BUILDDIR" && pwd)
+PY=/usr/bin/python3
+[ -x "$PY" ] || PY=python3
+OUT=${BENCH_OUT:-/var/tmp/tdrain-bench}
+BATCH=${BENCH_BATCH:-1000}
+STEADY_S=${BENCH_STEADY_S:-60}
+SCENARIOS=${BENCH_SCENARIOS:-drain raw old part steady}
+HZ=$(getconf CLK_TCK)
+T_BEGIN=$(date +%s)
+
+log() { printf 'bench: %s\n' "$*" >&2; }
+die() { printf 'bench: error: %s\n' "$*" >&2; exit 1; }
+want() { case " $SCENARIOS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
+
+mkdir -p "$OUT"
+rm -f "$OUT"/*.dat "$OUT"/*.log "$OUT"/*.conf "$OUT"/*.prom "$OUT"/rows.tsv "$OUT"/breakdown.txt
+ROWS=$OUT/rows.tsv
+: >"$ROWS"
+
+# ---------------------------------------------------------------- programs
+for p in tdrain tdrain-loadgen; do
+	[ -x "$BUILDDIR/$p" ] || die "$BUILDDIR/$p is not built (make $p, or set TDRAIN_BUILDDIR)"
+done
+REFS=$BUILDDIR/tdrain-bench-refs
+if [ ! -x "$REFS" ] || [ "$SRCDIR/bench/refs.c" -nt "$REFS" ]; then
+	# Until Makefile.am builds it (check_PROGRAMS), build it here from the tree,
+	# with the flags configure chose, against the build's libtdrain.a.
+	[ -f "$BUILDDIR/libtdrain.a" ] || die "$BUILDDIR/libtdrain.a is missing: build tdrain first"
+	cflags=$(sed -n 's/^TDRAIN_CFLAGS = //p' "$BUILDDIR/Makefile" 2>/dev/null || true)
+	log "building tdrain-bench-refs"
+	# shellcheck disable=SC2046,SC2086
+	${CC:-cc} -O2 -g $cflags -I"$SRCDIR" -I"$BUILDDIR" $(pkg-config --cflags libmongoc-1.0) \
+		-o "$REFS" "$SRCDIR/bench/refs.c" "$BUILDDIR/libtdrain.a" \
+		$(pkg-config --libs libmongoc-1.0 jansson libcurl libsystemd) -lpthread -lm
+fi
+LOADGEN=$BUILDDIR/tdrain-loadgen
+TDRAIN=$BUILDDIR/tdrain
+
+# ---------------------------------------------------------------- cleanup
+SERVE_PIDS=()
+TDRAIN_PIDS=()
+BG_PIDS=()
+cleanup() {
+	local p
+	for p in "${TDRAIN_PIDS[@]}" "${BG_PIDS[@]}"; do
+		kill -TERM "$p" 2>/dev/null || true
+	done
+	sleep 0.5
+	for p in "${TDRAIN_PIDS[@]}" "${BG_PIDS[@]}"; do
+		kill -KILL "$p" 2>/dev/null || true
+	done
+	# harness.py serve stops its servers and removes their data on SIGTERM.
+	for p in "${SERVE_PIDS[@]}"; do
+		kill -TERM "$p" 2>/dev/null || true
+	done
+	for p in "${SERVE_PIDS[@]}"; do
+		wait "$p" 2>/dev/null || true
+	done
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# ---------------------------------------------------------------- CPU and memory
+# CPU seconds (user+sys) of a process and all its descendants, plus what its
+# reaped children used (cutime+cstime): for FerretDB and PostgreSQL's backends.
+tree_cpu() {
+	local root=$1
+	awk -v root="$root" -v hz="$HZ" '
+		FNR == 1 {
+			line = $0; sub(/^[0-9]+ \(.*\) /, "", line); n = split(line, f, " ")
+			pid = FILENAME; sub(/^\/proc\//, "", pid); sub(/\/stat$/, "", pid)
+			ppid[pid] = f[2]; cpu[pid] = f[12] + f[13]; child[pid] = f[14] + f[15]
+		}
+		END {
+			if (!(root in cpu)) { print 0; exit }
+			t = cpu[root] + child[root]
+			for (p in cpu) { q = ppid[p]; d = 0
+				while (q != "" && q != "0" && q != "1" && d < 20) { if (q == root) { t += cpu[p]; break } q = ppid[q]; d++ } }
+			printf "%.2f\n", t / hz
+		}' /proc/[0-9]*/stat 2>/dev/null
+}
+proc_cpu() { # user+sys seconds of one live process (all threads)
+	awk -v hz="$HZ" '{ line = $0; sub(/^[0-9]+ \(.*\) /, "", line); split(line, f, " "); printf "%.3f\n", (f[12] + f[13]) / hz }' \
+		"/proc/$1/stat" 2>/dev/null || echo 0
+}
+proc_hwm_kb() { awk '/^VmHWM:/ { print $2 }' "/proc/$1/status" 2>/dev/null || echo 0; }
+store_cpu() {
+	local t=0 p
+	for p in $STORE_PIDS; do t=$(awk -v a="$t" -v b="$(tree_cpu "$p")" 'BEGIN { printf "%.2f", a + b }'); done
+	echo "$t"
+}
+# Run a long child in the background and wait for it in this shell, so that
+# SIGINT/SIGTERM reach the EXIT trap at once (which stops the child) instead of
+# after the child.  Its stdout ends up in RES.
+bg_run() {
+	local out=$OUT/.bg.$$ rc=0
+	"$@" >"$out" &
+	BG_PIDS=($!)
+	wait "${BG_PIDS[0]}" || rc=$?
+	BG_PIDS=()
+	RES=$(cat "$out")
+	rm -f "$out"
+	return $rc
+}
+
+kv() { # kv KEY "k=v k=v ..." -> v
+	tr ' ' '\n' <<<"$2" | sed -n "s/^$1=//p" | head -1
+}
+
+# ---------------------------------------------------------------- runs
+# row SCENARIO STORE BACKLOG ACKED_RATE E2E_RATE P50 P99 CPU_US RSS_KB STORE_CPU_US NOTE
+row() { printf '%s\t' "$@" | sed 's/\t$//' >>"$ROWS"; printf '\n' >>"$ROWS"; }
+
+load() { # load DB COUNT [loadgen args...]
+	local db=$1 n=$2
+	shift 2
+	"$REFS" drop --uri "$URI" --db "$db" 2>/dev/null || true
+	"$LOADGEN" --uri "$URI" --db "$db" --count "$n" --quiet "$@" >>"$OUT/loadgen.log" 2>&1 ||
+		die "loadgen failed (see $OUT/loadgen.log)"
+}
+
+tdrain_conf() { # tdrain_conf NAME DB MODE
+	local name=$1 db=$2 mode=$3 kvp
+	{
+		echo "store.uri = $URI"
+		echo "store.database = $db"
+		echo "coord.mode = $mode"
+		echo "drain.batch_size = $BATCH"
+		echo "metrics.file = $OUT/$db-$name.prom"
+		for kvp in ${BENCH_SET:-}; do echo "${kvp%%=*} = ${kvp#*=}"; done
+	} >"$OUT/$db-$name.conf"
+}
+
+start_replicas() { # start_replicas DB MODE COUNT
+	local db=$1 mode=$2 k=$3 i
+	TDRAIN_PIDS=()
+	METRICS=""
+	for i in $(seq 1 "$k"); do
+		tdrain_conf "r$i" "$db" "$mode"
+		"$TDRAIN" -c "$OUT/$db-r$i.conf" -N "r$i" >"$OUT/$db-r$i.log" 2>&1 &
+		TDRAIN_PIDS+=($!)
+		METRICS="${METRICS:+$METRICS,}$OUT/$db-r$i.prom"
+	done
+}
+
+stop_replicas() { # sets REP_CPU (user+sys seconds, all replicas) and REP_HWM (largest VmHWM, KiB); stops them
+	local p h
+	REP_CPU=0
+	REP_HWM=0
+	for p in "${TDRAIN_PIDS[@]}"; do
+		REP_CPU=$(awk -v a="$REP_CPU" -v b="$(proc_cpu "$p")" 'BEGIN { printf "%.3f", a + b }')
+		h=$(proc_hwm_kb "$p")
+		[ "${h:-0}" -gt "$REP_HWM" ] && REP_HWM=$h
+	done
+	for p in "${TDRAIN_PIDS[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
+	for p in "${TDRAIN_PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
+	TDRAIN_PIDS=()
+}
+
+# Where a drain's time went, from the replicas' own metrics (summed over replicas):
+# seconds spent reading batches (claim), claiming+validating+committing (consume),
+# acknowledging (ack), and fold rounds.  Appended to $OUT/breakdown.txt.
+breakdown() { # breakdown STORE LABEL T_EMPTY T_VISIBLE
+	local files=${METRICS//,/ }
+	# shellcheck disable=SC2086
+	awk -v st="$1" -v lb="$2" -v te="$3" -v tv="$4" '
+		/^tdrain_claim_seconds_sum/ { c += $NF } /^tdrain_consume_seconds_sum/ { k += $NF }
+		/^tdrain_ack_seconds_sum/ { a += $NF } /^tdrain_batches_total/ { b += $NF }
+		/^tdrain_fold_rounds_total/ { r += $NF }
+		END { printf "%-22s %-14s drained %7.1f s visible %7.1f s | read %6.1f s, claim+validate+commit %6.1f s, ack %6.1f s over %d batches; %d fold rounds\n",
+			st, lb, te, tv, c, k, a, b, r }' $files 2>/dev/null >>"$OUT/breakdown.txt" || true
+}
+
+# Timeout for one drain: generous, so a slow store yields a (slow) figure, not a hang.
+drain_timeout() { echo $(( 120 + $1 / 20 )); }
+
+# run_tdrain LABEL STORE N MODE REPLICAS [PLOT]
+run_tdrain() {
+	local label=$1 store=$2 n=$3 mode=$4 k=$5 plot=${6:-}
+	local db="bench_${label//-/_}" parts=() res s0 s1 cs ack e2e cpu rss
+	[ "$mode" = partitioned ] && parts=(--partitions 16)
+	log "$store: $label: loading $n events"
+	load "$db" "$n" "${parts[@]}"
+	s0=$(store_cpu)
+	start_replicas "$db" "$mode" "$k"
+	bg_run "$REFS" watch --uri "$URI" --db "$db" --total "$n" --interval-ms 500 --metrics "$METRICS" \
+		--dat "$OUT/$store-$label.dat" --timeout "$(drain_timeout "$n")" || true
+	res=$RES
+	stop_replicas
+	cs=$REP_CPU rss=$REP_HWM
+	s1=$(store_cpu)
+	log "$store: $label: $res"
+	breakdown "$store" "$label" "$(kv t_empty "$res")" "$(kv t_visible "$res")"
+	# A run stopped at its timeout reports the rate so far, marked "*".
+	ack=$(awk -v n="$n" -v t="$(kv t_empty "$res")" -v a="$(kv acked "$res")" -v to="$(drain_timeout "$n")" \
+		'BEGIN { if (t > 0) printf "%.0f", n / t; else printf "%.0f*", a / to }')
+	e2e=$(awk -v n="$n" -v t="$(kv t_visible "$res")" -v v="$(kv visible "$res")" -v to="$(drain_timeout "$n")" \
+		'BEGIN { if (t > 0) printf "%.0f", n / t; else printf "%.0f*", v / to }')
+	cpu=$(awk -v c="$cs" -v n="$n" 'BEGIN { printf "%.0f", c * 1e6 / n }')
+	row "$label" "$store" "$n" "$ack" "$e2e" - - "$cpu" "$rss" \
+		"$(awk -v a="$s0" -v b="$s1" -v n="$n" 'BEGIN { printf "%.0f", (b - a) * 1e6 / n }')" \
+		"$mode x$k"
+	[ -n "$plot" ] && cp "$OUT/$store-$label.dat" "$OUT/perf-drain.dat"
+	"$REFS" drop --uri "$URI" --db "$db" 2>/dev/null || true
+}
+
+# run_ref KIND LABEL STORE N
+run_ref() {
+	local kind=$1 label=$2 store=$3 n=$4 db="bench_${2//-/_}" res s0 s1 rate
+	log "$store: $label: loading $n events"
+	load "$db" "$n"
+	s0=$(store_cpu)
+	bg_run "$REFS" "$kind" --uri "$URI" --db "$db" --batch "$BATCH" --timeout "$(drain_timeout "$n")" || true
+	res=$RES
+	s1=$(store_cpu)
+	log "$store: $label: ${res:-timed out}"
+	rate=$(awk -v r="$(kv rate "$res")" -v to="$(kv timeout "$res")" 'BEGIN { printf "%.0f%s", r, (to == 1 ? "*" : "") }')
+	row "$label" "$store" "$n" "$rate" "$( [ "$kind" = old ] && echo "$rate" || echo - )" - - \
+		"$(awk -v c="$(kv cpu_us_per_event "$res")" 'BEGIN { printf "%.0f", c }')" "$(kv peak_rss_kb "$res")" \
+		"$(awk -v a="$s0" -v b="$s1" -v n="$n" 'BEGIN { printf "%.0f", (b - a) * 1e6 / n }')" "$kind reference"
+	"$REFS" drop --uri "$URI" --db "$db" 2>/dev/null || true
+}
+
+# run_steady STORE RATE SECONDS
+run_steady() {
+	local store=$1 rate=$2 secs=$3 n db=bench_steady res s0 s1 cs rss sub
+	n=$(( rate * secs ))
+	sub=$(( rate / 20 )); [ "$sub" -lt 1 ] && sub=1; [ "$sub" -gt 1000 ] && sub=1000
+	log "$store: steady: $rate events/s for $secs s"
+	"$REFS" drop --uri "$URI" --db "$db" 2>/dev/null || true
+	start_replicas "$db" single 1
+	sleep 2 # the leader lease and the first (empty) claim
+	s0=$(store_cpu)
+	bg_run "$REFS" watch --uri "$URI" --db "$db" --total "$n" --interval-ms 100 --metrics "$METRICS" \
+		--dat "$OUT/$store-steady.dat" --timeout $(( secs * 3 + 60 )) --rate "$rate" --producer-batch "$sub" \
+		-- "$LOADGEN" --uri "$URI" --db "$db" --count "$n" --rate "$rate" --quiet || true
+	res=$RES
+	stop_replicas
+	cs=$REP_CPU rss=$REP_HWM
+	s1=$(store_cpu)
+	log "$store: steady: $res"
+	local note="rate $rate/s; producer took $(kv producer_s "$res") s of $(kv producer_due_s "$res")"
+	row steady "$store" "~0 (+$rate/s)" \
+		"$(awk -v n="$n" -v t="$(kv producer_s "$res")" 'BEGIN { if (t > 0) printf "%.0f", n / t; else print "-" }')" \
+		- "$(kv p50 "$res")" "$(kv p99 "$res")" "$(awk -v c="$cs" -v n="$n" 'BEGIN { printf "%.0f", c * 1e6 / n }')" \
+		"$rss" "$(awk -v a="$s0" -v b="$s1" -v n="$n" 'BEGIN { printf "%.0f", (b - a) * 1e6 / n }')" "$note"
+	"$REFS" drop --uri "$URI" --db "$db" 2>/dev/null || true
+}
+
+run_store() { # run_store STORE-LABEL [full|short]
+	local store=$1 depth=${2:-full} n1 n2
+	read -r n1 n2 <<<"$SIZES"
+	if want drain; then
+		run_tdrain "drain-$n1" "$store" "$n1" single 1
+		[ "$depth" = full ] && [ -n "$n2" ] && run_tdrain "drain-$n2" "$store" "$n2" single 1 plot
+	fi
+	if want raw; then
+		run_ref raw "raw-$n1" "$store" "$n1"
+		[ "$depth" = full ] && [ -n "$n2" ] && run_ref raw "raw-$n2" "$store" "$n2"
+	fi
+	if want old; then
+		if [ "$OLD_SIZE" != "$n1" ] || ! want drain; then
+			run_tdrain "drain-$OLD_SIZE" "$store" "$OLD_SIZE" single 1
+		fi
+		run_ref old "old-$OLD_SIZE" "$store" "$OLD_SIZE"
+	fi
+	if want part && [ "$depth" = full ]; then
+		local k
+		for k in 1 2 3; do run_tdrain "part-$k" "$store" "$PART_SIZE" partitioned "$k"; done
+	fi
+	if want steady && [ "$depth" = full ]; then
+		run_steady "$store" "$RATE" "$STEADY_S"
+	fi
+}
+
+# ---------------------------------------------------------------- stores
+start_ferretdb() { # start_ferretdb BACKEND: sets URI, STORE_PIDS
+	local backend=$1 info out=$OUT/serve-$1.json
+	"$PY" "$SRCDIR/tests/harness.py" serve --ferretdb --backend "$backend" --json --no-stdin \
+		>"$out" 2>"$OUT/serve-$backend.log" &
+	SERVE_PIDS+=($!)
+	for _ in $(seq 1 600); do
+		[ -s "$out" ] && break
+		kill -0 "${SERVE_PIDS[-1]}" 2>/dev/null || die "harness serve failed: $(tail -3 "$OUT/serve-$backend.log")"
+		sleep 0.1
+	done
+	info=$("$PY" -c 'import json,sys; d=json.load(open(sys.argv[1])); print(d["ferretdb"]["uri"], d["ferretdb"]["pid"], d.get("postgresql", {}).get("pid", ""))' "$out")
+	read -r URI fpid pgpid <<<"$info"
+	STORE_PIDS="$fpid $pgpid"
+}
+
+stop_ferretdb() {
+	local p=${SERVE_PIDS[-1]}
+	kill -TERM "$p" 2>/dev/null || true
+	wait "$p" 2>/dev/null || true
+	unset 'SERVE_PIDS[-1]'
+}
+
+ferretdb_ready() {
+	local f=${FERRETDB:-${TDRAIN_CACHE:-$HOME/.cache/tdrain}/bin/ferretdb}
+	[ -x "$f" ] && [ -x "${PG_BINDIR:-/usr/lib/postgresql/15/bin}/postgres" ] &&
+		"$PY" -c 'import pymongo' 2>/dev/null
+}
+
+machine() {
+	printf 'machine: %s CPUs (%s), %s MiB RAM; %s\n' "$(nproc)" \
+		"$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -1)" \
+		"$(awk '/^MemTotal:/ { printf "%d", $2 / 1024 }' /proc/meminfo)" "$(uname -sr)"
+}
+LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
+
+if [ -n "${BENCH_URI:-}" ]; then
+	URI=$BENCH_URI
+	STORE_PIDS=""
+	SIZES=${BENCH_SIZES:-100000 1000000}
+	OLD_SIZE=${BENCH_OLD_SIZE:-100000}
+	RATE=${BENCH_RATE:-5000}
+	read -r n1 _ <<<"$SIZES"
+	PART_SIZE=${BENCH_PART_SIZE:-$n1}
+	run_store mongodb full
+else
+	if ! ferretdb_ready; then
+		log "FerretDB, PostgreSQL or pymongo missing: running scripts/deps.sh"
+		bash "$SRCDIR/scripts/deps.sh" >&2
+	fi
+	SIZES=${BENCH_SIZES:-10000 40000}
+	OLD_SIZE=${BENCH_OLD_SIZE:-3000}
+	RATE=${BENCH_RATE:-100}
+	read -r n1 _ <<<"$SIZES"
+	PART_SIZE=${BENCH_PART_SIZE:-$n1}
+	first=1
+	for backend in ${BENCH_STORES:-postgresql sqlite}; do
+		start_ferretdb "$backend"
+		log "FerretDB ($backend) at $URI"
+		if [ $first = 1 ]; then run_store "ferretdb-$backend" full; else run_store "ferretdb-$backend" short; fi
+		first=0
+		stop_ferretdb
+	done
+fi
+LOAD_END=$(cut -d' ' -f1-3 /proc/loadavg)
+
+# ---------------------------------------------------------------- the table
+{
+	echo "tdrain benchmark, $(date -u '+%Y-%m-%d %H:%M UTC'), $(git -C "$SRCDIR" describe --always --dirty 2>/dev/null || echo unknown)"
+	machine
+	echo "load average (1/5/15 min): start $LOAD_START, end $LOAD_END; total run $(( $(date +%s) - T_BEGIN )) s"
+	echo "drain.batch_size $BATCH${BENCH_SET:+; settings: $BENCH_SET}"
+	echo
+	awk -F'\t' '
+		function ratio(a, b) { return (a + 0 > 0 && b + 0 > 0) ? sprintf("%.2f", a / b) : "-" }
+		{ sc[NR] = $1; st[NR] = $2; n[NR] = $3; ack[NR] = $4; e2e[NR] = $5; p50[NR] = $6; p99[NR] = $7
+		  cpu[NR] = $8; rss[NR] = $9; scpu[NR] = $10; note[NR] = $11
+		  if ($1 ~ /^raw-/) raw[$2 "|" $3] = $4
+		  if ($1 ~ /^old-/) old[$2 "|" $3] = $4 }
+		END {
+			fmt = "%-12s %-20s %9s %9s %9s %15s %9s %8s %11s %8s %8s  %s\n"
+			printf fmt, "scenario", "store", "backlog", "acked/s", "visible/s", "p50/p99 s", "cpu us/ev", "RSS MiB",
+				"store us/ev", "vs raw", "vs old", "notes"
+			for (i = 1; i <= NR; i++) {
+				lat = (p50[i] != "-" && p50[i] != "") ? sprintf("%.2f/%.2f", p50[i], p99[i]) : "-"
+				vr = "-"; vo = "-"
+				if (sc[i] ~ /^drain-/) { vr = ratio(ack[i], raw[st[i] "|" n[i]]); vo = ratio(e2e[i], old[st[i] "|" n[i]]) }
+				printf fmt, sc[i], st[i], n[i], ack[i], e2e[i], lat, cpu[i], (rss[i] > 0 ? sprintf("%.1f", rss[i] / 1024) : "-"),
+					scpu[i], vr, vo, note[i]
+			}
+		}' "$ROWS"
+} | tee "$OUT/table.txt"
+
+if command -v gnuplot >/dev/null 2>&1 && [ -s "$OUT/perf-drain.dat" ]; then
+	gnuplot -e "datafile='$OUT/perf-drain.dat'; outfile='$OUT/perf-drain.png'; subtitle='$(sed -n 2p "$OUT/table.txt" | cut -c1-90)'" \
+		"$SRCDIR/bench/plot.gp" && log "plot: $OUT/perf-drain.png"
+fi
+log "done in $(( $(date +%s) - T_BEGIN )) s; results in $OUT"

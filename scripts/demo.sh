@@ -34,7 +34,8 @@
 #   DEMO_BACKEND    mongo (leases in the store, default) or etcd (starts a local etcd)
 #   DEMO_DEVICES    devices in the fleet, split between the producers (5000)
 #   DEMO_USERS      usernames (1500)
-#   DEMO_DUP_RATIO  fraction of events a producer sends twice, same insert_id (0.001)
+#   DEMO_DUP_RATIO  fraction of events a producer sends twice, same insert_id
+#                   (FerretDB: 0; DEMO_URI: 0.01)
 #   DEMO_MALFORMED  1: producer B sends the malformed corpus too (default 1)
 #   DEMO_TIMEOUT    give up if the drain is not done after this many seconds
 #                   (DEMO_EVENTS / DEMO_RATE + 900; 1800 without a rate)
@@ -60,7 +61,6 @@ EVENTS=${DEMO_EVENTS:-200000}
 BACKEND=${DEMO_BACKEND:-mongo}
 DEVICES=${DEMO_DEVICES:-5000}
 USERS=${DEMO_USERS:-1500}
-DUP_RATIO=${DEMO_DUP_RATIO:-0.001}
 MALFORMED=${DEMO_MALFORMED:-1}
 KEEP=${DEMO_KEEP:-0}
 EXTRA_SET=${DEMO_SET:-}
@@ -69,6 +69,7 @@ if [ -n "$URI" ]; then
 	RATE=${DEMO_RATE:-0}
 	PRELOAD=${DEMO_PRELOAD:-$EVENTS}
 	DB=${DEMO_DB:-tdrain_demo}
+	DUP_RATIO=${DEMO_DUP_RATIO:-0.01}
 else
 	# Measured on the 2-core development machine, shared with other test runs: three
 	# replicas on FerretDB keep up with about 100 events/s, the fold being the limit
@@ -76,6 +77,9 @@ else
 	RATE=${DEMO_RATE:-100}
 	PRELOAD=${DEMO_PRELOAD:-}
 	DB=${DEMO_DB:-tdrain}
+	# No re-sent events by default: on FerretDB a fold round that meets a duplicate
+	# insert_id reads the whole ledger (one entry per event so far) to tell its own.
+	DUP_RATIO=${DEMO_DUP_RATIO:-0}
 fi
 [[ $RATE =~ ^[0-9]+(\.[0-9]+)?$ ]] || { printf 'demo: DEMO_RATE must be a number (0: as fast as possible)\n' >&2; exit 1; }
 RATE_INT=$(awk -v r="$RATE" 'BEGIN { printf "%d", r }')
@@ -148,7 +152,9 @@ stop_pid() {
 		sleep 0.1
 	done
 	if alive "$pid"; then
-		printf 'demo: pid %s did not stop after %ss: SIGKILL\n' "$pid" "$grace" >&2
+		printf 'demo: pid %s (%s, state %s) did not stop after %ss: SIGKILL\n' "$pid" \
+			"$(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | cut -c1-60)" \
+			"$(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null)" "$grace" >&2
 		kill -KILL "$pid" 2>/dev/null
 	fi
 	wait "$pid" 2>/dev/null
@@ -265,7 +271,11 @@ EOF
 EOF
 else
 	info "The store is the MongoDB at DEMO_URI (database $DB)."
-	info "$(fmt "$PRELOAD") events are loaded before the replicas start; the rest stream in at $RATE_TXT."
+	if [ "$PRELOAD" -ge "$EVENTS" ]; then
+		info "All $(fmt "$EVENTS") events are loaded before the replicas start (DEMO_PRELOAD), $RATE_TXT."
+	else
+		info "$(fmt "$PRELOAD") events are loaded before the replicas start; the rest stream in at $RATE_TXT."
+	fi
 fi
 info "Leases: $([ "$BACKEND" = etcd ] && echo "etcd (started here)" || echo "in the store (tdrain_leases)"); DEMO_BACKEND=etcd|mongo chooses."
 
@@ -489,6 +499,7 @@ printf '  %-20s' "logs"
 first=1
 for f in "${REPLICAS[@]/#/$DIR/}" "$DIR"/checker "$DIR"/serve; do
 	f=$f.log
+	[ -s "$f" ] || continue
 	[ "$first" = 1 ] || printf '  %-20s' ""
 	printf '%s\n' "$f"
 	first=0

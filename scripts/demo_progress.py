@@ -74,9 +74,12 @@ class Out:
             self.block = 0
 
     def live(self, lines):
-        """Terminal: redraw lines in place.  Otherwise: not used (rows are printed with line())."""
+        """Terminal only: redraw [(text, style), ...] in place, each cut to the terminal's
+        width so that none wraps (a wrapped line would break the redraw)."""
+        import shutil
+        width = max(20, shutil.get_terminal_size((120, 24)).columns - 1)
         self.clear_block()
-        sys.stdout.write("\n".join(lines))
+        sys.stdout.write("\n".join(style(text[:width]) for text, style in lines))
         sys.stdout.flush()
         self.block = len(lines)
 
@@ -337,7 +340,7 @@ def watch(a, out):
             row += "  (store: %s)" % store_err
         mtext = map_text(replicas, pmap) if pmap else "(no lease view yet)"
         if out.tty:
-            out.live([out.bold(HEADER), row, out.dim("  partition map  " + mtext)])
+            out.live([(HEADER, out.bold), (row, str), ("  partition map  " + mtext, out.dim)])
         else:
             out.line(row)
             if pmap and pmap != last_map:
