@@ -24,7 +24,7 @@
 # Environment:
 #   DEMO_EVENTS     events to insert, duplicates and malformed documents not included (200000)
 #   DEMO_RATE       events/s, both producers together; 0 = as fast as possible
-#                   (FerretDB: 100, what three replicas sustain there on a 2-core machine;
+#                   (FerretDB: 100, what three replicas drain there on a 2-core machine;
 #                   DEMO_URI: 0)
 #   DEMO_PRELOAD    events inserted before the replicas start (FerretDB: 20 s of
 #                   production, at most 10000; DEMO_URI: DEMO_EVENTS, i.e. everything)
@@ -71,9 +71,10 @@ if [ -n "$URI" ]; then
 	DB=${DEMO_DB:-tdrain_demo}
 	DUP_RATIO=${DEMO_DUP_RATIO:-0.01}
 else
-	# Measured on the 2-core development machine, shared with other test runs: three
-	# replicas on FerretDB keep up with about 100 events/s, the fold being the limit
-	# (a fold round reads and rewrites the derived collections, each statement a scan).
+	# Measured on the 2-core development machine, shared with other test runs: at 100
+	# events/s three replicas keep the FIFO near empty on FerretDB; the fold is the limit
+	# (a round reads and rewrites the derived collections, each statement a full scan
+	# there) and falls behind as those collections grow.
 	RATE=${DEMO_RATE:-100}
 	PRELOAD=${DEMO_PRELOAD:-}
 	DB=${DEMO_DB:-tdrain}
@@ -161,7 +162,7 @@ stop_pid() {
 }
 
 cleanup() {
-	local rc=$? n
+	local rc=$? n i
 	[ "$CLEANED" = 1 ] && return
 	CLEANED=1
 	set +e
@@ -178,7 +179,10 @@ cleanup() {
 	fi
 	if [ -n "$SERVE_PID" ]; then
 		printf 'demo: stopping the servers (harness pid %s)\n' "$SERVE_PID"
-		exec 7>&- 2>/dev/null       # end of its stdin: the harness stops its servers
+		# End of its stdin: the harness stops its servers and removes their data.  Let it
+		# finish: a SIGTERM in the middle of that makes it exit at once, leaving a server.
+		exec 7>&- 2>/dev/null
+		for ((i = 0; i < 600; i++)); do alive "$SERVE_PID" || break; sleep 0.1; done
 		stop_pid "$SERVE_PID" 30
 		[ "$KEEP" = 1 ] && [ -s "$DIR/serve.json" ] &&
 			printf 'demo: server data kept in %s\n' "$("$PYTHON3" -c 'import json,sys; print(json.load(open(sys.argv[1]))["tmp"])' "$DIR/serve.json" 2>/dev/null)"

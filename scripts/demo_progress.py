@@ -513,7 +513,7 @@ def summary(a, out):
         extra = "peak %s events/s over %ss; largest backlog %s" % (num(w.get("peak_rate")), num(a.interval),
                                                                     num(w.get("peak_fifo")))
         if rate_in:
-            extra = "streamed at %s events/s, so that is the ceiling; " % num(rate_in) + extra
+            extra = "producers streamed at %s events/s; " % num(rate_in) + extra
         if w.get("producers_done_at") is not None:
             extra += "; tail after the last insert %s" % dur(d - w["producers_done_at"])
         row("", extra)
@@ -544,11 +544,16 @@ def summary(a, out):
     if mp.get("map"):
         row("leader", "%s   (from %s)" % (mp.get("leader") or "none", mp.get("source")))
         row("partition map", map_text(replicas, mp["map"], sep="\n" + " " * 23))
+    moves = ["%s %d" % (r, int(fin.get(r, {}).get("tdrain_failovers_total", 0))) for r in replicas]
+    if moves:
+        row("leases taken over", ", ".join(moves) + "  (from a replica that released or lost them;"
+            " start-up rebalancing included)")
     for r in replicas:
         f = fin.get(r, {})
-        fo, fe = int(f.get("tdrain_failovers_total", 0)), int(f.get("tdrain_store_errors_total", 0))
-        if fo or fe:
-            row("replica %s" % r, "%d lease take-overs, %d batches retried after a store error" % (fo, fe))
+        fe, ff = int(f.get("tdrain_store_errors_total", 0)), int(f.get("tdrain_batches_fenced_total", 0))
+        if fe or ff:
+            row("replica %s" % r, "%d batches retried after a store error, %d abandoned when a lease ended"
+                % (fe, ff))
     if w.get("status") != 0:
         ok = False
         row("result", out.bad("FAILED: %s" % w.get("reason")))
