@@ -386,9 +386,10 @@ static int apply_images(tdr_fold *f, mongoc_client_t *c, const bson_t *images, t
 		const char *cname = derived_colls[ci];
 		mongoc_collection_t *coll = tdr_store_coll(f->st, c, cname);
 		mongoc_bulk_operation_t *bulk = tdr_bulk_new(coll, 0);
-		bson_t del = BSON_INITIALIZER, in, arr;
+		bson_t del = BSON_INITIALIZER, in, arr, flt;
 		bson_iter_t it;
 		uint32_t nk = 0;
+		int64_t fseq = 0;
 		int rc = 0;
 
 		BSON_APPEND_DOCUMENT_BEGIN(&del, "_id", &in);
@@ -417,6 +418,7 @@ static int apply_images(tdr_fold *f, mongoc_client_t *c, const bson_t *images, t
 					char buf[16];
 					const char *kp;
 
+					fseq = tdr_bson_i64(&img, "_f", 0);
 					bson_uint32_to_string(nk, &kp, buf, sizeof(buf));
 					bson_append_utf8(&arr, kp, -1, k, (int)klen);
 					mongoc_bulk_operation_insert(bulk, &img);
@@ -436,6 +438,14 @@ static int apply_images(tdr_fold *f, mongoc_client_t *c, const bson_t *images, t
 			}
 		bson_append_array_end(&in, &arr);
 		bson_append_document_end(&del, &in);
+		/*
+		 * Only what is older than this round: a deposed leader's delete can reach the
+		 * store late (held by a partition, retransmitted when it heals), and must not
+		 * remove images a newer round already wrote.
+		 */
+		BSON_APPEND_DOCUMENT_BEGIN(&del, "_f", &flt);
+		BSON_APPEND_INT64(&flt, "$lt", fseq);
+		bson_append_document_end(&del, &flt);
 		if (nk && f->st->is_ferretdb) {
 			bson_error_t be;
 
@@ -485,9 +495,13 @@ static int finish_round(tdr_fold *f, mongoc_client_t *c, const bson_t *record, i
 		}
 	}
 	if (rc == 0) {
-		bson_t sel = BSON_INITIALIZER, upd = BSON_INITIALIZER, set, opts = BSON_INITIALIZER;
+		bson_t sel = BSON_INITIALIZER, upd = BSON_INITIALIZER, set, opts = BSON_INITIALIZER, older;
 
+		/* Forward only: a deposed leader's late update must not move the state back. */
 		BSON_APPEND_UTF8(&sel, "_id", "fold");
+		BSON_APPEND_DOCUMENT_BEGIN(&sel, "seq", &older);
+		BSON_APPEND_INT64(&older, "$lt", seq);
+		bson_append_document_end(&sel, &older);
 		BSON_APPEND_DOCUMENT_BEGIN(&upd, "$set", &set);
 		BSON_APPEND_INT64(&set, "seq", seq);
 		BSON_APPEND_INT64(&set, "epoch", epoch);
@@ -496,8 +510,11 @@ static int finish_round(tdr_fold *f, mongoc_client_t *c, const bson_t *record, i
 		bson_append_document_end(&upd, &set);
 		BSON_APPEND_BOOL(&opts, "upsert", true);
 		if (!mongoc_collection_update_one(state, &sel, &upd, &opts, NULL, &be)) {
-			tdr_store_error(&be, "advance fold state", err);
-			rc = TDR_ETRANSIENT;
+			/* A duplicate _id: the state is already at seq or beyond (a newer leader). */
+			if (tdr_store_error(&be, "advance fold state", err) == TDR_EDUP)
+				rc = tdr_err_set(err, TDR_EFENCED, "fold state already past %" PRId64, seq);
+			else
+				rc = TDR_ETRANSIENT;
 		}
 		bson_destroy(&sel);
 		bson_destroy(&upd);

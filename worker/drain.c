@@ -49,6 +49,7 @@ struct group {
 struct recovered {
 	int32_t part;
 	int64_t epoch;
+	int64_t at; /* monotonic ms of the last recovery pass */
 };
 
 struct tdr_drain {
@@ -643,7 +644,20 @@ abandon:
 
 /* ------------------------------------------------------------ recovery */
 
+/*
+ * Recovered in this scope recently.  The pass is repeated every lease TTL: a
+ * deposed holder's claim insert, sent before its deadline, can still reach
+ * the store after our first pass (retransmitted when a partition heals).
+ */
 static int was_recovered(tdr_drain *d, int32_t part, int64_t epoch)
+{
+	for (size_t i = 0; i < d->nrec; i++)
+		if (d->rec[i].part == part && d->rec[i].epoch == epoch)
+			return tdr_mono_ms() - d->rec[i].at < d->cfg.lease_ttl_ms;
+	return 0;
+}
+
+static int recovered_before(tdr_drain *d, int32_t part, int64_t epoch)
 {
 	for (size_t i = 0; i < d->nrec; i++)
 		if (d->rec[i].part == part && d->rec[i].epoch == epoch)
@@ -664,6 +678,11 @@ static void mark_recovered(tdr_drain *d, const tdr_coord_view *v, int32_t part, 
 		else
 			i++;
 	}
+	for (size_t i = 0; i < d->nrec; i++)
+		if (d->rec[i].part == part && d->rec[i].epoch == epoch) {
+			d->rec[i].at = tdr_mono_ms();
+			return;
+		}
 	if (d->nrec == d->caprec) {
 		size_t ncap = d->caprec ? d->caprec * 2 : 16;
 		struct recovered *n = realloc(d->rec, ncap * sizeof(*n));
@@ -673,7 +692,7 @@ static void mark_recovered(tdr_drain *d, const tdr_coord_view *v, int32_t part, 
 		d->rec = n;
 		d->caprec = ncap;
 	}
-	d->rec[d->nrec++] = (struct recovered){ part, epoch };
+	d->rec[d->nrec++] = (struct recovered){ part, epoch, tdr_mono_ms() };
 }
 
 struct orphan_ids {
@@ -814,7 +833,7 @@ static int recover_scope(tdr_drain *d, const tdr_coord_view *v, const tdr_scope 
 {
 	struct orphan_ids o;
 	size_t found = 0;
-	int rc;
+	int rc, again = recovered_before(d, s->part, s->epoch);
 
 	memset(&o, 0, sizeof(o));
 	if ((rc = read_orphans(d, s, &o, err)) < 0)
@@ -895,7 +914,7 @@ static int recover_scope(tdr_drain *d, const tdr_coord_view *v, const tdr_scope 
 		if (rc < 0)
 			goto out;
 	}
-	{
+	if (!again || o.nrecs) {
 		char part[16], epoch[24], count[24];
 		tdr_field f[3] = { { "TDRAIN_PARTITIONS", part }, { "TDRAIN_EPOCH", epoch }, { "TDRAIN_ORPHANS", count } };
 
