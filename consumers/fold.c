@@ -38,6 +38,28 @@ struct userdelta {
 	int64_t count, devices;
 };
 
+#define NCOLL 6 /* derived_colls[] */
+
+/*
+ * The leader's copy of the derived documents (docs/DESIGN.md, "The fold's
+ * cache").  The leader is their only writer, so what it last wrote is what
+ * the store holds: a round reads only keys it has never seen.  The copy is
+ * valid for one epoch and one fold seq: a round that starts at any other
+ * (another leader folded, or our own round failed part-way) starts over
+ * from the store.  On FerretDB, where a keyed read costs a scan of the
+ * collection anyway, the whole collection is read once (complete: a miss
+ * means absent).  Bounded by fold.cache_mb; beyond it the entries are
+ * dropped and misses are read again.
+ */
+struct fold_cache {
+	tdr_map *docs[NCOLL]; /* key -> bson_t * (current document) or &absent */
+	int complete[NCOLL];
+	int valid;
+	int64_t epoch, seq;
+	size_t bytes;
+	int64_t hits, misses, loads;
+};
+
 struct tdr_fold {
 	tdr_config cfg;
 	tdr_store *st;
@@ -47,6 +69,7 @@ struct tdr_fold {
 	pthread_cond_t cv;
 	int stop, running;
 	struct tdr_fold_stats stats;
+	struct fold_cache cache; /* fold thread only */
 };
 
 struct round {
@@ -63,6 +86,14 @@ static const char *const derived_colls[] = { TDR_C_COUNTERS, TDR_C_DEVICES, TDR_
 					     TDR_C_IDENTITIES, TDR_C_USERS, TDR_C_SIGNINS, NULL };
 
 /* ------------------------------------------------------------ helpers */
+
+static int coll_index(const char *name)
+{
+	for (int i = 0; derived_colls[i]; i++)
+		if (strcmp(derived_colls[i], name) == 0)
+			return i;
+	return -1;
+}
 
 static void round_free(struct round *r)
 {
@@ -326,48 +357,210 @@ static int make_image(const bson_t *current, const char *key, size_t klen, const
 	return rc;
 }
 
-/* ------------------------------------------------------------ reading current documents */
+/* ------------------------------------------------------------ the cache */
 
-struct docmap_ctx {
-	tdr_map *m;
-	int failed;
+/* Marks a key known to have no document. */
+static char absent;
+
+/* What an entry costs, roughly: the document, the key and the map slot. */
+#define ENTRY_OVERHEAD 64
+
+static size_t entry_bytes(size_t klen, const void *v)
+{
+	return klen + ENTRY_OVERHEAD + (v && v != &absent ? ((const bson_t *)v)->len : 0);
+}
+
+static void cache_value_free(void *p)
+{
+	if (p && p != &absent)
+		bson_destroy(p);
+}
+
+static void cache_clear(struct fold_cache *fc)
+{
+	for (int i = 0; i < NCOLL; i++) {
+		tdr_map_free(fc->docs[i], cache_value_free);
+		fc->docs[i] = NULL;
+		fc->complete[i] = 0;
+	}
+	fc->bytes = 0;
+	fc->valid = 0;
+}
+
+/* The current document, or NULL if there is none. */
+static const bson_t *cache_doc(const struct fold_cache *fc, int ci, const char *key, size_t klen)
+{
+	void *v = tdr_map_get(fc->docs[ci], key, klen);
+
+	return v == &absent ? NULL : v;
+}
+
+/* Put doc (owned by the cache from now on; NULL: absent) under key, replacing. */
+static int cache_put(struct fold_cache *fc, int ci, const char *key, size_t klen, bson_t *doc)
+{
+	void *old = tdr_map_get(fc->docs[ci], key, klen), *v = doc ? (void *)doc : (void *)&absent;
+
+	if (tdr_map_put(fc->docs[ci], key, klen, v) < 0) {
+		cache_value_free(doc);
+		return -1;
+	}
+	if (old) {
+		fc->bytes -= entry_bytes(klen, old);
+		cache_value_free(old);
+	}
+	fc->bytes += entry_bytes(klen, v);
+	return 0;
+}
+
+static size_t cache_budget(const tdr_fold *f)
+{
+	return (size_t)f->cfg.fold_cache_mb << 20;
+}
+
+struct fill_ctx {
+	struct fold_cache *fc;
+	int ci;
+	size_t limit; /* stop keeping documents beyond this many bytes (0: no limit) */
+	int failed, over;
 };
 
-static void docmap_add(void *vctx, const bson_t *doc)
+static void fill_one(void *vctx, const bson_t *doc)
 {
-	struct docmap_ctx *ctx = vctx;
+	struct fill_ctx *ctx = vctx;
 	uint32_t len;
 	const char *id = tdr_bson_str(doc, "_id", &len);
 	bson_t *copy;
 
-	if (id == NULL || tdr_map_get(ctx->m, id, len))
+	if (id == NULL || ctx->failed || ctx->over)
 		return;
-	copy = bson_copy(doc);
-	if (copy == NULL || tdr_map_put(ctx->m, id, len, copy) < 0) {
-		if (copy)
-			bson_destroy(copy);
-		ctx->failed = 1;
+	if (ctx->limit && ctx->fc->bytes + entry_bytes(len, doc) > ctx->limit) {
+		ctx->over = 1;
+		return;
 	}
+	copy = bson_copy(doc);
+	if (copy == NULL || cache_put(ctx->fc, ctx->ci, id, len, copy) < 0)
+		ctx->failed = 1;
 }
 
-static void bson_free_value(void *p)
+/*
+ * Start over at (epoch, seq).  On FerretDB read every derived collection whole:
+ * one scan each, the price of a single keyed read there.  A collection that
+ * does not fit in what is left of the budget stays incomplete (what was read
+ * is kept and correct; misses are read by key).
+ */
+static int cache_reset(tdr_fold *f, mongoc_client_t *c, int64_t epoch, int64_t seq, tdr_err *err)
 {
-	if (p)
-		bson_destroy(p);
+	struct fold_cache *fc = &f->cache;
+
+	cache_clear(fc);
+	for (int i = 0; i < NCOLL; i++)
+		if ((fc->docs[i] = tdr_map_new(1024)) == NULL) {
+			cache_clear(fc);
+			return tdr_err_set(err, TDR_ENOMEM, "out of memory");
+		}
+	fc->epoch = epoch;
+	fc->seq = seq;
+	fc->loads++;
+	if (f->st->is_ferretdb && f->cfg.fold_cache_mb > 0)
+		for (int i = 0; i < NCOLL; i++) {
+			mongoc_collection_t *coll = tdr_store_coll(f->st, c, derived_colls[i]);
+			struct fill_ctx ctx = { fc, i, cache_budget(f), 0, 0 };
+			bson_t filter = BSON_INITIALIZER, opts;
+			mongoc_cursor_t *cur;
+			const bson_t *doc;
+			bson_error_t be;
+			int failed;
+
+			tdr_store_read_opts(f->st, &opts);
+			cur = mongoc_collection_find_with_opts(coll, &filter, &opts, NULL);
+			while (!ctx.failed && !ctx.over && mongoc_cursor_next(cur, &doc))
+				fill_one(&ctx, doc);
+			failed = mongoc_cursor_error(cur, &be);
+			mongoc_cursor_destroy(cur);
+			bson_destroy(&opts);
+			bson_destroy(&filter);
+			mongoc_collection_destroy(coll);
+			if (failed) {
+				cache_clear(fc);
+				tdr_store_error(&be, "fold cache load", err);
+				return TDR_ETRANSIENT;
+			}
+			if (ctx.failed) {
+				cache_clear(fc);
+				return tdr_err_set(err, TDR_ENOMEM, "out of memory");
+			}
+			fc->complete[i] = !ctx.over;
+		}
+	fc->valid = 1;
+	return 0;
 }
 
-/* Current documents of coll for keys, into m (key -> bson_t*): one $in per 500 keys. */
-static int read_current(tdr_fold *f, mongoc_client_t *c, const char *coll_name, const char *const *keys,
-			const size_t *lens, size_t n, tdr_map *m, tdr_err *err)
+/*
+ * Make sure the cache knows keys of collection ci: read the ones it has never
+ * seen (one $in per 500 keys; none when the collection is complete), and
+ * mark those the store does not have as absent.
+ */
+static int cache_fill(tdr_fold *f, mongoc_client_t *c, int ci, const char *const *keys, const size_t *lens,
+		      size_t n, tdr_err *err)
 {
-	mongoc_collection_t *coll = tdr_store_coll(f->st, c, coll_name);
-	struct docmap_ctx ctx = { m, 0 };
-	int rc = read_in(f, coll, keys, lens, n, docmap_add, &ctx, err);
+	struct fold_cache *fc = &f->cache;
+	const char **miss = NULL;
+	size_t *mlens = NULL, nmiss = 0;
+	int rc = 0;
 
-	mongoc_collection_destroy(coll);
-	if (rc == 0 && ctx.failed)
+	if (fc->complete[ci]) {
+		fc->hits += (int64_t)n;
+		return 0;
+	}
+	if (n == 0)
+		return 0;
+	miss = calloc(n, sizeof(*miss));
+	mlens = calloc(n, sizeof(*mlens));
+	if (miss == NULL || mlens == NULL) {
 		rc = tdr_err_set(err, TDR_ENOMEM, "out of memory");
+		goto out;
+	}
+	for (size_t i = 0; i < n; i++)
+		if (tdr_map_get(fc->docs[ci], keys[i], lens[i]) == NULL) {
+			miss[nmiss] = keys[i];
+			mlens[nmiss++] = lens[i];
+		}
+	fc->hits += (int64_t)(n - nmiss);
+	fc->misses += (int64_t)nmiss;
+	if (nmiss) {
+		mongoc_collection_t *coll = tdr_store_coll(f->st, c, derived_colls[ci]);
+		struct fill_ctx ctx = { fc, ci, 0, 0, 0 };
+
+		rc = read_in(f, coll, miss, mlens, nmiss, fill_one, &ctx, err);
+		mongoc_collection_destroy(coll);
+		if (rc == 0 && ctx.failed)
+			rc = tdr_err_set(err, TDR_ENOMEM, "out of memory");
+		for (size_t i = 0; rc == 0 && i < nmiss; i++)
+			if (tdr_map_get(fc->docs[ci], miss[i], mlens[i]) == NULL &&
+			    cache_put(fc, ci, miss[i], mlens[i], NULL) < 0)
+				rc = tdr_err_set(err, TDR_ENOMEM, "out of memory");
+	}
+out:
+	free(miss);
+	free(mlens);
 	return rc;
+}
+
+/* After a committed round: the cache now describes seq.  Over budget: forget, stay valid. */
+static void cache_advance(tdr_fold *f, int64_t seq)
+{
+	struct fold_cache *fc = &f->cache;
+
+	fc->seq = seq;
+	if (fc->bytes > cache_budget(f)) {
+		for (int i = 0; i < NCOLL; i++) {
+			tdr_map_clear(fc->docs[i], cache_value_free);
+			fc->complete[i] = 0;
+		}
+		fc->bytes = 0;
+		log_info("fold: cache over fold.cache_mb (%" PRId64 " MiB), emptied; keys are read again as needed",
+			 f->cfg.fold_cache_mb);
+	}
 }
 
 /* ------------------------------------------------------------ applying images */
@@ -380,7 +573,7 @@ static int read_current(tdr_fold *f, mongoc_client_t *c, const char *coll_name, 
  * insert_many: two scans per round however many documents changed.  Readers
  * of a FerretDB store can see a document briefly absent between the two.
  */
-static int apply_images(tdr_fold *f, mongoc_client_t *c, const bson_t *images, tdr_err *err)
+static int apply_images(tdr_fold *f, mongoc_client_t *c, const bson_t *images, int first, tdr_err *err)
 {
 	for (int ci = 0; derived_colls[ci]; ci++) {
 		const char *cname = derived_colls[ci];
@@ -388,8 +581,8 @@ static int apply_images(tdr_fold *f, mongoc_client_t *c, const bson_t *images, t
 		mongoc_bulk_operation_t *bulk = tdr_bulk_new(coll, 0);
 		bson_t del = BSON_INITIALIZER, in, arr, flt;
 		bson_iter_t it;
-		uint32_t nk = 0;
-		int64_t fseq = 0;
+		uint32_t nk = 0, ndel = 0;
+		int64_t fseq = 0, dups = 0;
 		int rc = 0;
 
 		BSON_APPEND_DOCUMENT_BEGIN(&del, "_id", &in);
@@ -419,8 +612,14 @@ static int apply_images(tdr_fold *f, mongoc_client_t *c, const bson_t *images, t
 					const char *kp;
 
 					fseq = tdr_bson_i64(&img, "_f", 0);
-					bson_uint32_to_string(nk, &kp, buf, sizeof(buf));
-					bson_append_utf8(&arr, kp, -1, k, (int)klen);
+					/*
+					 * A key the store had no document for needs no delete.  Only on the
+					 * round's first apply: a redo cannot know what the failed attempt wrote.
+					 */
+					if (!first || !tdr_bson_bool(&rec, "n", false)) {
+						bson_uint32_to_string(ndel++, &kp, buf, sizeof(buf));
+						bson_append_utf8(&arr, kp, -1, k, (int)klen);
+					}
 					mongoc_bulk_operation_insert(bulk, &img);
 				} else {
 					bson_t sel = BSON_INITIALIZER, lt, opts = BSON_INITIALIZER;
@@ -446,7 +645,7 @@ static int apply_images(tdr_fold *f, mongoc_client_t *c, const bson_t *images, t
 		BSON_APPEND_DOCUMENT_BEGIN(&del, "_f", &flt);
 		BSON_APPEND_INT64(&flt, "$lt", fseq);
 		bson_append_document_end(&del, &flt);
-		if (nk && f->st->is_ferretdb) {
+		if (ndel && f->st->is_ferretdb) {
 			bson_error_t be;
 
 			if (!mongoc_collection_delete_many(coll, &del, NULL, NULL, &be)) {
@@ -455,7 +654,15 @@ static int apply_images(tdr_fold *f, mongoc_client_t *c, const bson_t *images, t
 			}
 		}
 		if (rc == 0 && nk)
-			rc = tdr_bulk_run(bulk, cname, NULL, NULL, err);
+			rc = tdr_bulk_run(bulk, cname, &dups, NULL, err);
+		/*
+		 * A first apply on FerretDB deleted every key it replaces, so a duplicate
+		 * means the store held a document the cache thought absent: fail the
+		 * round; the redo that follows deletes before it inserts.
+		 */
+		if (rc == 0 && dups && first && f->st->is_ferretdb)
+			rc = tdr_err_set(err, TDR_ETRANSIENT, "%s: %" PRId64 " documents the fold did not expect; redoing the round",
+					 cname, dups);
 		bson_destroy(&del);
 		mongoc_bulk_operation_destroy(bulk);
 		mongoc_collection_destroy(coll);
@@ -576,7 +783,7 @@ static struct userdelta *user_delta(tdr_map *users, const char *u, size_t ulen)
  * the devices linked to it: a (re)link moves the device's whole count as one
  * forward delta, and nothing re-reads history.
  */
-static int resolve_identities(tdr_map *devs, tdr_map *cur_dev, tdr_map *cur_id, bson_t *writes, uint32_t *idx,
+static int resolve_identities(tdr_map *devs, const struct fold_cache *fc, bson_t *writes, uint32_t *idx,
 			      tdr_err *err)
 {
 	tdr_map *users = tdr_map_new(256);
@@ -589,7 +796,8 @@ static int resolve_identities(tdr_map *devs, tdr_map *cur_dev, tdr_map *cur_id, 
 		return tdr_err_set(err, TDR_ENOMEM, "out of memory");
 	while (tdr_map_next(devs, &pos, &key, &klen, &v)) {
 		struct devround *dr = v;
-		const bson_t *idoc = tdr_map_get(cur_id, key, klen), *ddoc = tdr_map_get(cur_dev, key, klen);
+		const bson_t *idoc = cache_doc(fc, coll_index(TDR_C_IDENTITIES), key, klen),
+			     *ddoc = cache_doc(fc, coll_index(TDR_C_DEVICES), key, klen);
 		const char *old_u = idoc ? tdr_bson_str(idoc, "username", NULL) : NULL;
 		uint32_t old_ulen = 0;
 		int64_t old_t = 0, before = ddoc ? tdr_bson_i64(ddoc, "count", 0) : 0;
@@ -733,7 +941,7 @@ static int redo(tdr_fold *f, mongoc_client_t *c, const bson_t *record, int64_t s
 	if (!tdr_coord_may_lead(f->coord, epoch))
 		return tdr_err_set(err, TDR_EFENCED, "no longer leader");
 	log_info("fold: redoing round %" PRId64 " left unfinished by a previous leader", seq);
-	if ((rc = apply_images(f, c, &images, err)) < 0)
+	if ((rc = apply_images(f, c, &images, 0, err)) < 0)
 		return rc;
 	if ((rc = finish_round(f, c, record, seq, epoch, err)) < 0)
 		return rc;
@@ -1025,22 +1233,21 @@ oom:
  * (one $in per collection), compute after-images, and append them to images.
  * cur_by_coll[i] maps key -> current document of derived_colls[i].
  */
-static int build_images(tdr_fold *f, mongoc_client_t *c, const bson_t *writes, tdr_map *const *cur_by_coll,
-			const int *already_read, int64_t seq, bson_t *images, tdr_err *err)
+static int build_images(tdr_fold *f, mongoc_client_t *c, const bson_t *writes, int64_t seq, bson_t *images,
+			tdr_err *err)
 {
+	struct fold_cache *fc = &f->cache;
 	uint32_t idx = 0;
 	int rc = 0;
 
 	for (int ci = 0; derived_colls[ci] && rc == 0; ci++) {
 		const char **keys = NULL;
 		size_t *lens = NULL, n = 0;
-		tdr_map *cur = cur_by_coll[ci];
 		bson_iter_t it;
 
 		if (writes_keys(writes, derived_colls[ci], &keys, &lens, &n) < 0)
 			return tdr_err_set(err, TDR_ENOMEM, "out of memory");
-		if (n && !already_read[ci])
-			rc = read_current(f, c, derived_colls[ci], keys, lens, n, cur, err);
+		rc = cache_fill(f, c, ci, keys, lens, n, err);
 		free(keys);
 		free(lens);
 		if (rc < 0)
@@ -1053,7 +1260,7 @@ static int build_images(tdr_fold *f, mongoc_client_t *c, const bson_t *writes, t
 			const uint8_t *data;
 			uint32_t len, klen;
 			const char *cc, *k;
-			bson_t *current;
+			const bson_t *current;
 			char buf[16];
 			const char *kp;
 
@@ -1070,7 +1277,7 @@ static int build_images(tdr_fold *f, mongoc_client_t *c, const bson_t *writes, t
 			bson_iter_document(&ui, &len, &data);
 			if (!bson_init_static(&u, data, len))
 				continue;
-			current = tdr_map_get(cur, k, klen);
+			current = cache_doc(fc, ci, k, klen);
 			if (make_image(current, k, klen, &u, seq, &image) < 0) {
 				bson_destroy(&image);
 				rc = tdr_err_set(err, TDR_EFAIL, "cannot apply recorded update to %s %.*s", cc, (int)klen, k);
@@ -1080,37 +1287,27 @@ static int build_images(tdr_fold *f, mongoc_client_t *c, const bson_t *writes, t
 			bson_append_document_begin(images, kp, -1, &out);
 			BSON_APPEND_UTF8(&out, "c", cc);
 			BSON_APPEND_DOCUMENT(&out, "d", &image);
+			/* New: the store has no document for this key (FerretDB skips its delete). */
+			if (current == NULL)
+				BSON_APPEND_BOOL(&out, "n", true);
 			bson_append_document_end(images, &out);
-			/* Two writes to one key in a round chain through the map. */
+			/*
+			 * The cache takes the image now; two writes to one key in a round
+			 * chain through it.  A round that fails after this point drops
+			 * the cache (tdr_fold_round).
+			 */
 			{
 				bson_t *copy = bson_copy(&image);
 
-				if (copy == NULL) {
-					bson_destroy(&image);
-					rc = tdr_err_set(err, TDR_ENOMEM, "out of memory");
-					break;
-				}
-				if (current)
-					bson_destroy(current);
-				if (tdr_map_put(cur, k, klen, copy) < 0) {
-					bson_destroy(copy);
-					bson_destroy(&image);
+				bson_destroy(&image);
+				if (copy == NULL || cache_put(fc, ci, k, klen, copy) < 0) {
 					rc = tdr_err_set(err, TDR_ENOMEM, "out of memory");
 					break;
 				}
 			}
-			bson_destroy(&image);
 		}
 	}
 	return rc;
-}
-
-static int coll_index(const char *name)
-{
-	for (int i = 0; derived_colls[i]; i++)
-		if (strcmp(derived_colls[i], name) == 0)
-			return i;
-	return -1;
 }
 
 int tdr_fold_round(tdr_fold *f, int64_t epoch, int64_t *ret_n, tdr_err *err)
@@ -1118,20 +1315,15 @@ int tdr_fold_round(tdr_fold *f, int64_t epoch, int64_t *ret_n, tdr_err *err)
 	mongoc_client_t *c = tdr_store_pop(f->st);
 	struct round r;
 	void *states[8] = { 0 };
-	tdr_map *devs = NULL, *cur[8] = { 0 };
+	tdr_map *devs = NULL;
 	bson_t *record = NULL, writes = BSON_INITIALIZER, images, rec = BSON_INITIALIZER;
 	int64_t seq = 0, dups = 0, t0 = tdr_mono_us(), lag = 0;
 	uint32_t idx = 0;
-	int rc, np = 0, ncoll = 0, already_read[8] = { 0 };
+	int rc, np = 0, cache_touched = 0;
 
 	memset(&r, 0, sizeof(r));
 	bson_init(&images);
 	*ret_n = 0;
-	for (ncoll = 0; derived_colls[ncoll]; ncoll++)
-		if ((cur[ncoll] = tdr_map_new(256)) == NULL) {
-			rc = tdr_err_set(err, TDR_ENOMEM, "out of memory");
-			goto out;
-		}
 	/*
 	 * Deltas first: with none there is nothing to fold, and nothing to redo
 	 * either that cannot wait (a redo record's deltas are deleted only after
@@ -1146,8 +1338,13 @@ int tdr_fold_round(tdr_fold *f, int64_t epoch, int64_t *ret_n, tdr_err *err)
 		goto out;
 	if (record) {
 		rc = redo(f, c, record, seq + 1, epoch, err);
+		cache_clear(&f->cache);
 		*ret_n = 1;
 		goto out;
+	}
+	if (!f->cache.valid || f->cache.epoch != epoch || f->cache.seq != seq) {
+		if ((rc = cache_reset(f, c, epoch, seq, err)) < 0)
+			goto out;
 	}
 	{
 		bson_iter_t it;
@@ -1213,9 +1410,9 @@ int tdr_fold_round(tdr_fold *f, int64_t epoch, int64_t *ret_n, tdr_err *err)
 			keys[k] = key;
 			lens[k++] = klen;
 		}
-		rc = read_current(f, c, TDR_C_DEVICES, keys, lens, k, cur[coll_index(TDR_C_DEVICES)], err);
+		rc = cache_fill(f, c, coll_index(TDR_C_DEVICES), keys, lens, k, err);
 		if (rc == 0)
-			rc = read_current(f, c, TDR_C_IDENTITIES, keys, lens, k, cur[coll_index(TDR_C_IDENTITIES)], err);
+			rc = cache_fill(f, c, coll_index(TDR_C_IDENTITIES), keys, lens, k, err);
 		free(keys);
 		free(lens);
 		if (rc < 0)
@@ -1223,12 +1420,10 @@ int tdr_fold_round(tdr_fold *f, int64_t epoch, int64_t *ret_n, tdr_err *err)
 	}
 	for (int p = 0; p < np; p++)
 		tdr_projections[p].emit(states[p], &writes, &idx, seq + 1);
-	if ((rc = resolve_identities(devs, cur[coll_index(TDR_C_DEVICES)], cur[coll_index(TDR_C_IDENTITIES)], &writes,
-				     &idx, err)) < 0)
+	if ((rc = resolve_identities(devs, &f->cache, &writes, &idx, err)) < 0)
 		goto out;
-	/* Collections already read keep their maps; build_images reads the rest. */
-	already_read[coll_index(TDR_C_DEVICES)] = already_read[coll_index(TDR_C_IDENTITIES)] = 1;
-	if ((rc = build_images(f, c, &writes, cur, already_read, seq + 1, &images, err)) < 0)
+	cache_touched = 1;
+	if ((rc = build_images(f, c, &writes, seq + 1, &images, err)) < 0)
 		goto out;
 
 	BSON_APPEND_INT64(&rec, "_id", seq + 1);
@@ -1272,10 +1467,11 @@ int tdr_fold_round(tdr_fold *f, int64_t epoch, int64_t *ret_n, tdr_err *err)
 			goto out;
 	}
 	/* Steps 5-6. */
-	if ((rc = apply_images(f, c, &images, err)) < 0)
+	if ((rc = apply_images(f, c, &images, 1, err)) < 0)
 		goto out;
 	if ((rc = finish_round(f, c, &rec, seq + 1, epoch, err)) < 0)
 		goto out;
+	cache_advance(f, seq + 1);
 	pthread_mutex_lock(&f->mu);
 	f->stats.rounds++;
 	f->stats.deltas += (int64_t)r.ndeltas;
@@ -1283,14 +1479,19 @@ int tdr_fold_round(tdr_fold *f, int64_t epoch, int64_t *ret_n, tdr_err *err)
 	f->stats.duplicates += dups;
 	f->stats.lag_ms = lag;
 	f->stats.round_us = tdr_mono_us() - t0;
+	f->stats.cache_bytes = (int64_t)f->cache.bytes;
+	f->stats.cache_loads = f->cache.loads;
+	f->stats.cache_hits = f->cache.hits;
+	f->stats.cache_misses = f->cache.misses;
 	pthread_mutex_unlock(&f->mu);
 	*ret_n = (int64_t)r.ndeltas;
 out:
+	/* The images are in the cache; whether they are in the store is not known. */
+	if (rc < 0 && cache_touched)
+		cache_clear(&f->cache);
 	for (int p = 0; p < np; p++)
 		if (states[p])
 			tdr_projections[p].destroy(states[p]);
-	for (int i = 0; i < ncoll; i++)
-		tdr_map_free(cur[i], bson_free_value);
 	tdr_map_free(devs, free);
 	bson_destroy(&rec);
 	bson_destroy(&writes);
@@ -1448,8 +1649,13 @@ static void *fold_thread(void *arg)
 					wait = 0;
 			}
 		}
+		/* Not the leader: the next leadership starts from the store anyway. */
+		if (!leader && f->cache.valid)
+			cache_clear(&f->cache);
 		pthread_mutex_lock(&f->mu);
 		f->stats.active = leader;
+		if (!leader)
+			f->stats.cache_bytes = 0;
 		if (rc < 0)
 			f->stats.errors++;
 		if (wait > 0 && !f->stop) {
@@ -1513,6 +1719,7 @@ void tdr_fold_free(tdr_fold *f)
 	if (f == NULL)
 		return;
 	tdr_fold_stop(f);
+	cache_clear(&f->cache);
 	pthread_mutex_destroy(&f->mu);
 	pthread_cond_destroy(&f->cv);
 	free(f);
@@ -1523,6 +1730,7 @@ void tdr_fold_reload(tdr_fold *f, const tdr_config *cfg)
 	pthread_mutex_lock(&f->mu);
 	f->cfg.fold_interval_ms = cfg->fold_interval_ms;
 	f->cfg.fold_max_deltas = cfg->fold_max_deltas;
+	f->cfg.fold_cache_mb = cfg->fold_cache_mb;
 	pthread_mutex_unlock(&f->mu);
 }
 

@@ -12,6 +12,8 @@
  *   3. aggregate the new events; build one update per derived document;
  *   4. insert redo record f+1 {deltas, writes} (unique key: the commit point);
  *   5. apply the writes (lone-_id upserts, each setting _f = f+1);
+ *      the leader keeps what it wrote (the cache), so step 3 reads only
+ *      keys it has not seen;
  *   6. delete the deltas, advance tdrain_state.fold to f+1, drop the record.
  * A redo reads the written documents and skips those with _f >= f+1, so a
  * replay applies each write once.  In partitioned mode the leader also
@@ -40,6 +42,9 @@ struct tdr_fold_stats {
 	int64_t lag_ms;        /* age of the oldest delta at the last round */
 	int64_t round_us;      /* duration of the last round */
 	int64_t errors;
+	int64_t cache_bytes;   /* the leader's copy of derived documents */
+	int64_t cache_loads;   /* times it started over from the store */
+	int64_t cache_hits, cache_misses; /* keys found in it / read from the store */
 };
 
 int tdr_fold_new(tdr_fold **ret, const tdr_config *cfg, tdr_store *st, tdr_coord *coord, tdr_err *err);

@@ -45,6 +45,7 @@ typedef struct tdr_config {
 
 	int64_t fold_interval_ms;
 	int64_t fold_max_deltas;
+	int64_t fold_cache_mb;
 
 	char archive_dir[512];
 	int64_t archive_max_bytes;

@@ -86,6 +86,12 @@ int tdr_metrics_write(const char *path, const struct tdr_metrics *m, tdr_err *er
 	counter(f, "tdrain_fold_duplicates_total", "Events skipped as duplicates (same insert_id).", labels,
 		m->fold.duplicates);
 	counter(f, "tdrain_triaged_total", "Events given a partition by the leader.", labels, m->fold.triaged);
+	gauge(f, "tdrain_fold_cache_bytes", "Derived documents the leader keeps in memory (fold.cache_mb).", labels,
+	      (double)m->fold.cache_bytes);
+	counter(f, "tdrain_fold_cache_loads_total", "Times the fold's copy started over from the store.", labels,
+		m->fold.cache_loads);
+	counter(f, "tdrain_fold_cache_misses_total", "Derived keys the fold had to read from the store.", labels,
+		m->fold.cache_misses);
 	if (m->has_archive) {
 		gauge(f, "tdrain_archive_backlog_bytes", "Archive bytes not yet delivered to the HTTP sink.", labels,
 		      (double)m->archive.backlog_bytes);
