@@ -61,21 +61,11 @@ ROWS=$OUT/rows.tsv
 : >"$ROWS"
 
 # ---------------------------------------------------------------- programs
-for p in tdrain tdrain-loadgen; do
+# All three are build products (Makefile.am: `make bench` builds them first).
+for p in tdrain tdrain-loadgen tdrain-bench-refs; do
 	[ -x "$BUILDDIR/$p" ] || die "$BUILDDIR/$p is not built (make $p, or set TDRAIN_BUILDDIR)"
 done
 REFS=$BUILDDIR/tdrain-bench-refs
-if [ ! -x "$REFS" ] || [ "$SRCDIR/bench/refs.c" -nt "$REFS" ]; then
-	# Until Makefile.am builds it (check_PROGRAMS), build it here from the tree,
-	# with the flags configure chose, against the build's libtdrain.a.
-	[ -f "$BUILDDIR/libtdrain.a" ] || die "$BUILDDIR/libtdrain.a is missing: build tdrain first"
-	cflags=$(sed -n 's/^TDRAIN_CFLAGS = //p' "$BUILDDIR/Makefile" 2>/dev/null || true)
-	log "building tdrain-bench-refs"
-	# shellcheck disable=SC2046,SC2086
-	${CC:-cc} -O2 -g $cflags -I"$SRCDIR" -I"$BUILDDIR" $(pkg-config --cflags libmongoc-1.0) \
-		-o "$REFS" "$SRCDIR/bench/refs.c" "$BUILDDIR/libtdrain.a" \
-		$(pkg-config --libs libmongoc-1.0 jansson libcurl libsystemd) -lpthread -lm
-fi
 LOADGEN=$BUILDDIR/tdrain-loadgen
 TDRAIN=$BUILDDIR/tdrain
 
