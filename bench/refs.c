@@ -27,7 +27,8 @@
  *       over --metrics files), backlog (total - acknowledged), visible (sum of
  *       event_counters.count: events folded into the projections; the
  *       collection holds one document per event name and day, so reading it is
- *       cheap on every store), and the drain rate over the last 5 s.  Stops
+ *       cheap on every store), and the drain rate of the last batch (events
+ *       acknowledged since the previous change / its duration).  Stops
  *       when every event is visible (or --timeout).  With a producer command
  *       (tdrain-loadgen --rate R ...), it is started at t0 and the end-to-end
  *       latency of event k is (first sample with visible >= k) - (time batch
@@ -924,35 +925,37 @@ static int run_watch(const struct opts *o)
 	int64_t t0 = tdr_mono_us(), vis = 0, acked = 0, t_empty = -1, t_visible = -1, t_prod_end = -1;
 	pid_t prod = -1;
 	int prod_status = 0;
-	double *lat = NULL;
-	int64_t nlat = 0;
-	/* acknowledged counts of the last 5 s of samples, for the plotted rate */
-	enum { HIST = 64 };
-	int64_t hist_t[HIST], hist_a[HIST];
-	int hn = 0;
+	double *lat = NULL, *alat = NULL;
+	int64_t nlat = 0, nalat = 0, acked_seen = 0;
+	/* drain rate per batch: acknowledged since the previous change / time since it */
+	int64_t chg_t = 0, chg_a = 0, rate = 0;
 
 	if (o->dat && (dat = fopen(o->dat, "we")) == NULL)
 		die("%s: %s", o->dat, strerror(errno));
 	if (dat)
-		fprintf(dat, "# seconds acknowledged backlog visible drain_rate_5s\n");
+		fprintf(dat, "# seconds acknowledged backlog visible drain_rate(per batch: acknowledged since the previous change / its duration)\n");
 	if (o->producer) {
 		if (o->rate <= 0 || o->producer_batch <= 0)
 			die("a producer needs --rate and --producer-batch");
 		lat = calloc((size_t)o->total, sizeof(*lat));
-		if (lat == NULL)
+		alat = calloc((size_t)o->total, sizeof(*alat));
+		if (lat == NULL || alat == NULL)
 			die("out of memory");
 		t0 = tdr_mono_us();
 		prod = fork();
 		if (prod < 0)
 			die("fork: %s", strerror(errno));
 		if (prod == 0) {
+			/* Our stdout is the one result line; the producer's own report goes to stderr. */
+			if (dup2(STDERR_FILENO, STDOUT_FILENO) < 0)
+				_exit(127);
 			execv(o->producer[0], o->producer);
 			fprintf(stderr, PROG ": exec %s: %s\n", o->producer[0], strerror(errno));
 			_exit(127);
 		}
 	}
 	while (!stop_flag) {
-		int64_t now = tdr_mono_us(), t = now - t0, v, rate = 0;
+		int64_t now = tdr_mono_us(), t = now - t0, v;
 		int empty;
 
 		if (prod > 0 && t_prod_end < 0 && waitpid(prod, &prod_status, WNOHANG) == prod)
@@ -972,29 +975,35 @@ static int run_watch(const struct opts *o)
 		}
 		if (o->metrics)
 			acked = metrics_sum(o->metrics, "tdrain_events_processed_total");
+		/* The same for acknowledgement, from the replicas' metrics files (refreshed about every second). */
+		if (alat && acked > acked_seen) {
+			for (int64_t k = acked_seen + 1; k <= acked && k <= o->total; k++) {
+				int64_t b = (k + o->producer_batch - 1) / o->producer_batch;
+
+				alat[nalat++] = (double)t / 1e6 - (double)b * (double)o->producer_batch / o->rate;
+			}
+			acked_seen = acked;
+		}
 		/* The FIFO holds exactly the unacknowledged backlog: empty = every event acknowledged. */
 		empty = !o->producer && t_empty < 0 && fifo_empty(events);
 		if (empty)
 			t_empty = t;
 		if (vis >= o->total && t_visible < 0)
 			t_visible = t;
-		hist_t[hn % HIST] = t;
-		hist_a[hn % HIST] = acked;
-		hn++;
-		{
-			int j = hn - 1;
-
-			while (j > 0 && j > hn - HIST + 1 && t - hist_t[(j - 1) % HIST] <= 5000000)
-				j--;
-			if (j < hn - 1 && t > hist_t[j % HIST])
-				rate = (acked - hist_a[j % HIST]) * 1000000 / (t - hist_t[j % HIST]);
+		if (acked != chg_a) {
+			rate = t > chg_t ? (acked - chg_a) * 1000000 / (t - chg_t) : 0;
+			chg_a = acked;
+			chg_t = t;
 		}
 		if (dat) {
 			fprintf(dat, "%.3f %" PRId64 " %" PRId64 " %" PRId64 " %" PRId64 "\n", (double)t / 1e6, acked,
 				o->total - acked, vis, rate);
 			fflush(dat);
 		}
-		if (t_visible >= 0 && (o->producer ? t_prod_end >= 0 : t_empty >= 0))
+		/* With a producer, also wait for the metrics to count every event acknowledged (their
+		 * files are rewritten about once a second), so every event has an acknowledgement latency. */
+		if (t_visible >= 0 &&
+		    (o->producer ? t_prod_end >= 0 && (!o->metrics || acked >= o->total) : t_empty >= 0))
 			break;
 		if (o->timeout_s > 0 && t > o->timeout_s * 1000000)
 			break;
@@ -1024,13 +1033,22 @@ static int run_watch(const struct opts *o)
 			p99 = lat[(size_t)((double)(nlat - 1) * 0.99)];
 			pmax = lat[nlat - 1];
 		}
-		printf(" latency_n=%" PRId64 " p50=%.3f p99=%.3f max=%.3f producer_s=%.3f producer_due_s=%.3f producer_rc=%d",
-		       nlat, p50, p99, pmax, t_prod_end >= 0 ? (double)t_prod_end / 1e6 : -1.0,
+		double a50 = -1, a99 = -1;
+
+		if (nalat) {
+			qsort(alat, (size_t)nalat, sizeof(*alat), cmp_double);
+			a50 = alat[(size_t)((double)(nalat - 1) * 0.50)];
+			a99 = alat[(size_t)((double)(nalat - 1) * 0.99)];
+		}
+		printf(" latency_n=%" PRId64 " p50=%.3f p99=%.3f max=%.3f ack_p50=%.3f ack_p99=%.3f producer_s=%.3f "
+		       "producer_due_s=%.3f producer_rc=%d",
+		       nlat, p50, p99, pmax, a50, a99, t_prod_end >= 0 ? (double)t_prod_end / 1e6 : -1.0,
 		       (double)o->total / o->rate, WIFEXITED(prod_status) ? WEXITSTATUS(prod_status) : -1);
 	}
 	printf("\n");
 	fflush(stdout);
 	free(lat);
+	free(alat);
 	if (dat)
 		fclose(dat);
 	mongoc_collection_destroy(events);
