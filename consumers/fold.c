@@ -967,7 +967,12 @@ static int read_deltas(tdr_fold *f, mongoc_client_t *c, struct round *r, tdr_err
 		return tdr_err_set(err, TDR_ENOMEM, "out of memory");
 	}
 	BSON_APPEND_INT64(&opts, "limit", f->cfg.fold_max_deltas);
-	BSON_APPEND_INT64(&opts, "batchSize", f->cfg.fold_max_deltas);
+	/*
+	 * A delta holds a whole batch (up to drain.batch_size events): a small
+	 * first reply, so that a round that stops at ROUND_EVENTS_MAX fetches
+	 * about what it folds, not fold.max_deltas batches.
+	 */
+	BSON_APPEND_INT64(&opts, "batchSize", f->cfg.fold_max_deltas < 16 ? f->cfg.fold_max_deltas : 16);
 	BSON_APPEND_INT64(&opts, "maxTimeMS", f->st->timeout_ms);
 	cur = mongoc_collection_find_with_opts(deltas, &filter, &opts, NULL);
 	while (r->ndeltas < (size_t)f->cfg.fold_max_deltas && r->nev < ROUND_EVENTS_MAX &&
@@ -1700,6 +1705,16 @@ int tdr_fold_start(tdr_fold *f, tdr_err *err)
 		return tdr_err_set(err, TDR_EFAIL, "cannot start fold thread: %s", strerror(errno));
 	f->running = 1;
 	return 0;
+}
+
+void tdr_fold_request_stop(tdr_fold *f)
+{
+	if (f == NULL || !f->running)
+		return;
+	pthread_mutex_lock(&f->mu);
+	f->stop = 1;
+	pthread_cond_broadcast(&f->cv);
+	pthread_mutex_unlock(&f->mu);
 }
 
 void tdr_fold_stop(tdr_fold *f)

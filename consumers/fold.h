@@ -49,6 +49,9 @@ struct tdr_fold_stats {
 
 int tdr_fold_new(tdr_fold **ret, const tdr_config *cfg, tdr_store *st, tdr_coord *coord, tdr_err *err);
 int tdr_fold_start(tdr_fold *f, tdr_err *err);
+/* Ask the thread to stop after its current statement (returns at once). */
+void tdr_fold_request_stop(tdr_fold *f);
+/* Stop and join the thread. */
 void tdr_fold_stop(tdr_fold *f);
 void tdr_fold_free(tdr_fold *f);
 void tdr_fold_reload(tdr_fold *f, const tdr_config *cfg);

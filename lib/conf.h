@@ -46,6 +46,7 @@ typedef struct tdr_config {
 	int64_t fold_interval_ms;
 	int64_t fold_max_deltas;
 	int64_t fold_cache_mb;
+	int64_t fold_timeout_ms;
 
 	char archive_dir[512];
 	int64_t archive_max_bytes;

@@ -164,7 +164,7 @@ int main(int argc, char **argv)
 	struct args a = { 0 };
 	tdr_config cfg;
 	tdr_err err;
-	tdr_store *st = NULL;
+	tdr_store *st = NULL, *fold_st = NULL;
 	tdr_coord *coord = NULL;
 	tdr_archive *ar = NULL;
 	tdr_drain *drain = NULL;
@@ -286,7 +286,24 @@ int main(int argc, char **argv)
 		status = EX_CANTCREAT;
 		goto out;
 	}
-	if (tdr_drain_new(&drain, &cfg, st, coord, ar, &err) < 0 || tdr_fold_new(&fold, &cfg, st, coord, &err) < 0) {
+	{
+		/*
+		 * The fold has its own connections and timeout (fold.timeout_ms): on
+		 * FerretDB its statements scan whole collections and can take longer
+		 * than a claim may, and its writes are fenced, so a slow one is safe.
+		 */
+		tdr_config fcfg = cfg;
+
+		fcfg.store_timeout_ms = cfg.fold_timeout_ms;
+		if (tdr_store_open(&fold_st, &fcfg, "tdrain-fold", &err) < 0) {
+			log_err("configuration error: %s", err.msg);
+			status = EX_CONFIG;
+			goto out;
+		}
+		fold_st->is_ferretdb = st->is_ferretdb;
+		fold_st->max_bson = st->max_bson;
+	}
+	if (tdr_drain_new(&drain, &cfg, st, coord, ar, &err) < 0 || tdr_fold_new(&fold, &cfg, fold_st, coord, &err) < 0) {
 		log_err("%s", err.msg);
 		status = err.code == TDR_ECONFIG ? EX_CONFIG : EX_SOFTWARE;
 		goto out;
@@ -422,15 +439,22 @@ int main(int argc, char **argv)
 	}
 
 	/* The in-flight batch has finished (the loop is synchronous): give everything back. */
-	tdr_notify_stopping(cfg.store_timeout_ms * 4 * 1000);
+	tdr_notify_stopping((cfg.store_timeout_ms * 4 + cfg.fold_timeout_ms) * 1000);
 	tdr_log_event(LOG_INFO, TDR_EV_STOPPING, NULL, 0, "stopping: releasing leases");
-	tdr_fold_stop(fold);
+	/*
+	 * Release first, then wait for the fold: a fold statement may take up to
+	 * fold.timeout_ms, and the next leader should not wait for it (whatever
+	 * it writes after the release is fenced like a deposed leader's).
+	 */
+	tdr_fold_request_stop(fold);
 	tdr_coord_stop(coord);
+	tdr_fold_stop(fold);
 out:
 	tdr_fold_free(fold);
 	tdr_drain_free(drain);
 	tdr_archive_close(ar);
 	tdr_coord_free(coord);
+	tdr_store_close(fold_st);
 	tdr_store_close(st);
 	mongoc_cleanup();
 	/* sigwait() is a cancellation point: end the signal thread so nothing outlives main. */

@@ -387,7 +387,7 @@ static void test_print(void)
 		"coord.mode", "coord.partitions", "coord.lease_ttl_ms", "coord.renew_deadline_ms",
 		"coord.retry_period_ms", "coord.etcd_endpoint", "coord.etcd_prefix", "coord.etcd_auth",
 		"drain.batch_size", "drain.poll_max_ms", "drain.max_attempts", "drain.max_event_bytes",
-		"drain.allow_events", "fold.interval_ms", "fold.max_deltas", "fold.cache_mb", "archive.dir", "archive.max_bytes",
+		"drain.allow_events", "fold.interval_ms", "fold.max_deltas", "fold.cache_mb", "fold.timeout_ms", "archive.dir", "archive.max_bytes",
 		"archive.max_age_s", "archive.http_url", "archive.http_timeout_ms", "archive.max_backlog_bytes",
 		"metrics.file", "metrics.interval_ms", "metrics.backlog_alert", "log.level", "test.trace_file",
 	};
