@@ -67,7 +67,7 @@ struct tdr_fold {
 	pthread_t thread;
 	pthread_mutex_t mu;
 	pthread_cond_t cv;
-	int stop, running;
+	int stop, running, exited; /* exited: the thread is past its last store call */
 	struct tdr_fold_stats stats;
 	struct fold_cache cache; /* fold thread only */
 };
@@ -1676,6 +1676,8 @@ static void *fold_thread(void *arg)
 			pthread_cond_timedwait(&f->cv, &f->mu, &ts);
 		}
 	}
+	f->exited = 1;
+	pthread_cond_broadcast(&f->cv);
 	pthread_mutex_unlock(&f->mu);
 	return NULL;
 }
@@ -1729,9 +1731,40 @@ void tdr_fold_stop(tdr_fold *f)
 	f->running = 0;
 }
 
+int tdr_fold_stop_within(tdr_fold *f, int64_t ms)
+{
+	struct timespec ts;
+	int exited;
+
+	if (f == NULL || !f->running)
+		return 0;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	ts.tv_sec += ms / 1000;
+	ts.tv_nsec += (ms % 1000) * 1000000;
+	if (ts.tv_nsec >= 1000000000) {
+		ts.tv_sec++;
+		ts.tv_nsec -= 1000000000;
+	}
+	pthread_mutex_lock(&f->mu);
+	f->stop = 1;
+	pthread_cond_broadcast(&f->cv);
+	while (!f->exited && pthread_cond_timedwait(&f->cv, &f->mu, &ts) == 0)
+		;
+	exited = f->exited;
+	pthread_mutex_unlock(&f->mu);
+	if (!exited)
+		return -1;
+	pthread_join(f->thread, NULL);
+	f->running = 0;
+	return 0;
+}
+
 void tdr_fold_free(tdr_fold *f)
 {
 	if (f == NULL)
+		return;
+	/* Still blocked in a store call (tdr_fold_stop_within gave up): the process is exiting, leave it. */
+	if (f->running && f->stop)
 		return;
 	tdr_fold_stop(f);
 	cache_clear(&f->cache);

@@ -53,6 +53,12 @@ int tdr_fold_start(tdr_fold *f, tdr_err *err);
 void tdr_fold_request_stop(tdr_fold *f);
 /* Stop and join the thread. */
 void tdr_fold_stop(tdr_fold *f);
+/*
+ * Stop and join, waiting at most ms; -1 if the thread is still in a store
+ * call then (it stays running; tdr_fold_free leaves it alone: call it only
+ * on the way out of the process).
+ */
+int tdr_fold_stop_within(tdr_fold *f, int64_t ms);
 void tdr_fold_free(tdr_fold *f);
 void tdr_fold_reload(tdr_fold *f, const tdr_config *cfg);
 void tdr_fold_stats_get(tdr_fold *f, struct tdr_fold_stats *out);

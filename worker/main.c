@@ -165,6 +165,7 @@ int main(int argc, char **argv)
 	tdr_config cfg;
 	tdr_err err;
 	tdr_store *st = NULL, *fold_st = NULL;
+	int fold_abandoned = 0;
 	tdr_coord *coord = NULL;
 	tdr_archive *ar = NULL;
 	tdr_drain *drain = NULL;
@@ -439,7 +440,7 @@ int main(int argc, char **argv)
 	}
 
 	/* The in-flight batch has finished (the loop is synchronous): give everything back. */
-	tdr_notify_stopping((cfg.store_timeout_ms * 4 + cfg.fold_timeout_ms) * 1000);
+	tdr_notify_stopping(cfg.store_timeout_ms * 5 * 1000);
 	tdr_log_event(LOG_INFO, TDR_EV_STOPPING, NULL, 0, "stopping: releasing leases");
 	/*
 	 * Release first, then wait for the fold: a fold statement may take up to
@@ -448,15 +449,21 @@ int main(int argc, char **argv)
 	 */
 	tdr_fold_request_stop(fold);
 	tdr_coord_stop(coord);
-	tdr_fold_stop(fold);
+	if (tdr_fold_stop_within(fold, cfg.store_timeout_ms) < 0) {
+		log_warn("fold: still waiting on the store after %lld ms; exiting without it (its writes are fenced)",
+			 (long long)cfg.store_timeout_ms);
+		fold_abandoned = 1;
+	}
 out:
 	tdr_fold_free(fold);
 	tdr_drain_free(drain);
 	tdr_archive_close(ar);
 	tdr_coord_free(coord);
-	tdr_store_close(fold_st);
+	if (!fold_abandoned)
+		tdr_store_close(fold_st); /* else the fold thread is still using it */
 	tdr_store_close(st);
-	mongoc_cleanup();
+	if (!fold_abandoned)
+		mongoc_cleanup();
 	/* sigwait() is a cancellation point: end the signal thread so nothing outlives main. */
 	pthread_cancel(sigthr);
 	pthread_join(sigthr, NULL);
