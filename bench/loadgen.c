@@ -43,7 +43,9 @@
 #include <mongoc/mongoc.h>
 
 #include "lib/clock.h"
+#include "lib/err.h"
 #include "lib/hash.h"
+#include "lib/store.h"
 
 #define PROG "tdrain-loadgen"
 #define DAY_MS 86400000LL
@@ -77,6 +79,7 @@ struct opts {
 	double dup_ratio;
 	int64_t partitions;   /* 0: do not write part */
 	double rate;          /* 0: as fast as possible */
+	int64_t max_backlog;  /* 0: never wait for the FIFO */
 	int64_t batch;
 	uint64_t seed;
 	int64_t start_ms;
@@ -101,6 +104,8 @@ static void usage(FILE *out)
 		"  --partitions P         write part = fnv1a32(canonical _id) %% P (default: no part)\n"
 		"  --rate EPS             steady insert rate in documents/s (default: as fast as possible)\n"
 		"  --batch N              documents per insert_many (default 1000)\n"
+		"  --max-backlog N        before each insert, wait while the FIFO holds N documents or more\n"
+		"                         (an ingest that answers 503 when the backlog is too deep)\n"
 		"  --seed S               random seed for the fleet and the stream (default 1)\n"
 		"  --ndjson FILE          append every inserted document as canonical Extended JSON v2\n"
 		"  --start-ms MS          created_at base (default: UTC midnight of yesterday)\n"
@@ -139,7 +144,7 @@ static int parse_f(const char *s, double lo, double hi, double *ret)
 static int parse_opts(int argc, char **argv, struct opts *o)
 {
 	enum { O_URI = 256, O_DB, O_COLL, O_COUNT, O_DEVICES, O_USERS, O_SIGNED, O_DUP, O_PARTS, O_RATE,
-	       O_BATCH, O_SEED, O_NDJSON, O_START, O_DAYS, O_QUIET, O_CORPUS, O_MANIFEST, O_HELP };
+	       O_BATCH, O_SEED, O_NDJSON, O_START, O_DAYS, O_QUIET, O_CORPUS, O_MANIFEST, O_MAXBACKLOG, O_HELP };
 	static const struct option lo[] = {
 		{ "uri", required_argument, NULL, O_URI },
 		{ "db", required_argument, NULL, O_DB },
@@ -151,6 +156,7 @@ static int parse_opts(int argc, char **argv, struct opts *o)
 		{ "dup-ratio", required_argument, NULL, O_DUP },
 		{ "partitions", required_argument, NULL, O_PARTS },
 		{ "rate", required_argument, NULL, O_RATE },
+		{ "max-backlog", required_argument, NULL, O_MAXBACKLOG },
 		{ "batch", required_argument, NULL, O_BATCH },
 		{ "seed", required_argument, NULL, O_SEED },
 		{ "ndjson", required_argument, NULL, O_NDJSON },
@@ -213,6 +219,10 @@ static int parse_opts(int argc, char **argv, struct opts *o)
 		case O_RATE:
 			if (parse_f(optarg, 0.001, 1e9, &o->rate))
 				bad = "--rate";
+			break;
+		case O_MAXBACKLOG:
+			if (parse_i64(optarg, 1, INT64_MAX, &o->max_backlog))
+				bad = "--max-backlog";
 			break;
 		case O_BATCH:
 			if (parse_i64(optarg, 1, 100000, &o->batch))
@@ -1082,6 +1092,32 @@ static int store_is_ferretdb(mongoc_client_t *client, int *ret)
 	return rc;
 }
 
+/*
+ * Wait while the FIFO holds max or more documents (its estimated count:
+ * metadata on MongoDB, collStats on FerretDB, never a scan).  Returns the
+ * microseconds waited, or -1 on a store error or a stop signal.
+ */
+static void sleep_until_us(int64_t due_us);
+
+static int64_t wait_backlog(tdr_store *fifo, mongoc_client_t *client, const char *coll, int64_t max)
+{
+	int64_t t0 = tdr_mono_us(), n = 0;
+
+	for (;;) {
+		tdr_err err;
+
+		if (tdr_store_count_estimate(fifo, client, coll, &n, &err) < 0) {
+			fprintf(stderr, PROG ": counting the FIFO: %s\n", err.msg);
+			return -1;
+		}
+		if (n < max)
+			return tdr_mono_us() - t0;
+		if (stop_flag)
+			return -1;
+		sleep_until_us(tdr_mono_us() + 250000);
+	}
+}
+
 /* libmongoc's own diagnostics, minus the one FerretDB always triggers at exit
  * (it has no endSessions command): that warning says nothing about the run. */
 static void on_mongoc_log(mongoc_log_level_t level, const char *domain, const char *message, void *data)
@@ -1109,6 +1145,7 @@ int main(int argc, char **argv)
 	struct opts o;
 	struct gen g;
 	struct batch b = { 0 };
+	tdr_store fifo;
 	mongoc_uri_t *uri = NULL;
 	mongoc_client_t *client = NULL;
 	mongoc_collection_t *coll = NULL;
@@ -1121,6 +1158,7 @@ int main(int argc, char **argv)
 
 	if (parse_opts(argc, argv, &o))
 		return 2;
+	memset(&fifo, 0, sizeof(fifo));
 	memset(&sa, 0, sizeof(sa));
 	sa.sa_handler = on_signal;
 	sigaction(SIGINT, &sa, NULL);
@@ -1178,6 +1216,13 @@ int main(int argc, char **argv)
 	wc = mongoc_write_concern_new();
 	mongoc_write_concern_set_w(wc, 1); /* acknowledged: the NDJSON only lists what the server took */
 	mongoc_collection_set_write_concern(coll, wc);
+	if (o.max_backlog > 0) {
+		/* Only what tdr_store_count_estimate reads: the database, the timeout, the store's kind. */
+		snprintf(fifo.db, sizeof(fifo.db), "%s", o.db);
+		fifo.timeout_ms = 30000;
+		if (store_is_ferretdb(client, &fifo.is_ferretdb))
+			goto out;
+	}
 	if (o.corpus) {
 		if (store_is_ferretdb(client, &g.skip_bad_utf8))
 			goto out;
@@ -1209,6 +1254,13 @@ int main(int argc, char **argv)
 			if (kind == D_BAD || kind == D_EDGE)
 				b.validate = 0;
 			b.docs[b.n++] = doc;
+		}
+		if (o.max_backlog > 0) {
+			int64_t waited = wait_backlog(&fifo, client, o.coll, o.max_backlog);
+
+			if (waited < 0)
+				goto out;
+			t0 += waited; /* a pause is not a rate deficit to make up for */
 		}
 		if (o.rate > 0)
 			/* Send a batch when its last document is due, so the average is the rate. */

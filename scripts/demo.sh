@@ -18,14 +18,16 @@
 #      zero and the checker found no mismatch
 #
 # FerretDB scans the whole collection for every keyed statement (docs/DESIGN.md, "Store
-# access paths (measured)"), so on FerretDB the events stream in at DEMO_RATE after a small
-# initial backlog; against a real MongoDB (DEMO_URI) they are pre-loaded by default.
+# access paths (measured)"), so on FerretDB the producers behave like an ingest that answers
+# 503 when the backlog is too deep: they insert as fast as they can while the FIFO holds fewer
+# than DEMO_MAX_BACKLOG events, and wait otherwise.  Against a real MongoDB (DEMO_URI) the
+# events are pre-loaded by default.
 #
 # Environment:
 #   DEMO_EVENTS     events to insert, duplicates and malformed documents not included (200000)
-#   DEMO_RATE       events/s, both producers together; 0 = as fast as possible
-#                   (FerretDB: 100, what three replicas drain there on a 2-core machine;
-#                   DEMO_URI: 0)
+#   DEMO_RATE       events/s, both producers together; 0 = as fast as possible (default)
+#   DEMO_MAX_BACKLOG  producers wait while the FIFO holds this many events or more
+#                   (FerretDB: 20000; DEMO_URI: 0 = never)
 #   DEMO_PRELOAD    events inserted before the replicas start (FerretDB: 20 s of
 #                   production, at most 10000; DEMO_URI: DEMO_EVENTS, i.e. everything)
 #   DEMO_URI        use this MongoDB instead of starting FerretDB (a database DEMO_DB that
@@ -38,7 +40,7 @@
 #                   (FerretDB: 0; DEMO_URI: 0.01)
 #   DEMO_MALFORMED  1: producer B sends the malformed corpus too (default 1)
 #   DEMO_TIMEOUT    give up if the drain is not done after this many seconds
-#                   (DEMO_EVENTS / DEMO_RATE + 900; 1800 without a rate)
+#                   (DEMO_EVENTS / DEMO_RATE + 900; without a rate DEMO_EVENTS / 100 + 900)
 #   DEMO_FOLD_MAX_DELTAS  fold.max_deltas of the replicas (500)
 #   DEMO_SET        extra "key=value ..." settings for every replica's configuration
 #   DEMO_KEEP=1     keep the demo directory (logs, configs, metrics, NDJSON) and server data
@@ -70,12 +72,12 @@ if [ -n "$URI" ]; then
 	PRELOAD=${DEMO_PRELOAD:-$EVENTS}
 	DB=${DEMO_DB:-tdrain_demo}
 	DUP_RATIO=${DEMO_DUP_RATIO:-0.01}
+	MAX_BACKLOG=${DEMO_MAX_BACKLOG:-0}
 else
-	# Measured on the 2-core development machine, shared with other test runs: at 100
-	# events/s three replicas keep the FIFO near empty on FerretDB; the fold is the limit
-	# (a round reads and rewrites the derived collections, each statement a full scan
-	# there) and falls behind as those collections grow.
-	RATE=${DEMO_RATE:-100}
+	# As fast as the replicas drain: the producers wait while the FIFO is deep (an
+	# acknowledgement scans the FIFO on FerretDB, so its depth sets the drain rate).
+	RATE=${DEMO_RATE:-0}
+	MAX_BACKLOG=${DEMO_MAX_BACKLOG:-20000}
 	PRELOAD=${DEMO_PRELOAD:-}
 	DB=${DEMO_DB:-tdrain}
 	# No re-sent events by default: on FerretDB a fold round that meets a duplicate
@@ -92,7 +94,7 @@ fi
 if [ "$RATE_INT" -gt 0 ]; then
 	TIMEOUT=${DEMO_TIMEOUT:-$((EVENTS / RATE_INT + 900))}
 else
-	TIMEOUT=${DEMO_TIMEOUT:-1800}
+	TIMEOUT=${DEMO_TIMEOUT:-$((EVENTS / 100 + 900))}
 fi
 PARTITIONS=16
 # Rendezvous hashing gives these names 5/6/5 of the 16 partitions (a, b, c would get 3/11/2).
@@ -114,7 +116,11 @@ dur() { if [ "$1" -ge 60 ]; then printf '%dm%02ds' $(($1 / 60)) $(($1 % 60)); el
 
 isint "$EVENTS" && [ "$EVENTS" -ge 2 ] || die "DEMO_EVENTS must be an integer >= 2"
 isint "$PRELOAD" || die "DEMO_PRELOAD must be a non-negative integer"
+isint "$MAX_BACKLOG" || die "DEMO_MAX_BACKLOG must be a non-negative integer"
 [ "$PRELOAD" -le "$EVENTS" ] || PRELOAD=$EVENTS
+# The replicas start once the initial backlog is in; producers that wait for the FIFO to
+# shrink below DEMO_MAX_BACKLOG must be able to insert all of it first.
+if [ "$MAX_BACKLOG" -gt 0 ] && [ "$PRELOAD" -ge "$MAX_BACKLOG" ]; then PRELOAD=$((MAX_BACKLOG / 2)); fi
 isint "$DEVICES" && [ "$DEVICES" -ge 2 ] || die "DEMO_DEVICES must be an integer >= 2"
 isint "$USERS" && [ "$USERS" -ge 1 ] || die "DEMO_USERS must be a positive integer"
 isint "$TIMEOUT" || die "DEMO_TIMEOUT must be a number of seconds"
@@ -262,9 +268,10 @@ if [ -z "$URI" ]; then
     The store is FerretDB 1.24 (SQLite backend), started here on a free loopback port.
     FerretDB scans the whole collection for every keyed statement, so acknowledging a batch
     costs O(backlog) there (docs/DESIGN.md, "Store access paths (measured)"): a pre-loaded
-    backlog of $(fmt "$EVENTS") events would take well over half an hour to drain.  So the events
-    stream in at $RATE_TXT (DEMO_RATE) from two producers, after an initial backlog
-    of $(fmt "$PRELOAD"), and the replicas keep the backlog small while both run: the realistic shape.
+    backlog of $(fmt "$EVENTS") events would take well over half an hour to drain.  So two producers
+    insert $RATE_TXT (DEMO_RATE) after an initial backlog of $(fmt "$PRELOAD"), and wait
+    while the FIFO holds $(fmt "$MAX_BACKLOG") events or more (DEMO_MAX_BACKLOG), as an ingest that
+    answers 503 would: the replicas' drain rate sets the pace.
 EOF
 	if [ "$RATE_INT" -gt 0 ]; then
 		info "Streaming $(fmt "$EVENTS") events at that rate takes $(dur $((EVENTS / RATE_INT))); the fold's tail comes on top."
@@ -365,6 +372,7 @@ start_producer() {   # name seed count devices rate extra-args...
 	local args=(--uri "$URI" --db "$DB" --count "$count" --devices "$devices" --users "$USERS"
 		--dup-ratio "$DUP_RATIO" --seed "$seed" --ndjson "$DIR/$name.ndjson" "$@")
 	awk -v r="$rate" 'BEGIN { exit !(r + 0 > 0) }' && args+=(--rate "$rate")
+	[ "$MAX_BACKLOG" -gt 0 ] && args+=(--max-backlog "$MAX_BACKLOG")
 	printf '%s\n' "${args[*]}" >"$DIR/$name.cmd"
 	setsid "$LOADGEN" "${args[@]}" </dev/null >"$DIR/$name.out" 2>"$DIR/$name.err" &
 	PROD_PID[$name]=$!

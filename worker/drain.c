@@ -373,6 +373,9 @@ static int forget_flush(tdr_drain *d, tdr_err *err)
 		/* The effects are committed; only the FIFO copy lingers.  Retried before the next claim. */
 		tdr_store_error(&be, "delete acknowledged events", err);
 		rc = TDR_ETRANSIENT;
+		pthread_mutex_lock(&d->mu);
+		d->stats.store_errors++;
+		pthread_mutex_unlock(&d->mu);
 	} else {
 		tdr_map_clear(d->forget, value_free);
 	}
@@ -612,7 +615,7 @@ static int process(tdr_drain *d, const tdr_coord_view *v, struct item *items, si
 			acked++;
 		}
 	if (rc == 0 && forget_flush(d, err) < 0)
-		log_debug("%s (will retry)", err->msg);
+		log_info("%s (%zu events; retried before the next claim)", err->msg, tdr_map_count(d->forget));
 	rc = 0;
 	t2 = tdr_mono_us();
 
@@ -1045,6 +1048,9 @@ static int claim_and_process(tdr_drain *d, const tdr_coord_view *v, int *ret_ful
 	if (mongoc_cursor_error(cur, &be)) {
 		rc = tdr_store_error(&be, "claim", err);
 		rc = TDR_ETRANSIENT;
+		pthread_mutex_lock(&d->mu);
+		d->stats.store_errors++;
+		pthread_mutex_unlock(&d->mu);
 	}
 	mongoc_cursor_destroy(cur);
 	bson_destroy(&filter);

@@ -361,7 +361,7 @@ int main(int argc, char **argv)
 				errors++;
 				/* One line per 10 s while the store is down, not one per retry. */
 				if (now - last_err_log >= 10000) {
-					log_warn("batch not acknowledged, will retry (%lld failures): %s", (long long)errors,
+					log_warn("store operation failed, will retry (%lld failures): %s", (long long)errors,
 						 err.msg);
 					last_err_log = now;
 				}

@@ -68,12 +68,14 @@ int tdr_metrics_write(const char *path, const struct tdr_metrics *m, tdr_err *er
 	counter(f, "tdrain_events_orphaned_total", "Events recovered from a previous holder's claims.", labels,
 		m->drain.orphans);
 	counter(f, "tdrain_batches_fenced_total", "Batches abandoned because the lease ended.", labels, m->drain.fenced);
-	counter(f, "tdrain_store_errors_total", "Batches abandoned on a store error (retried).", labels,
+	counter(f, "tdrain_store_errors_total",
+		"Failed store operations of the drain (claims, abandoned batches, FIFO deletes), all retried.", labels,
 		m->drain.store_errors);
 	gauge(f, "tdrain_batch_size", "Events in the last batch.", labels, (double)m->drain.last_batch);
 	gauge(f, "tdrain_events_per_second", "Acknowledged events per second (smoothed).", labels, m->drain.rate);
 	histogram(f, "tdrain_claim_seconds", "Time to read a batch.", labels, &m->drain.h_claim);
-	histogram(f, "tdrain_consume_seconds", "Time to claim, validate, archive and commit a batch.", labels,
+	histogram(f, "tdrain_consume_seconds",
+		  "Time to record the claim, validate and archive a batch (the delta commit is in tdrain_ack_seconds).", labels,
 		  &m->drain.h_consume);
 	histogram(f, "tdrain_ack_seconds", "Time to acknowledge a batch.", labels, &m->drain.h_ack);
 	gauge(f, "tdrain_fold_active", "1 while this replica folds (leader).", labels, m->fold.active);
