@@ -25,7 +25,7 @@
 /* Dead-letter copies of larger documents keep only their head (16 MiB document limit). */
 #define DL_HEAD_BYTES 4096
 /* Acknowledged events whose FIFO delete is unconfirmed; past this we stop claiming. */
-#define FORGET_MAX 50000
+#define FORGET_CHUNK 1000
 
 struct item {
 	bson_t *doc;
@@ -346,40 +346,80 @@ static int forgotten(tdr_drain *d, const bson_value_t *id)
  * its own queries: docs/DESIGN.md), so one scan per batch is the least it
  * allows, where per-_id statements would cost a scan each.
  */
+struct forget_entry {
+	const char *key;
+	size_t klen;
+	void *value;
+};
+
+/*
+ * Delete the acknowledged-but-unconfirmed ids from the FIFO, FORGET_CHUNK per
+ * statement: a statement's cost on a store that scans grows with its $in
+ * list, and one that times out must not make the next attempt bigger.  The
+ * chunks that succeeded leave the set; the first failure stops the flush.
+ */
 static int forget_flush(tdr_drain *d, tdr_err *err)
 {
-	bson_t f = BSON_INITIALIZER, in, arr;
-	bson_error_t be;
-	size_t pos = 0, klen;
-	const char *key;
-	void *v;
-	uint32_t k = 0;
+	size_t n = tdr_map_count(d->forget), pos = 0, done = 0, i = 0;
+	struct forget_entry *e;
+	tdr_map *left;
 	int rc = 0;
 
-	if (tdr_map_count(d->forget) == 0)
+	if (n == 0)
 		return 0;
-	BSON_APPEND_DOCUMENT_BEGIN(&f, "_id", &in);
-	BSON_APPEND_ARRAY_BEGIN(&in, "$in", &arr);
-	while (tdr_map_next(d->forget, &pos, &key, &klen, &v)) {
-		char buf[16];
-		const char *kp;
+	if ((e = calloc(n, sizeof(*e))) == NULL)
+		return tdr_err_set(err, TDR_ENOMEM, "out of memory");
+	while (i < n && tdr_map_next(d->forget, &pos, &e[i].key, &e[i].klen, &e[i].value))
+		i++;
+	n = i;
+	while (done < n) {
+		size_t m = n - done < FORGET_CHUNK ? n - done : FORGET_CHUNK;
+		bson_t f = BSON_INITIALIZER, in, arr;
+		bson_error_t be;
 
-		bson_uint32_to_string(k++, &kp, buf, sizeof(buf));
-		bson_append_value(&arr, kp, -1, v);
+		BSON_APPEND_DOCUMENT_BEGIN(&f, "_id", &in);
+		BSON_APPEND_ARRAY_BEGIN(&in, "$in", &arr);
+		for (size_t k = 0; k < m; k++) {
+			char buf[16];
+			const char *kp;
+
+			bson_uint32_to_string((uint32_t)k, &kp, buf, sizeof(buf));
+			bson_append_value(&arr, kp, -1, e[done + k].value);
+		}
+		bson_append_array_end(&in, &arr);
+		bson_append_document_end(&f, &in);
+		if (!mongoc_collection_delete_many(d->events, &f, NULL, NULL, &be)) {
+			/* The effects are committed; only the FIFO copy lingers.  Retried before the next claim. */
+			tdr_store_error(&be, "delete acknowledged events", err);
+			rc = TDR_ETRANSIENT;
+			pthread_mutex_lock(&d->mu);
+			d->stats.store_errors++;
+			pthread_mutex_unlock(&d->mu);
+		}
+		bson_destroy(&f);
+		if (rc < 0)
+			break;
+		done += m;
 	}
-	bson_append_array_end(&in, &arr);
-	bson_append_document_end(&f, &in);
-	if (!mongoc_collection_delete_many(d->events, &f, NULL, NULL, &be)) {
-		/* The effects are committed; only the FIFO copy lingers.  Retried before the next claim. */
-		tdr_store_error(&be, "delete acknowledged events", err);
-		rc = TDR_ETRANSIENT;
-		pthread_mutex_lock(&d->mu);
-		d->stats.store_errors++;
-		pthread_mutex_unlock(&d->mu);
-	} else {
+	if (done == n) {
 		tdr_map_clear(d->forget, value_free);
+	} else if (done > 0 && (left = tdr_map_new(n - done)) != NULL) {
+		/* Keep the rest; on allocation failure keep everything (deleting twice is harmless). */
+		size_t k;
+
+		for (k = done; k < n; k++)
+			if (tdr_map_put(left, e[k].key, e[k].klen, e[k].value) < 0)
+				break;
+		if (k == n) {
+			for (k = 0; k < done; k++)
+				value_free(e[k].value);
+			tdr_map_free(d->forget, NULL);
+			d->forget = left;
+		} else {
+			tdr_map_free(left, NULL);
+		}
 	}
-	bson_destroy(&f);
+	free(e);
 	return rc;
 }
 
@@ -957,8 +997,12 @@ static int claim_and_process(tdr_drain *d, const tdr_coord_view *v, int *ret_ful
 		nactive += !v->scopes[i].draining;
 	if (nactive == 0)
 		return 0;
-	/* Unconfirmed deletes first: claiming past them would dispatch them again. */
-	if (forget_flush(d, err) < 0 && tdr_map_count(d->forget) >= FORGET_MAX)
+	/*
+	 * Unconfirmed deletes first: claiming past them would dispatch them again,
+	 * and a store that cannot delete them now gains nothing from more claims
+	 * (each of which would have to read past them): back off instead.
+	 */
+	if (forget_flush(d, err) < 0)
 		return err->code;
 	items = calloc((size_t)limit * (partitioned ? 2 : 1), sizeof(*items));
 	if (items == NULL)
