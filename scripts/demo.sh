@@ -27,7 +27,7 @@
 #   DEMO_EVENTS     events to insert, duplicates and malformed documents not included (200000)
 #   DEMO_RATE       events/s, both producers together; 0 = as fast as possible (default)
 #   DEMO_MAX_BACKLOG  producers wait while the FIFO holds this many events or more
-#                   (FerretDB: 10000; DEMO_URI: 0 = never)
+#                   (FerretDB: 5000; DEMO_URI: 0 = never)
 #   DEMO_PRELOAD    events inserted before the replicas start (FerretDB: 20 s of
 #                   production, at most 10000; DEMO_URI: DEMO_EVENTS, i.e. everything)
 #   DEMO_URI        use this MongoDB instead of starting FerretDB (a database DEMO_DB that
@@ -77,7 +77,7 @@ else
 	# As fast as the replicas drain: the producers wait while the FIFO is deep (an
 	# acknowledgement scans the FIFO on FerretDB, so its depth sets the drain rate).
 	RATE=${DEMO_RATE:-0}
-	MAX_BACKLOG=${DEMO_MAX_BACKLOG:-10000}
+	MAX_BACKLOG=${DEMO_MAX_BACKLOG:-5000}
 	PRELOAD=${DEMO_PRELOAD:-}
 	DB=${DEMO_DB:-tdrain}
 	# No re-sent events by default: on FerretDB a fold round that meets a duplicate
