@@ -8,6 +8,7 @@
 #   t06_malformed.py        malformed corpus, allow-list, poison (max_attempts)
 #   t09_kill_trials.py      randomized kill -9 trials, T09_TRIALS of them
 #   t10_netns_partition.py  network partitions between namespaces, delayed delivery
+#   t13_slow_store_disk_full.py  a store that answers slowly, a full archive disk
 #
 # Each test prints TAP; lines "# FIGURES scenario=S trials=N events=E lost=L
 # mismatches=M double_owners=D deposed_writes=W [more=...]" carry its figures.
@@ -60,7 +61,7 @@ fi
 export TDRAIN_BUILDDIR TDRAIN_SRCDIR="$srcdir"
 
 if [ $# -eq 0 ]; then
-	set -- t05_failover t06_malformed t09_kill_trials t10_netns_partition
+	set -- t05_failover t06_malformed t09_kill_trials t10_netns_partition t13_slow_store_disk_full
 fi
 
 echo "fault suite: build $TDRAIN_BUILDDIR, t09 trials $trials, logs in $logdir"
@@ -78,7 +79,9 @@ for name in "$@"; do
 	rc=$?
 	t1=$(date +%s)
 	npass=$(grep -c '^ok ' "$log")
-	nfail=$(grep -c '^not ok ' "$log")
+	# "not ok ... # TODO": a known bug, reported below but not a failure (TAP, automake XFAIL).
+	nfail=$(grep '^not ok ' "$log" | grep -vc ' # TODO')
+	ntodo=$(grep '^not ok ' "$log" | grep -c ' # TODO')
 	skip=$(sed -n 's/^1\.\.0 # SKIP \{0,1\}//p' "$log" | head -n 1)
 	if [ -n "$skip" ]; then
 		verdict="SKIP ($skip)"
@@ -91,7 +94,11 @@ for name in "$@"; do
 	printf '  %-22s %-6s %4d ok, %3d not ok, %5d s  %s\n' "$name" "${verdict%% *}" "$npass" "$nfail" \
 		$((t1 - t0)) "$log"
 	if [ "$nfail" -gt 0 ]; then
-		grep '^not ok ' "$log" | sed 's/^/      /' | head -n 20
+		grep '^not ok ' "$log" | grep -v ' # TODO' | sed 's/^/      /' | head -n 20
+	fi
+	if [ "$ntodo" -gt 0 ]; then
+		echo "      $ntodo known bug(s), TODO:"
+		grep '^not ok .* # TODO' "$log" | sed 's/^/      /' | head -n 20
 	fi
 	[ "${verdict%% *}" = SKIP ] && echo "      $verdict"
 	results="$results $log"
