@@ -266,6 +266,14 @@ static int find_scope(const tdr_coord_view *v, int32_t part)
 }
 
 /* Best effort: remove claim records of an abandoned batch, so they are not orphans later. */
+static void forget_recovered(tdr_drain *d, int32_t part, int64_t epoch);
+
+/*
+ * Best effort: a record this fails to remove is found by the next orphan
+ * recovery of its scope, which is forced to run before the next claim
+ * (read_orphans takes our own epoch's records too: between batches none of
+ * them is in flight).
+ */
 static void unclaim(tdr_drain *d, struct group *groups, size_t ng)
 {
 	mongoc_bulk_operation_t *bulk = tdr_bulk_new(d->claims, 0);
@@ -284,8 +292,10 @@ static void unclaim(tdr_drain *d, struct group *groups, size_t ng)
 		bson_destroy(&f);
 		any = 1;
 	}
-	if (any)
-		(void)tdr_bulk_run(bulk, "unclaim", NULL, NULL, &err);
+	if (any && tdr_bulk_run(bulk, "unclaim", NULL, NULL, &err) < 0)
+		for (size_t g = 0; g < ng; g++)
+			if (groups[g].live)
+				forget_recovered(d, groups[g].part, groups[g].epoch);
 	mongoc_bulk_operation_destroy(bulk);
 }
 
@@ -700,6 +710,14 @@ static int was_recovered(tdr_drain *d, int32_t part, int64_t epoch)
 	return 0;
 }
 
+/* Make the next drain step recover (part, epoch) again. */
+static void forget_recovered(tdr_drain *d, int32_t part, int64_t epoch)
+{
+	for (size_t i = 0; i < d->nrec; i++)
+		if (d->rec[i].part == part && d->rec[i].epoch == epoch)
+			d->rec[i].at = tdr_mono_ms() - d->cfg.lease_ttl_ms;
+}
+
 static int recovered_before(tdr_drain *d, int32_t part, int64_t epoch)
 {
 	for (size_t i = 0; i < d->nrec; i++)
@@ -841,8 +859,12 @@ static int read_orphans(tdr_drain *d, const tdr_scope *s, struct orphan_ids *o, 
 		const char *rid = tdr_bson_str(doc, "_id", NULL);
 		bson_iter_t ids, att, it;
 
-		/* Our own epoch's records are ours; a newer epoch means we are already deposed. */
-		if (epoch >= s->epoch || rid == NULL)
+		/*
+		 * A newer epoch means we are already deposed.  Our own epoch's records are
+		 * stale: recovery runs between batches, when none of ours is in flight
+		 * (one is left when a failed batch could not remove it, see unclaim).
+		 */
+		if (epoch > s->epoch || rid == NULL)
 			continue;
 		if (orphans_add_rec(o, rid, epoch) < 0) {
 			rc = tdr_err_set(err, TDR_ENOMEM, "out of memory");

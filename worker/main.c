@@ -361,7 +361,7 @@ int main(int argc, char **argv)
 				errors++;
 				/* One line per 10 s while the store is down, not one per retry. */
 				if (now - last_err_log >= 10000) {
-					log_warn("store operation failed, will retry (%lld failures): %s", (long long)errors,
+					log_warn("drain step failed, will retry (%lld failures): %s", (long long)errors,
 						 err.msg);
 					last_err_log = now;
 				}
@@ -370,7 +370,7 @@ int main(int argc, char **argv)
 				wait = backoff;
 			} else {
 				if (errors && now - last_err_log < 60000)
-					log_info("store reachable again after %lld failed attempts", (long long)errors);
+					log_info("drain steps succeed again after %lld failures", (long long)errors);
 				errors = 0;
 				/* Straight on after a full batch; back off towards poll_max_ms when idle. */
 				if (full)

@@ -21,8 +21,8 @@ processes, mongo leases, 8 partitions.
                   and for a moment after that new connections' handshakes too,
                   so the failed batch's unclaim cannot reach the store.
    Checks after each run: no replica exits on its own; the FIFO, tdrain_claims
-   and tdrain_deltas end empty (a claim record left of the epoch its owner
-   still holds is a TODO point: known bug, see its text; any other fails);
+   and tdrain_deltas end empty (including a claim record the failed batch
+   could not remove: its owner's next orphan recovery takes it);
    every valid event was dispatched at least once
    (test.trace_file) and derived state equals the checker's recomputation;
    no event is lost (every valid insert_id is in the ledger); at most one owner
@@ -246,16 +246,13 @@ def drained(db):
         and db.tdrain_claims.count_documents({}) == 0
 
 
-KNOWN_UNCLAIM = ('known bug: worker/drain.c unclaim() after a failed batch is best effort and its failure is '
-                 'ignored; a claim record of the epoch its owner still holds is never recovered (read_orphans '
-                 'skips the own epoch), so it stays for as long as the owner keeps the lease')
-
 
 def claims_check(h, label, db, ttl_s):
     """Every claim record acknowledged or removed.  One of a deposed epoch goes at the next orphan
     recovery (repeated every lease TTL): wait up to 1.5 TTL for it.  One of the epoch its owner still
-    holds is only ever removed by that owner: the known bug above (a TODO point when every record left
-    is of that kind; anything else fails).  Returns how many are left."""
+    holds is removed by that owner's next orphan recovery, which a failed removal forces before its
+    next claim (this used to be a known bug: such a record stayed while the owner kept its lease).
+    Returns how many are left."""
     def current(d, held):
         lease = 'leader' if d.get('part') == -1 else 'part/%s' % d.get('part')
         return held.get(lease) == (d.get('owner'), d.get('epoch'))
@@ -276,7 +273,7 @@ def claims_check(h, label, db, ttl_s):
         h.ok(True, '[%s] tdrain_claims empty: every batch acknowledged or its claim removed' % label)
     elif len(own) == len(left):
         h.ok(False, '[%s] tdrain_claims empty (%d claim records left of the epoch their owner still holds, %.0f s '
-             'after the drain)' % (label, len(left), time.monotonic() - t0), todo=KNOWN_UNCLAIM)
+             'after the drain)' % (label, len(left), time.monotonic() - t0))
     else:
         h.ok(False, '[%s] tdrain_claims empty (%d claim records left, %d of a deposed epoch, %.0f s after the '
              'drain)' % (label, len(left), len(left) - len(own), time.monotonic() - t0))
