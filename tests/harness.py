@@ -77,6 +77,40 @@ __all__ = ['Harness', 'Store', 'Etcd', 'Postgres', 'Proc', 'SlowProxy', 'free_po
 
 
 # --------------------------------------------------------------------------
+# Rendezvous assignment, written independently of coord/assign.c and lib/hash.c
+# (docs/EVENTS.md gives the test vectors): the owner of partition p among
+# members is the one with the highest mix64(fnv1a32(name) << 32 ^ p ^ golden).
+# --------------------------------------------------------------------------
+
+M64 = (1 << 64) - 1
+
+
+def fnv1a32(b):
+    x = 2166136261
+    for c in b:
+        x = ((x ^ c) * 16777619) & 0xffffffff
+    return x
+
+
+def mix64(x):
+    x ^= x >> 30
+    x = (x * 0xbf58476d1ce4e5b9) & M64
+    x ^= x >> 27
+    x = (x * 0x94d049bb133111eb) & M64
+    x ^= x >> 31
+    return x
+
+
+def hrw_owner(members, p):
+    best = None
+    for m in sorted(members):
+        s = mix64(((fnv1a32(m.encode()) << 32) ^ p ^ 0x9e3779b97f4a7c15) & M64)
+        if best is None or s > best[0]:
+            best = (s, m)
+    return best[1]
+
+
+# --------------------------------------------------------------------------
 # Ports
 # --------------------------------------------------------------------------
 

@@ -17,37 +17,12 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
 import harness  # noqa: E402
+from harness import hrw_owner  # noqa: E402
 import checker  # noqa: E402
 
 P = 8
 N = int(os.environ.get('T04_EVENTS', '6000'))
 STREAM_ABOVE = 10000
-M64 = (1 << 64) - 1
-
-
-def fnv1a32(b):
-    h = 2166136261
-    for c in b:
-        h = ((h ^ c) * 16777619) & 0xffffffff
-    return h
-
-
-def mix64(x):
-    x ^= x >> 30
-    x = (x * 0xbf58476d1ce4e5b9) & M64
-    x ^= x >> 27
-    x = (x * 0x94d049bb133111eb) & M64
-    x ^= x >> 31
-    return x
-
-
-def hrw_owner(members, p):
-    best = None
-    for m in sorted(members):
-        s = mix64(((fnv1a32(m.encode()) << 32) ^ p ^ 0x9e3779b97f4a7c15) & M64)
-        if best is None or s > best[0]:
-            best = (s, m)
-    return best[1]
 
 
 def conf(h, m, e, backend, name):

@@ -43,6 +43,7 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
 import harness  # noqa: E402
+from harness import hrw_owner  # noqa: E402
 import checker  # noqa: E402
 
 P = 8
@@ -58,36 +59,8 @@ N_PAUSE = int(os.environ.get('T05_PAUSE_EVENTS', '2000'))
 ONLY = set((os.environ.get('T05_ONLY') or 'kill,single,pause,etcd,store').split(','))
 BACKENDS = [b for b in (os.environ.get('T05_BACKENDS') or 'mongo,etcd').split(',') if b]
 PAUSE_BACKENDS = [b for b in (os.environ.get('T05_PAUSE_BACKENDS') or 'mongo').split(',') if b]
-M64 = (1 << 64) - 1
 
 GAPS = {}   # (row, backend) -> text
-
-
-# ------------------------------------------------------------------ rendezvous (independent of coord/assign.c)
-
-def fnv1a32(b):
-    h = 2166136261
-    for c in b:
-        h = ((h ^ c) * 16777619) & 0xffffffff
-    return h
-
-
-def mix64(x):
-    x ^= x >> 30
-    x = (x * 0xbf58476d1ce4e5b9) & M64
-    x ^= x >> 27
-    x = (x * 0x94d049bb133111eb) & M64
-    x ^= x >> 31
-    return x
-
-
-def hrw_owner(members, p):
-    best = None
-    for m in sorted(members):
-        s = mix64(((fnv1a32(m.encode()) << 32) ^ p ^ 0x9e3779b97f4a7c15) & M64)
-        if best is None or s > best[0]:
-            best = (s, m)
-    return best[1]
 
 
 # ------------------------------------------------------------------ helpers

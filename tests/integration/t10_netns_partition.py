@@ -73,13 +73,13 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
 import harness  # noqa: E402
+from harness import hrw_owner  # noqa: E402
 import checker  # noqa: E402
 
 P = 8
 NAMES = ('n1', 'n2', 'n3')   # rendezvous gives them 3, 2 and 3 of the 8 partitions
 TTL_MS, DEADLINE_MS, RETRY_MS, TIMEOUT_MS = 6000, 4500, 500, 2000
 N0 = int(os.environ.get('T10_EVENTS', '600'))
-M64 = (1 << 64) - 1
 
 
 def figures(h, scenario, **kv):
@@ -88,33 +88,6 @@ def figures(h, scenario, **kv):
 
 def b64(s):
     return base64.b64encode(s.encode()).decode()
-
-
-# ------------------------------------------------------------------ rendezvous (independent of coord/assign.c)
-
-def fnv1a32(b):
-    x = 2166136261
-    for c in b:
-        x = ((x ^ c) * 16777619) & 0xffffffff
-    return x
-
-
-def mix64(x):
-    x ^= x >> 30
-    x = (x * 0xbf58476d1ce4e5b9) & M64
-    x ^= x >> 27
-    x = (x * 0x94d049bb133111eb) & M64
-    x ^= x >> 31
-    return x
-
-
-def hrw_owner(members, p):
-    best = None
-    for m in sorted(members):
-        s = mix64(((fnv1a32(m.encode()) << 32) ^ p ^ 0x9e3779b97f4a7c15) & M64)
-        if best is None or s > best[0]:
-            best = (s, m)
-    return best[1]
 
 
 # ------------------------------------------------------------------ the network

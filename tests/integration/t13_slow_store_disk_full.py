@@ -87,6 +87,7 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
 import harness  # noqa: E402
+from harness import fnv1a32, hrw_owner  # noqa: E402
 import checker  # noqa: E402
 
 P = 8
@@ -99,7 +100,6 @@ N_DISK = 2000
 N_UNTRIAGED = 400
 LINE_FIELDS = ['_id', '_id_type', 'insert_id', 'event', 'distinct_id', 'username', 'created_at',
                'created_at_ms', 'properties', 'doc']
-M64 = (1 << 64) - 1
 
 
 def figures(h, scenario, **kv):
@@ -107,26 +107,6 @@ def figures(h, scenario, **kv):
 
 
 # ------------------------------------------------------------------ independent of lib/hash.c and coord/assign.c
-
-def fnv1a32(b):
-    x = 2166136261
-    for c in b:
-        x = ((x ^ c) * 16777619) & 0xffffffff
-    return x
-
-
-def mix64(x):
-    x ^= x >> 30
-    x = (x * 0xbf58476d1ce4e5b9) & M64
-    x ^= x >> 27
-    x = (x * 0x94d049bb133111eb) & M64
-    x ^= x >> 31
-    return x
-
-
-def hrw_owner(members, p):
-    return max((mix64(((fnv1a32(m.encode()) << 32) ^ p ^ 0x9e3779b97f4a7c15) & M64), m)
-               for m in sorted(members))[1]
 
 
 def part_of(doc):
@@ -244,7 +224,6 @@ def lost_events(db, want_iids):
 def drained(db):
     return db.events.count_documents({}) == 0 and db.tdrain_deltas.count_documents({}) == 0 \
         and db.tdrain_claims.count_documents({}) == 0
-
 
 
 def claims_check(h, label, db, ttl_s):
