@@ -171,23 +171,43 @@ static int read_in(tdr_fold *f, mongoc_collection_t *coll, const char *const *ke
  * addToSet}.  The images, not the updates, go into the redo record: applying
  * an absolute image twice is harmless, so a redo needs no reads.
  */
+/*
+ * Fields borrow: a key and a value point into the current document, the
+ * update or an array this image built (own[]), all of which outlive the
+ * image's construction.  No per-field copies: this runs once per derived
+ * document per round, the fold's hottest loop.
+ */
 struct field {
-	char *key;
+	const char *key;
 	bson_value_t v;
 };
+
+#define FIELDS_INLINE 16
 
 struct fields {
 	struct field *f;
 	size_t n, cap;
+	struct field inl[FIELDS_INLINE];
+	bson_t **own; /* addToSet results */
+	size_t nown;
 };
+
+static void fields_init(struct fields *fs)
+{
+	fs->f = fs->inl;
+	fs->n = 0;
+	fs->cap = FIELDS_INLINE;
+	fs->own = NULL;
+	fs->nown = 0;
+}
 
 static void fields_free(struct fields *fs)
 {
-	for (size_t i = 0; i < fs->n; i++) {
-		free(fs->f[i].key);
-		bson_value_destroy(&fs->f[i].v);
-	}
-	free(fs->f);
+	for (size_t i = 0; i < fs->nown; i++)
+		bson_destroy(fs->own[i]);
+	free(fs->own);
+	if (fs->f != fs->inl)
+		free(fs->f);
 }
 
 static struct field *field_get(struct fields *fs, const char *key)
@@ -198,30 +218,42 @@ static struct field *field_get(struct fields *fs, const char *key)
 	return NULL;
 }
 
-/* Set key to a copy of v (replacing). */
+/* Set key to v (replacing); both are borrowed. */
 static int field_put(struct fields *fs, const char *key, const bson_value_t *v)
 {
 	struct field *f = field_get(fs, key);
 
 	if (f) {
-		bson_value_destroy(&f->v);
-		bson_value_copy(v, &f->v);
+		f->v = *v;
 		return 0;
 	}
 	if (fs->n == fs->cap) {
-		size_t ncap = fs->cap ? fs->cap * 2 : 8;
-		struct field *nf = realloc(fs->f, ncap * sizeof(*nf));
+		size_t ncap = fs->cap * 2;
+		struct field *nf = malloc(ncap * sizeof(*nf));
 
 		if (nf == NULL)
 			return -1;
+		memcpy(nf, fs->f, fs->n * sizeof(*nf));
+		if (fs->f != fs->inl)
+			free(fs->f);
 		fs->f = nf;
 		fs->cap = ncap;
 	}
-	fs->f[fs->n].key = strdup(key);
-	if (fs->f[fs->n].key == NULL)
-		return -1;
-	bson_value_copy(v, &fs->f[fs->n].v);
+	fs->f[fs->n].key = key;
+	fs->f[fs->n].v = *v;
 	fs->n++;
+	return 0;
+}
+
+/* Keep arr until the image is built. */
+static int fields_own(struct fields *fs, bson_t *arr)
+{
+	bson_t **n = realloc(fs->own, (fs->nown + 1) * sizeof(*n));
+
+	if (n == NULL)
+		return -1;
+	fs->own = n;
+	fs->own[fs->nown++] = arr;
 	return 0;
 }
 
@@ -239,6 +271,53 @@ static int64_t value_i64(const bson_value_t *v)
 	}
 }
 
+/* Union of string arrays, existing order first, into a new array fs keeps. */
+static int add_to_set(struct fields *fs, const char *k, const struct field *cur, bson_iter_t *f)
+{
+	bson_t *arr, old, add;
+	bson_iter_t a, b;
+	uint32_t idx = 0, len;
+	const uint8_t *data;
+	bson_value_t v;
+
+	if (!BSON_ITER_HOLDS_ARRAY(f) || (arr = bson_new()) == NULL)
+		return -1;
+	if (fields_own(fs, arr) < 0) {
+		bson_destroy(arr);
+		return -1;
+	}
+	if (cur && cur->v.value_type == BSON_TYPE_ARRAY &&
+	    bson_init_static(&old, cur->v.value.v_doc.data, cur->v.value.v_doc.data_len) && bson_iter_init(&a, &old))
+		while (bson_iter_next(&a)) {
+			char buf[16];
+			const char *kp;
+
+			bson_uint32_to_string(idx++, &kp, buf, sizeof(buf));
+			bson_append_value(arr, kp, -1, bson_iter_value(&a));
+		}
+	bson_iter_array(f, &len, &data);
+	if (bson_init_static(&add, data, len) && bson_iter_init(&b, &add))
+		while (bson_iter_next(&b)) {
+			int dup = 0;
+			bson_iter_t c;
+
+			if (bson_iter_init(&c, arr))
+				while (!dup && bson_iter_next(&c))
+					dup = tdr_bson_value_eq(bson_iter_value(&c), bson_iter_value(&b));
+			if (!dup) {
+				char buf[16];
+				const char *kp;
+
+				bson_uint32_to_string(idx++, &kp, buf, sizeof(buf));
+				bson_append_value(arr, kp, -1, bson_iter_value(&b));
+			}
+		}
+	v.value_type = BSON_TYPE_ARRAY;
+	v.value.v_doc.data = (uint8_t *)bson_get_data(arr);
+	v.value.v_doc.data_len = arr->len;
+	return field_put(fs, k, &v);
+}
+
 /* Apply one recorded update to fs. */
 static int apply_update(struct fields *fs, const bson_t *u)
 {
@@ -248,7 +327,20 @@ static int apply_update(struct fields *fs, const bson_t *u)
 		return -1;
 	while (bson_iter_next(&op)) {
 		const char *name = bson_iter_key(&op);
+		enum { OP_INC, OP_MIN, OP_MAX, OP_SET, OP_ADD } kind;
 
+		if (strcmp(name, "inc") == 0)
+			kind = OP_INC;
+		else if (strcmp(name, "min") == 0)
+			kind = OP_MIN;
+		else if (strcmp(name, "max") == 0)
+			kind = OP_MAX;
+		else if (strcmp(name, "set") == 0)
+			kind = OP_SET;
+		else if (strcmp(name, "addToSet") == 0)
+			kind = OP_ADD;
+		else
+			return -1;
 		if (!BSON_ITER_HOLDS_DOCUMENT(&op) || !bson_iter_recurse(&op, &f))
 			return -1;
 		while (bson_iter_next(&f)) {
@@ -256,87 +348,51 @@ static int apply_update(struct fields *fs, const bson_t *u)
 			const bson_value_t *nv = bson_iter_value(&f);
 			struct field *cur = field_get(fs, k);
 			bson_value_t tmp;
+			int replace;
 
-			if (strcmp(name, "inc") == 0) {
+			switch (kind) {
+			case OP_INC:
 				tmp.value_type = BSON_TYPE_INT64;
 				tmp.value.v_int64 = (cur ? value_i64(&cur->v) : 0) + value_i64(nv);
 				if (field_put(fs, k, &tmp) < 0)
 					return -1;
-			} else if (strcmp(name, "min") == 0 || strcmp(name, "max") == 0) {
-				int want_min = name[1] == 'i';
-				int replace = cur == NULL || cur->v.value_type != BSON_TYPE_DATE_TIME ||
-					      nv->value_type != BSON_TYPE_DATE_TIME ||
-					      (want_min ? nv->value.v_datetime < cur->v.value.v_datetime
-							: nv->value.v_datetime > cur->v.value.v_datetime);
-
+				break;
+			case OP_MIN:
+			case OP_MAX:
+				replace = cur == NULL || cur->v.value_type != BSON_TYPE_DATE_TIME ||
+					  nv->value_type != BSON_TYPE_DATE_TIME ||
+					  (kind == OP_MIN ? nv->value.v_datetime < cur->v.value.v_datetime
+							  : nv->value.v_datetime > cur->v.value.v_datetime);
 				if (replace && field_put(fs, k, nv) < 0)
 					return -1;
-			} else if (strcmp(name, "set") == 0) {
+				break;
+			case OP_SET:
 				if (field_put(fs, k, nv) < 0)
 					return -1;
-			} else if (strcmp(name, "addToSet") == 0) {
-				/* Union of string arrays, existing order first. */
-				bson_t arr = BSON_INITIALIZER, old, add;
-				bson_iter_t a, b;
-				uint32_t idx = 0;
-				const uint8_t *data;
-				uint32_t len;
-
-				if (!BSON_ITER_HOLDS_ARRAY(&f)) {
-					bson_destroy(&arr);
+				break;
+			case OP_ADD:
+				if (add_to_set(fs, k, cur, &f) < 0)
 					return -1;
-				}
-				if (cur && cur->v.value_type == BSON_TYPE_ARRAY &&
-				    bson_init_static(&old, cur->v.value.v_doc.data, cur->v.value.v_doc.data_len) &&
-				    bson_iter_init(&a, &old))
-					while (bson_iter_next(&a)) {
-						char buf[16];
-						const char *kp;
-
-						bson_uint32_to_string(idx++, &kp, buf, sizeof(buf));
-						bson_append_value(&arr, kp, -1, bson_iter_value(&a));
-					}
-				bson_iter_array(&f, &len, &data);
-				if (bson_init_static(&add, data, len) && bson_iter_init(&b, &add))
-					while (bson_iter_next(&b)) {
-						int dup = 0;
-						bson_iter_t c;
-
-						if (bson_iter_init(&c, &arr))
-							while (!dup && bson_iter_next(&c))
-								dup = tdr_bson_value_eq(bson_iter_value(&c), bson_iter_value(&b));
-						if (!dup) {
-							char buf[16];
-							const char *kp;
-
-							bson_uint32_to_string(idx++, &kp, buf, sizeof(buf));
-							bson_append_value(&arr, kp, -1, bson_iter_value(&b));
-						}
-					}
-				tmp.value_type = BSON_TYPE_ARRAY;
-				tmp.value.v_doc.data = (uint8_t *)bson_get_data(&arr);
-				tmp.value.v_doc.data_len = arr.len;
-				if (field_put(fs, k, &tmp) < 0) {
-					bson_destroy(&arr);
-					return -1;
-				}
-				bson_destroy(&arr);
-			} else {
-				return -1;
+				break;
 			}
 		}
 	}
 	return 0;
 }
 
-/* image = current (may be NULL) + update, with _id key and _f seq. */
-static int make_image(const bson_t *current, const char *key, size_t klen, const bson_t *u, int64_t seq,
-		      bson_t *image)
+/*
+ * The image of key: current (may be NULL) + update, with _id key and _f seq,
+ * as raw BSON in a new heap block (NULL on failure).
+ */
+static uint8_t *make_image(const bson_t *current, const char *key, size_t klen, const bson_t *u, int64_t seq)
 {
-	struct fields fs = { 0 };
+	struct fields fs;
 	bson_iter_t it;
+	bson_t image;
+	uint8_t *raw = NULL;
 	int rc = 0;
 
+	fields_init(&fs);
 	if (current && bson_iter_init(&it, current))
 		while (rc == 0 && bson_iter_next(&it)) {
 			const char *k = bson_iter_key(&it);
@@ -346,18 +402,27 @@ static int make_image(const bson_t *current, const char *key, size_t klen, const
 		}
 	if (rc == 0)
 		rc = apply_update(&fs, u);
-	bson_init(image);
 	if (rc == 0) {
-		bson_append_utf8(image, "_id", 3, key, (int)klen);
+		bson_init(&image);
+		bson_append_utf8(&image, "_id", 3, key, (int)klen);
 		for (size_t i = 0; i < fs.n; i++)
-			bson_append_value(image, fs.f[i].key, -1, &fs.f[i].v);
-		BSON_APPEND_INT64(image, "_f", seq);
+			bson_append_value(&image, fs.f[i].key, -1, &fs.f[i].v);
+		BSON_APPEND_INT64(&image, "_f", seq);
+		if ((raw = malloc(image.len)) != NULL)
+			memcpy(raw, bson_get_data(&image), image.len);
+		bson_destroy(&image);
 	}
 	fields_free(&fs);
-	return rc;
+	return raw;
 }
 
 /* ------------------------------------------------------------ the cache */
+
+/*
+ * Values are a document's raw bytes in one plain heap block (BSON starts with
+ * its own length), not bson_t objects: libbson allocates those with
+ * memalign, which cost more than building the image did.
+ */
 
 /* Marks a key known to have no document. */
 static char absent;
@@ -365,15 +430,22 @@ static char absent;
 /* What an entry costs, roughly: the document, the key and the map slot. */
 #define ENTRY_OVERHEAD 64
 
+static uint32_t raw_len(const void *raw)
+{
+	const uint8_t *p = raw;
+
+	return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+}
+
 static size_t entry_bytes(size_t klen, const void *v)
 {
-	return klen + ENTRY_OVERHEAD + (v && v != &absent ? ((const bson_t *)v)->len : 0);
+	return klen + ENTRY_OVERHEAD + (v && v != &absent ? raw_len(v) : 0);
 }
 
 static void cache_value_free(void *p)
 {
 	if (p && p != &absent)
-		bson_destroy(p);
+		free(p);
 }
 
 static void cache_clear(struct fold_cache *fc)
@@ -387,16 +459,18 @@ static void cache_clear(struct fold_cache *fc)
 	fc->valid = 0;
 }
 
-/* The current document, or NULL if there is none. */
-static const bson_t *cache_doc(const struct fold_cache *fc, int ci, const char *key, size_t klen)
+/* The current document (in *tmp, read-only), or NULL if there is none. */
+static const bson_t *cache_doc(const struct fold_cache *fc, int ci, const char *key, size_t klen, bson_t *tmp)
 {
 	void *v = tdr_map_get(fc->docs[ci], key, klen);
 
-	return v == &absent ? NULL : v;
+	if (v == NULL || v == &absent || !bson_init_static(tmp, v, raw_len(v)))
+		return NULL;
+	return tmp;
 }
 
-/* Put doc (owned by the cache from now on; NULL: absent) under key, replacing. */
-static int cache_put(struct fold_cache *fc, int ci, const char *key, size_t klen, bson_t *doc)
+/* Put doc (raw bytes from malloc, owned by the cache from now on; NULL: absent) under key. */
+static int cache_put(struct fold_cache *fc, int ci, const char *key, size_t klen, uint8_t *doc)
 {
 	void *old = tdr_map_get(fc->docs[ci], key, klen), *v = doc ? (void *)doc : (void *)&absent;
 
@@ -429,7 +503,7 @@ static void fill_one(void *vctx, const bson_t *doc)
 	struct fill_ctx *ctx = vctx;
 	uint32_t len;
 	const char *id = tdr_bson_str(doc, "_id", &len);
-	bson_t *copy;
+	uint8_t *copy;
 
 	if (id == NULL || ctx->failed || ctx->over)
 		return;
@@ -437,7 +511,8 @@ static void fill_one(void *vctx, const bson_t *doc)
 		ctx->over = 1;
 		return;
 	}
-	copy = bson_copy(doc);
+	if ((copy = malloc(doc->len)) != NULL)
+		memcpy(copy, bson_get_data(doc), doc->len);
 	if (copy == NULL || cache_put(ctx->fc, ctx->ci, id, len, copy) < 0)
 		ctx->failed = 1;
 }
@@ -565,76 +640,127 @@ static void cache_advance(tdr_fold *f, int64_t seq)
 
 /* ------------------------------------------------------------ applying images */
 
+/* One element {c, d, n} of an images array, parsed once. */
+struct irec {
+	int ci;
+	const uint8_t *img; /* in images (a bson_t cannot be copied: it points into itself) */
+	uint32_t imglen;
+	const char *k;
+	uint32_t klen;
+	bool isnew;
+};
+
+static int index_images(const bson_t *images, struct irec **ret, size_t *ret_n)
+{
+	struct irec *recs = NULL;
+	size_t n = 0, cap = 0;
+	bson_iter_t it;
+
+	if (bson_iter_init(&it, images))
+		while (bson_iter_next(&it)) {
+			struct irec r = { .ci = -1 };
+			bson_iter_t f, id;
+			bson_t img;
+
+			if (!BSON_ITER_HOLDS_DOCUMENT(&it) || !bson_iter_recurse(&it, &f))
+				continue;
+			while (bson_iter_next(&f)) {
+				const char *key = bson_iter_key(&f);
+
+				if (strcmp(key, "c") == 0 && BSON_ITER_HOLDS_UTF8(&f)) {
+					r.ci = coll_index(bson_iter_utf8(&f, NULL));
+				} else if (strcmp(key, "d") == 0 && BSON_ITER_HOLDS_DOCUMENT(&f)) {
+					bson_iter_document(&f, &r.imglen, &r.img);
+				} else if (strcmp(key, "n") == 0 && BSON_ITER_HOLDS_BOOL(&f)) {
+					r.isnew = bson_iter_bool(&f);
+				}
+			}
+			/* make_image writes _id first. */
+			if (r.ci < 0 || r.img == NULL || !bson_init_static(&img, r.img, r.imglen) ||
+			    !bson_iter_init(&id, &img) || !bson_iter_next(&id) ||
+			    strcmp(bson_iter_key(&id), "_id") != 0 || !BSON_ITER_HOLDS_UTF8(&id))
+				continue;
+			r.k = bson_iter_utf8(&id, &r.klen);
+			if (n == cap) {
+				size_t ncap = cap ? cap * 2 : 256;
+				struct irec *nr = realloc(recs, ncap * sizeof(*nr));
+
+				if (nr == NULL) {
+					free(recs);
+					return -1;
+				}
+				recs = nr;
+				cap = ncap;
+			}
+			recs[n++] = r;
+		}
+	*ret = recs;
+	*ret_n = n;
+	return 0;
+}
+
 /*
- * One statement set per collection.  MongoDB: replace_one upserts fenced by
+ * Write a round's images (seq: the round's, every image's _f).  One
+ * statement set per collection.  MongoDB: replace_one upserts fenced by
  * {_f: {$lt: seq}}, index-served and atomic per document; a duplicate key
  * means the image (or a newer one) is already there.  FerretDB: its keyed
  * statements each scan the collection, so delete_many {_id: {$in}} then
  * insert_many: two scans per round however many documents changed.  Readers
  * of a FerretDB store can see a document briefly absent between the two.
  */
-static int apply_images(tdr_fold *f, mongoc_client_t *c, const bson_t *images, int first, tdr_err *err)
+static int apply_images(tdr_fold *f, mongoc_client_t *c, const bson_t *images, int64_t seq, int first,
+			tdr_err *err)
 {
-	for (int ci = 0; derived_colls[ci]; ci++) {
+	struct irec *recs = NULL;
+	size_t nrecs = 0;
+	int rc = 0;
+
+	if (index_images(images, &recs, &nrecs) < 0)
+		return tdr_err_set(err, TDR_ENOMEM, "out of memory");
+	for (int ci = 0; ci < NCOLL && rc == 0; ci++) {
 		const char *cname = derived_colls[ci];
 		mongoc_collection_t *coll = tdr_store_coll(f->st, c, cname);
 		mongoc_bulk_operation_t *bulk = tdr_bulk_new(coll, 0);
 		bson_t del = BSON_INITIALIZER, in, arr, flt;
-		bson_iter_t it;
 		uint32_t nk = 0, ndel = 0;
-		int64_t fseq = 0, dups = 0;
-		int rc = 0;
+		int64_t dups = 0;
 
 		BSON_APPEND_DOCUMENT_BEGIN(&del, "_id", &in);
 		BSON_APPEND_ARRAY_BEGIN(&in, "$in", &arr);
-		if (bson_iter_init(&it, images))
-			while (bson_iter_next(&it)) {
-				bson_t rec, img;
-				bson_iter_t d;
-				const uint8_t *data;
-				uint32_t len, klen;
-				const char *cc, *k;
+		for (size_t i = 0; i < nrecs; i++) {
+			const struct irec *r = &recs[i];
+			bson_t img;
 
-				if (!BSON_ITER_HOLDS_DOCUMENT(&it))
-					continue;
-				bson_iter_document(&it, &len, &data);
-				if (!bson_init_static(&rec, data, len))
-					continue;
-				cc = tdr_bson_str(&rec, "c", NULL);
-				if (cc == NULL || strcmp(cc, cname) != 0 || !bson_iter_init_find(&d, &rec, "d") ||
-				    !BSON_ITER_HOLDS_DOCUMENT(&d))
-					continue;
-				bson_iter_document(&d, &len, &data);
-				if (!bson_init_static(&img, data, len) || (k = tdr_bson_str(&img, "_id", &klen)) == NULL)
-					continue;
-				if (f->st->is_ferretdb) {
-					char buf[16];
-					const char *kp;
+			if (r->ci != ci || !bson_init_static(&img, r->img, r->imglen))
+				continue;
+			if (f->st->is_ferretdb) {
+				char buf[16];
+				const char *kp;
 
-					fseq = tdr_bson_i64(&img, "_f", 0);
-					/*
-					 * A key the store had no document for needs no delete.  Only on the
-					 * round's first apply: a redo cannot know what the failed attempt wrote.
-					 */
-					if (!first || !tdr_bson_bool(&rec, "n", false)) {
-						bson_uint32_to_string(ndel++, &kp, buf, sizeof(buf));
-						bson_append_utf8(&arr, kp, -1, k, (int)klen);
-					}
-					mongoc_bulk_operation_insert(bulk, &img);
-				} else {
-					bson_t sel = BSON_INITIALIZER, lt, opts = BSON_INITIALIZER;
-
-					bson_append_utf8(&sel, "_id", 3, k, (int)klen);
-					BSON_APPEND_DOCUMENT_BEGIN(&sel, "_f", &lt);
-					BSON_APPEND_INT64(&lt, "$lt", tdr_bson_i64(&img, "_f", 0));
-					bson_append_document_end(&sel, &lt);
-					BSON_APPEND_BOOL(&opts, "upsert", true);
-					mongoc_bulk_operation_replace_one_with_opts(bulk, &sel, &img, &opts, NULL);
-					bson_destroy(&sel);
-					bson_destroy(&opts);
+				/*
+				 * A key the store had no document for needs no delete.  Only on the
+				 * round's first apply: a redo cannot know what the failed attempt wrote.
+				 */
+				if (!first || !r->isnew) {
+					bson_uint32_to_string(ndel++, &kp, buf, sizeof(buf));
+					bson_append_utf8(&arr, kp, -1, r->k, (int)r->klen);
 				}
-				nk++;
+				tdr_bulk_insert_trusted(bulk, &img);
+			} else {
+				bson_t sel = BSON_INITIALIZER, lt, opts = BSON_INITIALIZER;
+
+				bson_append_utf8(&sel, "_id", 3, r->k, (int)r->klen);
+				BSON_APPEND_DOCUMENT_BEGIN(&sel, "_f", &lt);
+				BSON_APPEND_INT64(&lt, "$lt", seq);
+				bson_append_document_end(&sel, &lt);
+				BSON_APPEND_BOOL(&opts, "upsert", true);
+				BSON_APPEND_BOOL(&opts, "validate", false); /* tdr_bulk_insert_trusted */
+				mongoc_bulk_operation_replace_one_with_opts(bulk, &sel, &img, &opts, NULL);
+				bson_destroy(&sel);
+				bson_destroy(&opts);
 			}
+			nk++;
+		}
 		bson_append_array_end(&in, &arr);
 		bson_append_document_end(&del, &in);
 		/*
@@ -643,7 +769,7 @@ static int apply_images(tdr_fold *f, mongoc_client_t *c, const bson_t *images, i
 		 * remove images a newer round already wrote.
 		 */
 		BSON_APPEND_DOCUMENT_BEGIN(&del, "_f", &flt);
-		BSON_APPEND_INT64(&flt, "$lt", fseq);
+		BSON_APPEND_INT64(&flt, "$lt", seq);
 		bson_append_document_end(&del, &flt);
 		if (ndel && f->st->is_ferretdb) {
 			bson_error_t be;
@@ -666,10 +792,9 @@ static int apply_images(tdr_fold *f, mongoc_client_t *c, const bson_t *images, i
 		bson_destroy(&del);
 		mongoc_bulk_operation_destroy(bulk);
 		mongoc_collection_destroy(coll);
-		if (rc < 0)
-			return rc;
 	}
-	return 0;
+	free(recs);
+	return rc;
 }
 
 /* Steps after apply: delete the folded deltas, advance the state, drop the record. */
@@ -796,8 +921,9 @@ static int resolve_identities(tdr_map *devs, const struct fold_cache *fc, bson_t
 		return tdr_err_set(err, TDR_ENOMEM, "out of memory");
 	while (tdr_map_next(devs, &pos, &key, &klen, &v)) {
 		struct devround *dr = v;
-		const bson_t *idoc = cache_doc(fc, coll_index(TDR_C_IDENTITIES), key, klen),
-			     *ddoc = cache_doc(fc, coll_index(TDR_C_DEVICES), key, klen);
+		bson_t itmp, dtmp;
+		const bson_t *idoc = cache_doc(fc, coll_index(TDR_C_IDENTITIES), key, klen, &itmp),
+			     *ddoc = cache_doc(fc, coll_index(TDR_C_DEVICES), key, klen, &dtmp);
 		const char *old_u = idoc ? tdr_bson_str(idoc, "username", NULL) : NULL;
 		uint32_t old_ulen = 0;
 		int64_t old_t = 0, before = ddoc ? tdr_bson_i64(ddoc, "count", 0) : 0;
@@ -941,7 +1067,7 @@ static int redo(tdr_fold *f, mongoc_client_t *c, const bson_t *record, int64_t s
 	if (!tdr_coord_may_lead(f->coord, epoch))
 		return tdr_err_set(err, TDR_EFENCED, "no longer leader");
 	log_info("fold: redoing round %" PRId64 " left unfinished by a previous leader", seq);
-	if ((rc = apply_images(f, c, &images, 0, err)) < 0)
+	if ((rc = apply_images(f, c, &images, seq, 0, err)) < 0)
 		return rc;
 	if ((rc = finish_round(f, c, record, seq, epoch, err)) < 0)
 		return rc;
@@ -1115,7 +1241,7 @@ static int dedup(tdr_fold *f, mongoc_client_t *c, struct round *r, int64_t *ret_
 		bson_append_utf8(&doc, "_id", 3, e->insert_id, (int)e->insert_id_len);
 		if (did)
 			bson_append_utf8(&doc, "d", 1, did, (int)dlen);
-		mongoc_bulk_operation_insert(bulk, &doc);
+		tdr_bulk_insert_trusted(bulk, &doc);
 		bson_destroy(&doc);
 	}
 	bson_destroy(&reply);
@@ -1181,137 +1307,130 @@ out:
 	return rc;
 }
 
-/* Keys of coll in the recorded writes. */
-static int writes_keys(const bson_t *writes, const char *coll, const char ***ret_keys, size_t **ret_lens,
-		       size_t *ret_n)
+/* One record of a round's writes array {c, k, u}, parsed once. */
+struct wrec {
+	int ci;
+	const char *k;
+	uint32_t klen;
+	const uint8_t *u; /* the update, in writes (a bson_t cannot be copied: it points into itself) */
+	uint32_t ulen;
+};
+
+/* Parse writes into recs (records naming no derived collection are skipped). */
+static int index_writes(const bson_t *writes, struct wrec **ret, size_t *ret_n)
 {
-	bson_iter_t it;
+	struct wrec *recs = NULL;
 	size_t n = 0, cap = 0;
-	const char **keys = NULL;
-	size_t *lens = NULL;
+	bson_iter_t it;
 
 	if (bson_iter_init(&it, writes))
 		while (bson_iter_next(&it)) {
-			bson_t rec;
-			const uint8_t *data;
-			uint32_t len, klen;
-			const char *cc, *k;
+			struct wrec w = { .ci = -1 };
+			bson_iter_t f;
 
-			if (!BSON_ITER_HOLDS_DOCUMENT(&it))
+			if (!BSON_ITER_HOLDS_DOCUMENT(&it) || !bson_iter_recurse(&it, &f))
 				continue;
-			bson_iter_document(&it, &len, &data);
-			if (!bson_init_static(&rec, data, len))
-				continue;
-			cc = tdr_bson_str(&rec, "c", NULL);
-			k = tdr_bson_str(&rec, "k", &klen);
-			if (cc == NULL || k == NULL || strcmp(cc, coll) != 0)
+			while (bson_iter_next(&f)) {
+				const char *key = bson_iter_key(&f);
+
+				if (strcmp(key, "c") == 0 && BSON_ITER_HOLDS_UTF8(&f)) {
+					w.ci = coll_index(bson_iter_utf8(&f, NULL));
+				} else if (strcmp(key, "k") == 0 && BSON_ITER_HOLDS_UTF8(&f)) {
+					w.k = bson_iter_utf8(&f, &w.klen);
+				} else if (strcmp(key, "u") == 0 && BSON_ITER_HOLDS_DOCUMENT(&f)) {
+					bson_iter_document(&f, &w.ulen, &w.u);
+				}
+			}
+			if (w.ci < 0 || w.k == NULL || w.u == NULL)
 				continue;
 			if (n == cap) {
-				size_t ncap = cap ? cap * 2 : 64;
-				const char **nk = realloc(keys, ncap * sizeof(*nk));
-				size_t *nl;
+				size_t ncap = cap ? cap * 2 : 256;
+				struct wrec *nr = realloc(recs, ncap * sizeof(*nr));
 
-				if (nk == NULL)
-					goto oom;
-				keys = nk;
-				nl = realloc(lens, ncap * sizeof(*nl));
-				if (nl == NULL)
-					goto oom;
-				lens = nl;
+				if (nr == NULL) {
+					free(recs);
+					return -1;
+				}
+				recs = nr;
 				cap = ncap;
 			}
-			keys[n] = k;
-			lens[n++] = klen;
+			recs[n++] = w;
 		}
-	*ret_keys = keys;
-	*ret_lens = lens;
+	*ret = recs;
 	*ret_n = n;
 	return 0;
-oom:
-	free(keys);
-	free(lens);
-	return -1;
 }
 
 /*
- * Steps 3-4: read the current version of every document the writes touch
- * (one $in per collection), compute after-images, and append them to images.
- * cur_by_coll[i] maps key -> current document of derived_colls[i].
+ * Steps 3-4: make sure the cache holds the current version of every document
+ * the writes touch (reading the keys it has never seen, one $in per
+ * collection), compute after-images, and append them to images.  The cache
+ * takes each image: two writes to one key in a round chain through it.
  */
 static int build_images(tdr_fold *f, mongoc_client_t *c, const bson_t *writes, int64_t seq, bson_t *images,
 			tdr_err *err)
 {
 	struct fold_cache *fc = &f->cache;
+	struct wrec *recs = NULL;
+	const char **keys = NULL;
+	size_t *lens = NULL, nrecs = 0;
 	uint32_t idx = 0;
 	int rc = 0;
 
-	for (int ci = 0; derived_colls[ci] && rc == 0; ci++) {
-		const char **keys = NULL;
-		size_t *lens = NULL, n = 0;
-		bson_iter_t it;
+	if (index_writes(writes, &recs, &nrecs) < 0)
+		return tdr_err_set(err, TDR_ENOMEM, "out of memory");
+	keys = calloc(nrecs ? nrecs : 1, sizeof(*keys));
+	lens = calloc(nrecs ? nrecs : 1, sizeof(*lens));
+	if (keys == NULL || lens == NULL) {
+		rc = tdr_err_set(err, TDR_ENOMEM, "out of memory");
+		goto out;
+	}
+	for (int ci = 0; ci < NCOLL && rc == 0; ci++) {
+		size_t n = 0;
 
-		if (writes_keys(writes, derived_colls[ci], &keys, &lens, &n) < 0)
-			return tdr_err_set(err, TDR_ENOMEM, "out of memory");
-		rc = cache_fill(f, c, ci, keys, lens, n, err);
-		free(keys);
-		free(lens);
-		if (rc < 0)
+		for (size_t i = 0; i < nrecs; i++)
+			if (recs[i].ci == ci) {
+				keys[n] = recs[i].k;
+				lens[n++] = recs[i].klen;
+			}
+		if ((rc = cache_fill(f, c, ci, keys, lens, n, err)) < 0)
 			break;
-		if (!bson_iter_init(&it, writes))
-			continue;
-		while (rc == 0 && bson_iter_next(&it)) {
-			bson_t rec, u, image, out;
-			bson_iter_t ui;
-			const uint8_t *data;
-			uint32_t len, klen;
-			const char *cc, *k;
+		for (size_t i = 0; i < nrecs && rc == 0; i++) {
+			const struct wrec *w = &recs[i];
 			const bson_t *current;
+			bson_t ctmp, out, u, img;
+			uint8_t *image = NULL;
 			char buf[16];
 			const char *kp;
 
-			if (!BSON_ITER_HOLDS_DOCUMENT(&it))
+			if (w->ci != ci)
 				continue;
-			bson_iter_document(&it, &len, &data);
-			if (!bson_init_static(&rec, data, len))
-				continue;
-			cc = tdr_bson_str(&rec, "c", NULL);
-			k = tdr_bson_str(&rec, "k", &klen);
-			if (cc == NULL || k == NULL || strcmp(cc, derived_colls[ci]) != 0 ||
-			    !bson_iter_init_find(&ui, &rec, "u") || !BSON_ITER_HOLDS_DOCUMENT(&ui))
-				continue;
-			bson_iter_document(&ui, &len, &data);
-			if (!bson_init_static(&u, data, len))
-				continue;
-			current = cache_doc(fc, ci, k, klen);
-			if (make_image(current, k, klen, &u, seq, &image) < 0) {
-				bson_destroy(&image);
-				rc = tdr_err_set(err, TDR_EFAIL, "cannot apply recorded update to %s %.*s", cc, (int)klen, k);
+			current = cache_doc(fc, ci, w->k, w->klen, &ctmp);
+			if (!bson_init_static(&u, w->u, w->ulen) ||
+			    (image = make_image(current, w->k, w->klen, &u, seq)) == NULL ||
+			    !bson_init_static(&img, image, raw_len(image))) {
+				free(image);
+				rc = tdr_err_set(err, TDR_EFAIL, "cannot apply recorded update to %s %.*s",
+						 derived_colls[ci], (int)w->klen, w->k);
 				break;
 			}
 			bson_uint32_to_string(idx++, &kp, buf, sizeof(buf));
 			bson_append_document_begin(images, kp, -1, &out);
-			BSON_APPEND_UTF8(&out, "c", cc);
-			BSON_APPEND_DOCUMENT(&out, "d", &image);
+			BSON_APPEND_UTF8(&out, "c", derived_colls[ci]);
+			BSON_APPEND_DOCUMENT(&out, "d", &img);
 			/* New: the store has no document for this key (FerretDB skips its delete). */
 			if (current == NULL)
 				BSON_APPEND_BOOL(&out, "n", true);
 			bson_append_document_end(images, &out);
-			/*
-			 * The cache takes the image now; two writes to one key in a round
-			 * chain through it.  A round that fails after this point drops
-			 * the cache (tdr_fold_round).
-			 */
-			{
-				bson_t *copy = bson_copy(&image);
-
-				bson_destroy(&image);
-				if (copy == NULL || cache_put(fc, ci, k, klen, copy) < 0) {
-					rc = tdr_err_set(err, TDR_ENOMEM, "out of memory");
-					break;
-				}
-			}
+			/* A round that fails after this point drops the cache (tdr_fold_round). */
+			if (cache_put(fc, ci, w->k, w->klen, image) < 0)
+				rc = tdr_err_set(err, TDR_ENOMEM, "out of memory");
 		}
 	}
+out:
+	free(recs);
+	free(keys);
+	free(lens);
 	return rc;
 }
 
@@ -1460,8 +1579,13 @@ int tdr_fold_round(tdr_fold *f, int64_t epoch, int64_t *ret_n, tdr_err *err)
 	{
 		mongoc_collection_t *folds = tdr_store_coll(f->st, c, TDR_C_FOLDS);
 		bson_error_t be;
+		bson_t opts;
+		bool ok;
 
-		if (!mongoc_collection_insert_one(folds, &rec, NULL, NULL, &be)) {
+		tdr_trusted_insert_opts(&opts);
+		ok = mongoc_collection_insert_one(folds, &rec, &opts, NULL, &be);
+		bson_destroy(&opts);
+		if (!ok) {
 			rc = tdr_store_error(&be, "insert fold record", err);
 			/* On a duplicate, someone committed this round: the next round redoes it. */
 			if (rc != TDR_EDUP)
@@ -1472,7 +1596,7 @@ int tdr_fold_round(tdr_fold *f, int64_t epoch, int64_t *ret_n, tdr_err *err)
 			goto out;
 	}
 	/* Steps 5-6. */
-	if ((rc = apply_images(f, c, &images, 1, err)) < 0)
+	if ((rc = apply_images(f, c, &images, seq + 1, 1, err)) < 0)
 		goto out;
 	if ((rc = finish_round(f, c, &rec, seq + 1, epoch, err)) < 0)
 		goto out;

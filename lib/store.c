@@ -213,6 +213,22 @@ mongoc_bulk_operation_t *tdr_bulk_new(mongoc_collection_t *coll, int ordered)
 	return bulk;
 }
 
+void tdr_trusted_insert_opts(bson_t *opts)
+{
+	bson_init(opts);
+	BSON_APPEND_BOOL(opts, "validate", false);
+}
+
+void tdr_bulk_insert_trusted(mongoc_bulk_operation_t *bulk, const bson_t *doc)
+{
+	bson_t opts;
+
+	/* Cannot fail without validation: errors are only reported for invalid documents. */
+	tdr_trusted_insert_opts(&opts);
+	(void)mongoc_bulk_operation_insert_with_opts(bulk, doc, &opts, NULL);
+	bson_destroy(&opts);
+}
+
 int tdr_bulk_run(mongoc_bulk_operation_t *bulk, const char *what, int64_t *ret_dups, bson_t *ret_reply,
 		 tdr_err *err)
 {

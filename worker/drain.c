@@ -587,7 +587,7 @@ static int process(tdr_drain *d, const tdr_coord_view *v, struct item *items, si
 				tdr_cevent_append(&ev, kp, &items[i].ev);
 			}
 		bson_append_array_end(&doc, &ev);
-		mongoc_bulk_operation_insert(bulk, &doc);
+		tdr_bulk_insert_trusted(bulk, &doc);
 		bson_destroy(&doc);
 	}
 	if (nvalid && (rc = tdr_bulk_run(bulk, "commit delta", NULL, NULL, err)) < 0)
