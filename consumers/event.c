@@ -37,6 +37,13 @@ static int has_control(const char *s, uint32_t len)
 static int utf8_ok(const char *s, uint32_t len)
 {
 	const char *p = s, *end = s + len, *z;
+	uint32_t i = 0;
+
+	/* Telemetry strings are nearly always ASCII without NUL: that needs no decoder. */
+	while (i < len && (unsigned char)s[i] - 1u < 0x7fu)
+		i++;
+	if (i == len)
+		return 1;
 
 	while ((z = memchr(p, '\0', (size_t)(end - p))) != NULL) {
 		if (!bson_utf8_validate(p, (size_t)(z - p), false))
@@ -57,23 +64,22 @@ static int utf8_ok(const char *s, uint32_t len)
  * event-name charset (charset set: checked before UTF-8, which it implies)
  * or valid UTF-8.
  */
-static int string_field(const bson_t *doc, const char *key, uint32_t max, int required, int charset,
+static int string_field(const bson_iter_t *it, const char *key, uint32_t max, int required, int charset,
 			const char **ret, uint32_t *ret_len, char *reason, size_t reasonlen)
 {
-	bson_iter_t it;
 	const char *s;
 	uint32_t len;
 
 	*ret = NULL;
 	*ret_len = 0;
-	if (!bson_iter_init_find(&it, doc, key)) {
+	if (it == NULL) {
 		if (required)
 			FAIL("%s: missing", key);
 		return 0;
 	}
-	if (!BSON_ITER_HOLDS_UTF8(&it))
+	if (!BSON_ITER_HOLDS_UTF8(it))
 		FAIL("%s: not a string", key);
-	s = bson_iter_utf8(&it, &len);
+	s = bson_iter_utf8(it, &len);
 	if (len == 0)
 		FAIL("%s: empty", key);
 	if (len > max)
@@ -91,54 +97,74 @@ static int string_field(const bson_t *doc, const char *key, uint32_t max, int re
 	return 0;
 }
 
+/* The top-level fields the contract names, found in one pass (first occurrence, as bson_iter_find). */
+enum { F_ID, F_INSERT_ID, F_EVENT, F_DISTINCT_ID, F_USERNAME, F_CREATED_AT, F_PROPERTIES, F_N };
+static const char *const contract_fields[F_N] = { "_id",      "insert_id",  "event",     "distinct_id",
+						  "username", "created_at", "properties" };
+
 int tdr_event_validate(const bson_t *doc, const tdr_config *cfg, tdr_cevent *out, char *reason, size_t reasonlen)
 {
 	bson_iter_t it;
+	struct {
+		bson_iter_t it; /* bson_iter_t is over-aligned: no plain arrays of it */
+	} field[F_N];
+	const bson_iter_t *at[F_N] = { 0 };
 	char key[TDR_ID_MAX + 8];
 
 	memset(out, 0, sizeof(*out));
 	if ((int64_t)doc->len > cfg->max_event_bytes)
 		FAIL("document: too large (%u bytes, at most %lld)", doc->len, (long long)cfg->max_event_bytes);
-	if (!bson_iter_init_find(&it, doc, "_id"))
+	if (bson_iter_init(&it, doc))
+		while (bson_iter_next(&it)) {
+			const char *k = bson_iter_key(&it);
+
+			for (int i = 0; i < F_N; i++)
+				if (at[i] == NULL && strcmp(k, contract_fields[i]) == 0) {
+					field[i].it = it;
+					at[i] = &field[i].it;
+					break;
+				}
+		}
+	if (at[F_ID] == NULL)
 		FAIL("_id: missing");
 	/* ObjectId or string only (docs/EVENTS.md): what every producer language hashes alike. */
-	if (BSON_ITER_HOLDS_UTF8(&it)) {
+	if (BSON_ITER_HOLDS_UTF8(at[F_ID])) {
 		uint32_t len;
 
-		(void)bson_iter_utf8(&it, &len);
+		(void)bson_iter_utf8(at[F_ID], &len);
 		if (len == 0)
 			FAIL("_id: empty");
 		if (len > TDR_ID_MAX)
 			FAIL("_id: too long (%u bytes, at most %u)", len, TDR_ID_MAX);
-	} else if (!BSON_ITER_HOLDS_OID(&it)) {
+	} else if (!BSON_ITER_HOLDS_OID(at[F_ID])) {
 		FAIL("_id: unsupported type");
 	}
-	if (tdr_id_key(bson_iter_value(&it), key, sizeof(key)) < 0)
+	if (tdr_id_key(bson_iter_value(&field[F_ID].it), key, sizeof(key)) < 0)
 		FAIL("_id: unsupported type");
-	if (string_field(doc, "insert_id", TDR_INSERT_ID_MAX, 1, 0, &out->insert_id, &out->insert_id_len, reason,
-			 reasonlen) < 0)
+	if (string_field(at[F_INSERT_ID], "insert_id", TDR_INSERT_ID_MAX, 1, 0, &out->insert_id,
+			 &out->insert_id_len, reason, reasonlen) < 0)
 		return -1;
 	if (has_control(out->insert_id, out->insert_id_len))
 		FAIL("insert_id: control character");
-	if (string_field(doc, "event", TDR_EVENT_NAME_MAX, 1, 1, &out->event, &out->event_len, reason, reasonlen) <
-	    0)
+	if (string_field(at[F_EVENT], "event", TDR_EVENT_NAME_MAX, 1, 1, &out->event, &out->event_len, reason,
+			 reasonlen) < 0)
 		return -1;
-	if (string_field(doc, "distinct_id", TDR_DISTINCT_ID_MAX, 1, 0, &out->distinct_id, &out->distinct_id_len,
-			 reason, reasonlen) < 0)
+	if (string_field(at[F_DISTINCT_ID], "distinct_id", TDR_DISTINCT_ID_MAX, 1, 0, &out->distinct_id,
+			 &out->distinct_id_len, reason, reasonlen) < 0)
 		return -1;
 	if (has_control(out->distinct_id, out->distinct_id_len))
 		FAIL("distinct_id: control character");
-	if (string_field(doc, "username", TDR_USERNAME_MAX, 0, 0, &out->username, &out->username_len, reason,
-			 reasonlen) < 0)
+	if (string_field(at[F_USERNAME], "username", TDR_USERNAME_MAX, 0, 0, &out->username, &out->username_len,
+			 reason, reasonlen) < 0)
 		return -1;
 	if (out->username && has_control(out->username, out->username_len))
 		FAIL("username: control character");
-	if (!bson_iter_init_find(&it, doc, "created_at"))
+	if (at[F_CREATED_AT] == NULL)
 		FAIL("created_at: missing");
-	if (!BSON_ITER_HOLDS_DATE_TIME(&it))
+	if (!BSON_ITER_HOLDS_DATE_TIME(at[F_CREATED_AT]))
 		FAIL("created_at: not a date");
-	out->created_at_ms = bson_iter_date_time(&it);
-	if (bson_iter_init_find(&it, doc, "properties") && !BSON_ITER_HOLDS_DOCUMENT(&it))
+	out->created_at_ms = bson_iter_date_time(at[F_CREATED_AT]);
+	if (at[F_PROPERTIES] && !BSON_ITER_HOLDS_DOCUMENT(at[F_PROPERTIES]))
 		FAIL("properties: not a document");
 	{
 		size_t off = 0;
