@@ -232,7 +232,7 @@ run_tdrain() {
 	load "$db" "$n" "${parts[@]}"
 	s0=$(store_cpu)
 	start_replicas "$db" "$mode" "$k"
-	bg_run "$REFS" watch --uri "$URI" --db "$db" --total "$n" --interval-ms 500 --metrics "$METRICS" \
+	bg_run "$REFS" watch --uri "$URI" --db "$db" --total "$n" --interval-ms 100 --metrics "$METRICS" \
 		--dat "$OUT/$store-$label.dat" --timeout "$(drain_timeout "$n")" || true
 	res=$RES
 	stop_replicas

@@ -39,6 +39,8 @@ struct userdelta {
 };
 
 #define NCOLL 6 /* derived_colls[] */
+#define FOLD_IDLE_FACTOR 2 /* after a round of T ms, wait at least 2T (fold_thread) */
+#define FOLD_IDLE_MAX_MS 10000 /* ... but no more than this (or fold.interval_ms if larger) */
 
 /*
  * The leader's copy of the derived documents (docs/DESIGN.md, "The fold's
@@ -1743,7 +1745,7 @@ static void *fold_thread(void *arg)
 	pthread_mutex_lock(&f->mu);
 	while (!f->stop) {
 		tdr_coord_view v;
-		int64_t n = 0, tn = 0, wait = f->cfg.fold_interval_ms;
+		int64_t n = 0, tn = 0, wait = f->cfg.fold_interval_ms, t0 = tdr_mono_us();
 		tdr_err err;
 		int rc = 0, leader;
 		int64_t epoch;
@@ -1772,10 +1774,27 @@ static void *fold_thread(void *arg)
 				backoff = backoff ? (backoff * 2 > 5000 ? 5000 : backoff * 2) : 100;
 				wait = backoff;
 			} else {
+				int64_t took_ms = (tdr_mono_us() - t0) / 1000;
+
 				backoff = 0;
 				/* A full round or triage batch means there is more: go again at once. */
 				if (n >= f->cfg.fold_max_deltas || tn >= TRIAGE_BATCH)
 					wait = 0;
+				/*
+				 * An expensive round (FerretDB scans every derived collection it
+				 * writes, whatever the number of events) waits twice its own time:
+				 * the fold takes at most a third of the store, and the events that
+				 * pile up meanwhile share the next round's scans.  Index-served
+				 * rounds (MongoDB) are far below the interval and never wait longer.
+				 */
+				else if (n > 0) {
+					int64_t hold = took_ms * FOLD_IDLE_FACTOR;
+
+					if (hold > FOLD_IDLE_MAX_MS)
+						hold = FOLD_IDLE_MAX_MS;
+					if (hold > wait)
+						wait = hold;
+				}
 			}
 		}
 		/* Not the leader: the next leadership starts from the store anyway. */
