@@ -309,13 +309,13 @@ run_store() { # run_store STORE-LABEL [full|short]
 	local store=$1 depth=${2:-full} n1 n2
 	STORE_LABEL=$store # prefix of the per-run files (configuration, log, metrics)
 	read -r n1 n2 <<<"$SIZES"
-	if want drain; then
-		run_tdrain "drain-$n1" "$store" "$n1" single 1
-		[ "$depth" = full ] && [ -n "$n2" ] && run_tdrain "drain-$n2" "$store" "$n2" single 1 plot
-	fi
-	if want raw; then
-		run_ref raw "raw-$n1" "$store" "$n1"
-		[ "$depth" = full ] && [ -n "$n2" ] && run_ref raw "raw-$n2" "$store" "$n2"
+	# Each drain right before its raw reference: the machine's speed drifts over a
+	# run (other tenants, page cache), and a ratio should compare neighbours.
+	if want drain; then run_tdrain "drain-$n1" "$store" "$n1" single 1; fi
+	if want raw; then run_ref raw "raw-$n1" "$store" "$n1"; fi
+	if [ "$depth" = full ] && [ -n "$n2" ]; then
+		if want drain; then run_tdrain "drain-$n2" "$store" "$n2" single 1 plot; fi
+		if want raw; then run_ref raw "raw-$n2" "$store" "$n2"; fi
 	fi
 	if want old; then
 		if [ "$OLD_SIZE" != "$n1" ] || ! want drain; then

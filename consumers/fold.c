@@ -70,6 +70,7 @@ struct tdr_fold {
 	pthread_mutex_t mu;
 	pthread_cond_t cv;
 	int stop, running, exited; /* exited: the thread is past its last store call */
+	int drain_busy;		   /* tdr_fold_drain_busy */
 	struct tdr_fold_stats stats;
 	struct fold_cache cache; /* fold thread only */
 };
@@ -1745,7 +1746,7 @@ static void *fold_thread(void *arg)
 	pthread_mutex_lock(&f->mu);
 	while (!f->stop) {
 		tdr_coord_view v;
-		int64_t n = 0, tn = 0, wait = f->cfg.fold_interval_ms, t0 = tdr_mono_us();
+		int64_t n = 0, tn = 0, wait = f->cfg.fold_interval_ms, hold = 0, t0 = tdr_mono_us();
 		tdr_err err;
 		int rc = 0, leader;
 		int64_t epoch;
@@ -1781,20 +1782,17 @@ static void *fold_thread(void *arg)
 				if (n >= f->cfg.fold_max_deltas || tn >= TRIAGE_BATCH)
 					wait = 0;
 				/*
-				 * An expensive round (FerretDB scans every derived collection it
-				 * writes, whatever the number of events) waits twice its own time:
-				 * the fold takes at most a third of the store, and the events that
-				 * pile up meanwhile share the next round's scans.  Index-served
-				 * rounds (MongoDB) are far below the interval and never wait longer.
+				 * While the drain works through a backlog, an expensive round
+				 * (FerretDB scans every derived collection it writes, whatever the
+				 * number of events) waits twice its own time: the fold takes at
+				 * most a third of the store, and the events that pile up meanwhile
+				 * share the next round's scans.  Index-served rounds (MongoDB) are
+				 * far below the interval and never wait longer.
 				 */
-				else if (n > 0) {
-					int64_t hold = took_ms * FOLD_IDLE_FACTOR;
-
-					if (hold > FOLD_IDLE_MAX_MS)
-						hold = FOLD_IDLE_MAX_MS;
-					if (hold > wait)
-						wait = hold;
-				}
+				else if (n > 0)
+					hold = took_ms * FOLD_IDLE_FACTOR;
+				if (hold > FOLD_IDLE_MAX_MS)
+					hold = FOLD_IDLE_MAX_MS;
 			}
 		}
 		/* Not the leader: the next leadership starts from the store anyway. */
@@ -1806,6 +1804,9 @@ static void *fold_thread(void *arg)
 			f->stats.cache_bytes = 0;
 		if (rc < 0)
 			f->stats.errors++;
+		/* Under the lock: a drain that stopped being busy during the round must not be missed. */
+		if (f->drain_busy && hold > wait)
+			wait = hold;
 		if (wait > 0 && !f->stop) {
 			struct timespec ts;
 
@@ -1850,6 +1851,18 @@ int tdr_fold_start(tdr_fold *f, tdr_err *err)
 		return tdr_err_set(err, TDR_EFAIL, "cannot start fold thread: %s", strerror(errno));
 	f->running = 1;
 	return 0;
+}
+
+void tdr_fold_drain_busy(tdr_fold *f, int busy)
+{
+	if (f == NULL)
+		return;
+	pthread_mutex_lock(&f->mu);
+	/* The backlog is done: fold what it left now, not after a hold. */
+	if (f->drain_busy && !busy)
+		pthread_cond_broadcast(&f->cv);
+	f->drain_busy = busy;
+	pthread_mutex_unlock(&f->mu);
 }
 
 void tdr_fold_request_stop(tdr_fold *f)

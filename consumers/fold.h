@@ -49,6 +49,12 @@ struct tdr_fold_stats {
 
 int tdr_fold_new(tdr_fold **ret, const tdr_config *cfg, tdr_store *st, tdr_coord *coord, tdr_err *err);
 int tdr_fold_start(tdr_fold *f, tdr_err *err);
+/*
+ * The drain's latest step took a full batch (busy) or not.  While it is busy,
+ * an expensive round holds the next one back (docs/DESIGN.md, "The fold's
+ * pace"); the step that ends the backlog wakes the fold at once.
+ */
+void tdr_fold_drain_busy(tdr_fold *f, int busy);
 /* Ask the thread to stop after its current statement (returns at once). */
 void tdr_fold_request_stop(tdr_fold *f);
 /* Stop and join the thread. */

@@ -372,6 +372,7 @@ int main(int argc, char **argv)
 				if (errors && now - last_err_log < 60000)
 					log_info("drain steps succeed again after %lld failures", (long long)errors);
 				errors = 0;
+				tdr_fold_drain_busy(fold, full);
 				/* Straight on after a full batch; back off towards poll_max_ms when idle. */
 				if (full)
 					backoff = 0;
