@@ -804,13 +804,7 @@ static int sender_wait(tdr_archive *a, int64_t ms, int wake_on_rotation)
 	struct timespec ts;
 	int stop;
 
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	ts.tv_sec += (time_t)(ms / 1000);
-	ts.tv_nsec += (long)(ms % 1000) * 1000000L;
-	if (ts.tv_nsec >= 1000000000L) {
-		ts.tv_sec++;
-		ts.tv_nsec -= 1000000000L;
-	}
+	tdr_mono_deadline(&ts, ms);
 	pthread_mutex_lock(&a->lock);
 	while (!a->stop) {
 		if (pthread_cond_timedwait(&a->cond, &a->lock, &ts) == ETIMEDOUT || wake_on_rotation)

@@ -655,9 +655,12 @@ struct irec {
 
 static int index_images(const bson_t *images, struct irec **ret, size_t *ret_n)
 {
-	struct irec *recs = NULL;
-	size_t n = 0, cap = 0;
+	struct irec *recs = calloc(bson_count_keys(images) + 1, sizeof(*recs));
+	size_t n = 0;
 	bson_iter_t it;
+
+	if (recs == NULL)
+		return -1;
 
 	if (bson_iter_init(&it, images))
 		while (bson_iter_next(&it)) {
@@ -684,17 +687,6 @@ static int index_images(const bson_t *images, struct irec **ret, size_t *ret_n)
 			    strcmp(bson_iter_key(&id), "_id") != 0 || !BSON_ITER_HOLDS_UTF8(&id))
 				continue;
 			r.k = bson_iter_utf8(&id, &r.klen);
-			if (n == cap) {
-				size_t ncap = cap ? cap * 2 : 256;
-				struct irec *nr = realloc(recs, ncap * sizeof(*nr));
-
-				if (nr == NULL) {
-					free(recs);
-					return -1;
-				}
-				recs = nr;
-				cap = ncap;
-			}
 			recs[n++] = r;
 		}
 	*ret = recs;
@@ -750,14 +742,14 @@ static int apply_images(tdr_fold *f, mongoc_client_t *c, const bson_t *images, i
 				}
 				tdr_bulk_insert_trusted(bulk, &img);
 			} else {
-				bson_t sel = BSON_INITIALIZER, lt, opts = BSON_INITIALIZER;
+				bson_t sel = BSON_INITIALIZER, lt, opts;
 
 				bson_append_utf8(&sel, "_id", 3, r->k, (int)r->klen);
 				BSON_APPEND_DOCUMENT_BEGIN(&sel, "_f", &lt);
 				BSON_APPEND_INT64(&lt, "$lt", seq);
 				bson_append_document_end(&sel, &lt);
+				tdr_trusted_write_opts(&opts);
 				BSON_APPEND_BOOL(&opts, "upsert", true);
-				BSON_APPEND_BOOL(&opts, "validate", false); /* tdr_bulk_insert_trusted */
 				mongoc_bulk_operation_replace_one_with_opts(bulk, &sel, &img, &opts, NULL);
 				bson_destroy(&sel);
 				bson_destroy(&opts);
@@ -1322,9 +1314,12 @@ struct wrec {
 /* Parse writes into recs (records naming no derived collection are skipped). */
 static int index_writes(const bson_t *writes, struct wrec **ret, size_t *ret_n)
 {
-	struct wrec *recs = NULL;
-	size_t n = 0, cap = 0;
+	struct wrec *recs = calloc(bson_count_keys(writes) + 1, sizeof(*recs));
+	size_t n = 0;
 	bson_iter_t it;
+
+	if (recs == NULL)
+		return -1;
 
 	if (bson_iter_init(&it, writes))
 		while (bson_iter_next(&it)) {
@@ -1346,17 +1341,6 @@ static int index_writes(const bson_t *writes, struct wrec **ret, size_t *ret_n)
 			}
 			if (w.ci < 0 || w.k == NULL || w.u == NULL)
 				continue;
-			if (n == cap) {
-				size_t ncap = cap ? cap * 2 : 256;
-				struct wrec *nr = realloc(recs, ncap * sizeof(*nr));
-
-				if (nr == NULL) {
-					free(recs);
-					return -1;
-				}
-				recs = nr;
-				cap = ncap;
-			}
 			recs[n++] = w;
 		}
 	*ret = recs;
@@ -1585,7 +1569,7 @@ int tdr_fold_round(tdr_fold *f, int64_t epoch, int64_t *ret_n, tdr_err *err)
 		bson_t opts;
 		bool ok;
 
-		tdr_trusted_insert_opts(&opts);
+		tdr_trusted_write_opts(&opts);
 		ok = mongoc_collection_insert_one(folds, &rec, &opts, NULL, &be);
 		bson_destroy(&opts);
 		if (!ok) {
@@ -1810,13 +1794,7 @@ static void *fold_thread(void *arg)
 		if (wait > 0 && !f->stop) {
 			struct timespec ts;
 
-			clock_gettime(CLOCK_MONOTONIC, &ts);
-			ts.tv_sec += wait / 1000;
-			ts.tv_nsec += (wait % 1000) * 1000000;
-			if (ts.tv_nsec >= 1000000000) {
-				ts.tv_sec++;
-				ts.tv_nsec -= 1000000000;
-			}
+			tdr_mono_deadline(&ts, wait);
 			pthread_cond_timedwait(&f->cv, &f->mu, &ts);
 		}
 	}
@@ -1894,13 +1872,7 @@ int tdr_fold_stop_within(tdr_fold *f, int64_t ms)
 
 	if (f == NULL || !f->running)
 		return 0;
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	ts.tv_sec += ms / 1000;
-	ts.tv_nsec += (ms % 1000) * 1000000;
-	if (ts.tv_nsec >= 1000000000) {
-		ts.tv_sec++;
-		ts.tv_nsec -= 1000000000;
-	}
+	tdr_mono_deadline(&ts, ms);
 	pthread_mutex_lock(&f->mu);
 	f->stop = 1;
 	pthread_cond_broadcast(&f->cv);

@@ -389,13 +389,7 @@ static void *coord_thread(void *arg)
 		struct timespec ts;
 		int64_t wait = c->want_fast ? c->cfg.retry_period_ms / 4 : c->cfg.retry_period_ms;
 
-		clock_gettime(CLOCK_MONOTONIC, &ts);
-		ts.tv_sec += wait / 1000;
-		ts.tv_nsec += (wait % 1000) * 1000000;
-		if (ts.tv_nsec >= 1000000000) {
-			ts.tv_sec++;
-			ts.tv_nsec -= 1000000000;
-		}
+		tdr_mono_deadline(&ts, wait);
 		pthread_cond_timedwait(&c->cv, &c->mu, &ts);
 		if (c->stop)
 			break;

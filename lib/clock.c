@@ -17,6 +17,17 @@ int64_t tdr_mono_ms(void)
 	return tdr_mono_us() / 1000;
 }
 
+void tdr_mono_deadline(struct timespec *ts, int64_t ms)
+{
+	clock_gettime(CLOCK_MONOTONIC, ts);
+	ts->tv_sec += (time_t)(ms / 1000);
+	ts->tv_nsec += (long)(ms % 1000) * 1000000L;
+	if (ts->tv_nsec >= 1000000000L) {
+		ts->tv_sec++;
+		ts->tv_nsec -= 1000000000L;
+	}
+}
+
 int64_t tdr_wall_ms(void)
 {
 	struct timespec ts;

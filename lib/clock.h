@@ -10,10 +10,17 @@
 #define TDRAIN_CLOCK_H
 
 #include <stdint.h>
+#include <time.h>
 
 int64_t tdr_mono_ms(void);  /* monotonic milliseconds */
 int64_t tdr_mono_us(void);  /* monotonic microseconds */
 int64_t tdr_wall_ms(void);  /* milliseconds since the Unix epoch, UTC */
+
+/*
+ * The CLOCK_MONOTONIC instant ms from now, for pthread_cond_timedwait() on a
+ * condition variable created with pthread_condattr_setclock(CLOCK_MONOTONIC).
+ */
+void tdr_mono_deadline(struct timespec *ts, int64_t ms);
 
 /* Sleep up to ms, returning early (non-zero) if *stop becomes set. */
 int tdr_sleep_ms(int64_t ms, volatile int *stop);

@@ -213,7 +213,7 @@ mongoc_bulk_operation_t *tdr_bulk_new(mongoc_collection_t *coll, int ordered)
 	return bulk;
 }
 
-void tdr_trusted_insert_opts(bson_t *opts)
+void tdr_trusted_write_opts(bson_t *opts)
 {
 	bson_init(opts);
 	BSON_APPEND_BOOL(opts, "validate", false);
@@ -224,7 +224,7 @@ void tdr_bulk_insert_trusted(mongoc_bulk_operation_t *bulk, const bson_t *doc)
 	bson_t opts;
 
 	/* Cannot fail without validation: errors are only reported for invalid documents. */
-	tdr_trusted_insert_opts(&opts);
+	tdr_trusted_write_opts(&opts);
 	(void)mongoc_bulk_operation_insert_with_opts(bulk, doc, &opts, NULL);
 	bson_destroy(&opts);
 }

@@ -72,14 +72,15 @@ int tdr_bulk_run(mongoc_bulk_operation_t *bulk, const char *what, int64_t *ret_d
 mongoc_bulk_operation_t *tdr_bulk_new(mongoc_collection_t *coll, int ordered);
 
 /*
- * Inserts of documents tdrain composed itself from values it has already
- * validated (claim-free deltas, ledger entries, fold records, images).
- * libmongoc otherwise walks every inserted document again (UTF-8 and key
- * checks): ~9% of the worker's CPU in a drain.  Documents that carry producer
- * bytes verbatim (dead letters, claim records listing raw _ids) keep the
- * checks.  *opts is initialised; bson_destroy() it.
+ * Writes (inserts, replacements) of documents tdrain composed itself from
+ * values it has already validated: deltas, ledger entries, fold records,
+ * after-images.  libmongoc otherwise walks every such document again (UTF-8
+ * and key checks): ~9% of the worker's CPU in a drain.  Documents that carry
+ * producer bytes verbatim (dead letters, claim records listing raw _ids) keep
+ * the checks.  tdr_trusted_write_opts() initialises *opts ({validate: false},
+ * to add to); bson_destroy() it.
  */
-void tdr_trusted_insert_opts(bson_t *opts);
+void tdr_trusted_write_opts(bson_t *opts);
 void tdr_bulk_insert_trusted(mongoc_bulk_operation_t *bulk, const bson_t *doc);
 
 /*
