@@ -110,6 +110,48 @@ def hrw_owner(members, p):
     return best[1]
 
 
+class EpochWatch:
+    """The fencing checks a store monitor makes on each sample of claim records, deltas and the fold state.
+
+    late_writes: a claim record or delta that appeared under an epoch older than one already seen in its
+    partition (a deposed writer's write reaching the store late).  state_findings: the fold state advanced
+    under an older leader epoch than it had before."""
+
+    PROJ = {'part': 1, 'epoch': 1, 'owner': 1}
+
+    def __init__(self):
+        self.seen, self.max_epoch, self.last_state = set(), {}, None
+        self.late_writes, self.state_findings = [], []
+
+    @classmethod
+    def read(cls, db, state=True):
+        """One sample: ([(kind, doc)], the fold state document or None).  May raise on a store error."""
+        docs = [('claim', d) for d in db.tdrain_claims.find({}, cls.PROJ).batch_size(100000)]
+        docs += [('delta', d) for d in db.tdrain_deltas.find({}, cls.PROJ).batch_size(100000)]
+        return docs, db.tdrain_state.find_one({'_id': 'fold'}) if state else None
+
+    def feed(self, docs, st=None):
+        new_max = dict(self.max_epoch)
+        for kind, d in docs:
+            part, ep = d.get('part'), d.get('epoch')
+            if part is None or ep is None:
+                continue
+            if (kind, d['_id']) not in self.seen:
+                self.seen.add((kind, d['_id']))
+                if ep < self.max_epoch.get(part, -1):
+                    self.late_writes.append('%s %s (owner %s) appeared after epoch %s was seen in partition %s'
+                                            % (kind, d['_id'], d.get('owner'), self.max_epoch[part], part))
+            new_max[part] = max(new_max.get(part, -1), ep)
+        self.max_epoch = new_max
+        if st is not None:
+            cur, last = (st.get('seq', 0), st.get('epoch', 0), st.get('holder')), self.last_state
+            if last is not None and cur[0] > last[0] and cur[1] < last[1]:
+                self.state_findings.append('fold state advanced to seq %s under leader epoch %s (%s) after epoch %s'
+                                           % (cur[0], cur[1], cur[2], last[1]))
+            if last is None or cur[0] >= last[0]:
+                self.last_state = cur
+
+
 # --------------------------------------------------------------------------
 # Ports
 # --------------------------------------------------------------------------

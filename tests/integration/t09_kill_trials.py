@@ -54,6 +54,7 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
 import harness  # noqa: E402
+from harness import EpochWatch  # noqa: E402
 import checker  # noqa: E402
 
 TRIALS = int(os.environ.get('T09_TRIALS', '20'))
@@ -84,8 +85,9 @@ class Scenario:
         self.files = []
         self.procs = {}
         self.unexpected_exits = 0
-        self.monitor_findings = []      # claims / deltas of a deposed epoch that appeared late
-        self.state_findings = []        # the fold state moved under an older leader epoch
+        self.epochs = EpochWatch()
+        self.monitor_findings = self.epochs.late_writes   # claims / deltas of a deposed epoch that appeared late
+        self.state_findings = self.epochs.state_findings  # the fold state moved under an older leader epoch
         self.monitor_samples = 0
         self._stop = threading.Event()
 
@@ -157,40 +159,14 @@ class Scenario:
         older than one already observed in the same scope (a deposed writer)."""
         client = self.m.client(serverSelectionTimeoutMS=3000)
         db = client[self.dbname]
-        seen = set()
-        max_epoch = {}           # part -> highest epoch seen in an earlier sample
-        last_state = None
         try:
             while not self._stop.wait(0.25):
                 try:
-                    proj = {'part': 1, 'epoch': 1, 'owner': 1}
-                    docs = [('claim', d) for d in db.tdrain_claims.find({}, proj).batch_size(100000)]
-                    docs += [('delta', d) for d in db.tdrain_deltas.find({}, proj).batch_size(100000)]
-                    st = db.tdrain_state.find_one({'_id': 'fold'})
+                    docs, st = EpochWatch.read(db)
                 except Exception:
                     continue
                 self.monitor_samples += 1
-                new_max = dict(max_epoch)
-                for kind, d in docs:
-                    key = (kind, d['_id'])
-                    part, ep = d.get('part'), d.get('epoch')
-                    if part is None or ep is None:
-                        continue
-                    if key not in seen:
-                        seen.add(key)
-                        if ep < max_epoch.get(part, -1):
-                            self.monitor_findings.append('%s %s (owner %s) appeared after epoch %s was seen in '
-                                                         'partition %s' % (kind, d['_id'], d.get('owner'),
-                                                                          max_epoch[part], part))
-                    new_max[part] = max(new_max.get(part, -1), ep)
-                max_epoch = new_max
-                if st is not None:
-                    cur = (st.get('seq', 0), st.get('epoch', 0), st.get('holder'))
-                    if last_state is not None and cur[0] > last_state[0] and cur[1] < last_state[1]:
-                        self.state_findings.append('fold state advanced to seq %s under leader epoch %s (%s) '
-                                                     'after epoch %s' % (cur[0], cur[1], cur[2], last_state[1]))
-                    if last_state is None or cur[0] >= last_state[0]:
-                        last_state = cur
+                self.epochs.feed(docs, st)
         finally:
             client.close()
 

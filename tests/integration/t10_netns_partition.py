@@ -73,7 +73,7 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
 import harness  # noqa: E402
-from harness import hrw_owner  # noqa: E402
+from harness import EpochWatch, hrw_owner  # noqa: E402
 import checker  # noqa: E402
 
 P = 8
@@ -293,7 +293,8 @@ class Run:
         self.files = []
         self.procs = {}
         self.watch = LogWatch()
-        self.monitor_findings = []
+        self.epochs = EpochWatch()
+        self.monitor_findings = self.epochs.late_writes
         self.monitor_samples = 0
         self.member_resurrected = 0
         self._stop = threading.Event()
@@ -371,31 +372,14 @@ class Run:
     def _monitor(self):
         client = self.m.client(serverSelectionTimeoutMS=3000)
         db = client[self.dbname]
-        seen = set()
-        max_epoch = {}
         try:
             while not self._stop.wait(0.25):
                 try:
-                    docs = [('claim', d) for d in db.tdrain_claims.find({}, {'part': 1, 'epoch': 1, 'owner': 1})
-                            .batch_size(100000)]
-                    docs += [('delta', d) for d in db.tdrain_deltas.find({}, {'part': 1, 'epoch': 1, 'owner': 1})
-                             .batch_size(100000)]
+                    docs, _ = EpochWatch.read(db, state=False)
                 except Exception:
                     continue
                 self.monitor_samples += 1
-                new_max = dict(max_epoch)
-                for kind, d in docs:
-                    part, ep = d.get('part'), d.get('epoch')
-                    if part is None or ep is None:
-                        continue
-                    if (kind, d['_id']) not in seen:
-                        seen.add((kind, d['_id']))
-                        if ep < max_epoch.get(part, -1):
-                            self.monitor_findings.append('%s %s (owner %s) appeared after epoch %s was seen in '
-                                                         'partition %s' % (kind, d['_id'], d.get('owner'),
-                                                                          max_epoch[part], part))
-                    new_max[part] = max(new_max.get(part, -1), ep)
-                max_epoch = new_max
+                self.epochs.feed(docs)
         finally:
             client.close()
 

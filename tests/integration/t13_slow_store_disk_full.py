@@ -87,7 +87,7 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
 import harness  # noqa: E402
-from harness import fnv1a32, hrw_owner  # noqa: E402
+from harness import EpochWatch, fnv1a32, hrw_owner  # noqa: E402
 import checker  # noqa: E402
 
 P = 8
@@ -284,9 +284,10 @@ class Monitor:
         self.change_seen = {}      # (lease, epoch) -> (seq, end of the first sample that showed that seq)
         self.holder = {}
         self.released = set()
-        self.late_writes = []      # claim/delta of an epoch older than one already seen in its partition
+        self.epochs = EpochWatch()
+        self.late_writes = self.epochs.late_writes  # claim/delta of an epoch older than one already seen in its partition
         self.late_renewals = []    # seq of a lease changed after a newer epoch of that name was seen
-        self.state_findings = []
+        self.state_findings = self.epochs.state_findings
         self.samples = 0
         self._stop = threading.Event()
         self._t = threading.Thread(target=self._run, daemon=True)
@@ -301,17 +302,13 @@ class Monitor:
     def _run(self):
         client = self.m.client(serverSelectionTimeoutMS=3000)
         db = client[self.dbname]
-        seen_docs, max_epoch = set(), {}
         newest_so_far = {}
         top = {}                    # lease name -> (highest epoch, end of the sample that first showed it)
-        last_state, prev_t0 = None, None
+        prev_t0 = None
         try:
             while not self._stop.wait(0.25):
                 try:
-                    proj = {'part': 1, 'epoch': 1, 'owner': 1}
-                    docs = [('claim', d) for d in db.tdrain_claims.find({}, proj).batch_size(100000)]
-                    docs += [('delta', d) for d in db.tdrain_deltas.find({}, proj).batch_size(100000)]
-                    st = db.tdrain_state.find_one({'_id': 'fold'})
+                    docs, st = EpochWatch.read(db)
                     t0 = time.monotonic()
                     ls = list(db.tdrain_leases.find({}, {'name': 1, 'epoch': 1, 'holder': 1, 'seq': 1,
                                                          'released': 1}))
@@ -345,26 +342,7 @@ class Monitor:
                 self.sizes.append(size)
                 self.newest.append(dict(newest_so_far))
                 prev_t0 = t0
-                new_max = dict(max_epoch)
-                for kind, d in docs:
-                    part, ep = d.get('part'), d.get('epoch')
-                    if part is None or ep is None:
-                        continue
-                    if (kind, d['_id']) not in seen_docs:
-                        seen_docs.add((kind, d['_id']))
-                        if ep < max_epoch.get(part, -1):
-                            self.late_writes.append('%s %s (owner %s) appeared after epoch %s was seen in '
-                                                    'partition %s' % (kind, d['_id'], d.get('owner'),
-                                                                     max_epoch[part], part))
-                    new_max[part] = max(new_max.get(part, -1), ep)
-                max_epoch = new_max
-                if st is not None:
-                    cur = (st.get('seq', 0), st.get('epoch', 0), st.get('holder'))
-                    if last_state is not None and cur[0] > last_state[0] and cur[1] < last_state[1]:
-                        self.state_findings.append('fold state advanced to seq %s under leader epoch %s (%s) '
-                                                   'after epoch %s' % (cur[0], cur[1], cur[2], last_state[1]))
-                    if last_state is None or cur[0] >= last_state[0]:
-                        last_state = cur
+                self.epochs.feed(docs, st)
         finally:
             client.close()
 
