@@ -1857,10 +1857,7 @@ void tdr_fold_stop(tdr_fold *f)
 {
 	if (f == NULL || !f->running)
 		return;
-	pthread_mutex_lock(&f->mu);
-	f->stop = 1;
-	pthread_cond_broadcast(&f->cv);
-	pthread_mutex_unlock(&f->mu);
+	tdr_fold_request_stop(f);
 	pthread_join(f->thread, NULL);
 	f->running = 0;
 }
@@ -1873,9 +1870,8 @@ int tdr_fold_stop_within(tdr_fold *f, int64_t ms)
 	if (f == NULL || !f->running)
 		return 0;
 	tdr_mono_deadline(&ts, ms);
+	tdr_fold_request_stop(f);
 	pthread_mutex_lock(&f->mu);
-	f->stop = 1;
-	pthread_cond_broadcast(&f->cv);
 	while (!f->exited && pthread_cond_timedwait(&f->cv, &f->mu, &ts) == 0)
 		;
 	exited = f->exited;
