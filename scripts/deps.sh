@@ -36,10 +36,14 @@ APT_PACKAGES=(
 	libmongoc-dev libbson-dev libjansson-dev libcurl4-openssl-dev libsystemd-dev check
 	etcd-server etcd-client
 	python3 python3-pymongo
-	clang llvm valgrind gnuplot-nox
+	clang llvm libclang-rt-14-dev valgrind gnuplot-nox
 	iproute2 iptables
 	postgresql
 	git ca-certificates
+	# DocumentDB's build (scripts/documentdb.sh): PostgreSQL server headers and
+	# the extensions it requires, its C libraries, and cargo for the gateway.
+	postgresql-15 postgresql-server-dev-15 postgresql-15-rum postgresql-15-cron postgresql-15-postgis-3
+	libintelrdfpmath-dev libpcre2-dev libkrb5-dev libssl-dev openssl xz-utils
 )
 
 log() { printf 'deps: %s\n' "$*" >&2; }
