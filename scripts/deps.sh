@@ -12,6 +12,10 @@
 #                     golang-go only when no Go toolchain is present.
 #   FerretDB v1.24.2  built from the Go module proxy into a cache OUTSIDE the
 #                     work tree: ${TDRAIN_CACHE:-$HOME/.cache/tdrain}/bin/ferretdb
+#   DocumentDB        built by scripts/documentdb.sh from ../shared/documentdb/
+#                     (or TDRAIN_DOCUMENTDB_SRC) into the same cache: its two
+#                     PostgreSQL extensions are installed into PostgreSQL 15,
+#                     its gateway is .../documentdb/current/bin/documentdb_gateway
 #
 # Environment:
 #   TDRAIN_CACHE            cache directory (default ~/.cache/tdrain)
@@ -243,5 +247,6 @@ start=$(date +%s)
 install_apt
 check_python
 install_ferretdb
+bash "$(dirname "${BASH_SOURCE[0]}")/documentdb.sh" >/dev/null || die "DocumentDB build failed (scripts/documentdb.sh)"
 log "done in $(($(date +%s) - start)) s"
 printf '%s\n' "$CACHE/bin/ferretdb"
