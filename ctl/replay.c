@@ -422,26 +422,6 @@ static const char *shadow_refusal(const tdr_config *cfg, const char *coll)
 	return NULL;
 }
 
-/* --opt VALUE or --opt=VALUE; *i advanced past what was used.  1 matched, 0 not this option, -1 missing value. */
-static int opt_value(int argc, char **argv, int *i, const char *name, const char **val)
-{
-	size_t nl = strlen(name);
-	const char *a = argv[*i];
-
-	if (strncmp(a, name, nl) != 0)
-		return 0;
-	if (a[nl] == '=') {
-		*val = a + nl + 1;
-		return 1;
-	}
-	if (a[nl] != '\0')
-		return 0;
-	if (*i + 1 >= argc)
-		return -1;
-	*val = argv[++*i];
-	return 1;
-}
-
 int ctl_replay(tdr_store *st, const tdr_config *cfg, int argc, char **argv)
 {
 	const char *from_s = NULL, *to_s = NULL, *shadow = NULL, *dir = NULL, *refusal;
