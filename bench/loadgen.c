@@ -43,6 +43,7 @@
 #include <mongoc/mongoc.h>
 
 #include "lib/clock.h"
+#include "lib/conf.h"
 #include "lib/err.h"
 #include "lib/hash.h"
 #include "lib/store.h"
@@ -115,19 +116,6 @@ static void usage(FILE *out)
 		"  --quiet                no progress lines\n");
 }
 
-static int parse_i64(const char *s, int64_t lo, int64_t hi, int64_t *ret)
-{
-	char *end;
-	long long v;
-
-	errno = 0;
-	v = strtoll(s, &end, 10);
-	if (errno || end == s || *end || v < lo || v > hi)
-		return -1;
-	*ret = v;
-	return 0;
-}
-
 static int parse_f(const char *s, double lo, double hi, double *ret)
 {
 	char *end;
@@ -193,15 +181,15 @@ static int parse_opts(int argc, char **argv, struct opts *o)
 		case O_CORPUS: o->corpus = 1; break;
 		case O_COUNT:
 			count_given = 1;
-			if (parse_i64(optarg, 0, INT64_C(1) << 40, &o->count))
+			if (tdr_parse_i64(optarg, 0, INT64_C(1) << 40, &o->count))
 				bad = "--count";
 			break;
 		case O_DEVICES:
-			if (parse_i64(optarg, 1, 50000000, &o->devices))
+			if (tdr_parse_i64(optarg, 1, 50000000, &o->devices))
 				bad = "--devices";
 			break;
 		case O_USERS:
-			if (parse_i64(optarg, 1, 1000000000, &o->users))
+			if (tdr_parse_i64(optarg, 1, 1000000000, &o->users))
 				bad = "--users";
 			break;
 		case O_SIGNED:
@@ -213,7 +201,7 @@ static int parse_opts(int argc, char **argv, struct opts *o)
 				bad = "--dup-ratio";
 			break;
 		case O_PARTS:
-			if (parse_i64(optarg, 1, INT32_MAX, &o->partitions))
+			if (tdr_parse_i64(optarg, 1, INT32_MAX, &o->partitions))
 				bad = "--partitions";
 			break;
 		case O_RATE:
@@ -221,28 +209,28 @@ static int parse_opts(int argc, char **argv, struct opts *o)
 				bad = "--rate";
 			break;
 		case O_MAXBACKLOG:
-			if (parse_i64(optarg, 1, INT64_MAX, &o->max_backlog))
+			if (tdr_parse_i64(optarg, 1, INT64_MAX, &o->max_backlog))
 				bad = "--max-backlog";
 			break;
 		case O_BATCH:
-			if (parse_i64(optarg, 1, 100000, &o->batch))
+			if (tdr_parse_i64(optarg, 1, 100000, &o->batch))
 				bad = "--batch";
 			break;
 		case O_SEED:
-			if (parse_i64(optarg, 0, INT64_MAX, &v))
+			if (tdr_parse_i64(optarg, 0, INT64_MAX, &v))
 				bad = "--seed";
 			else
 				o->seed = (uint64_t)v;
 			break;
 		case O_START:
 			/* Year 1 .. 9999 keeps every created_at printable as YYYY-MM-DD. */
-			if (parse_i64(optarg, INT64_C(-62135596800000), INT64_C(253402300799999) - 400 * DAY_MS,
-				      &o->start_ms))
+			if (tdr_parse_i64(optarg, INT64_C(-62135596800000), INT64_C(253402300799999) - 400 * DAY_MS,
+					  &o->start_ms))
 				bad = "--start-ms";
 			o->start_given = 1;
 			break;
 		case O_DAYS:
-			if (parse_i64(optarg, 1, 365, &o->days))
+			if (tdr_parse_i64(optarg, 1, 365, &o->days))
 				bad = "--days";
 			break;
 		case O_HELP: usage(stdout); exit(0);

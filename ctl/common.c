@@ -7,7 +7,6 @@
  */
 #include "config.h"
 
-#include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -336,20 +335,6 @@ int claim_orphaned(const tdr_config *cfg, const struct claimrec *r, const tdr_le
 }
 
 /* ------------------------------------------------------------------ options */
-
-/* Parse a non-negative integer option value; -1 if it is not one within [lo, hi]. */
-int parse_num(const char *s, int64_t lo, int64_t hi, int64_t *ret)
-{
-	char *end;
-	long long v;
-
-	errno = 0;
-	v = strtoll(s, &end, 10);
-	if (errno || end == s || *end || v < lo || v > hi)
-		return -1;
-	*ret = v;
-	return 0;
-}
 
 /* --opt VALUE or --opt=VALUE; *i advanced past what was used.  1 matched, 0 not this option, -1 missing value. */
 int opt_value(int argc, char **argv, int *i, const char *name, const char **val)

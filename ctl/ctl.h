@@ -88,8 +88,6 @@ void scope_lease_name(const tdr_config *cfg, int32_t part, char *buf, size_t len
 int part_in_mode(const tdr_config *cfg, int32_t part);
 int claim_orphaned(const tdr_config *cfg, const struct claimrec *r, const tdr_lease_info *leases, size_t nl);
 
-/* A non-negative integer option value; -1 if it is not one within [lo, hi]. */
-int parse_num(const char *s, int64_t lo, int64_t hi, int64_t *ret);
 /* --opt VALUE or --opt=VALUE; *i advanced past what was used.  1 matched, 0 not this option, -1 missing value. */
 int opt_value(int argc, char **argv, int *i, const char *name, const char **val);
 

@@ -112,7 +112,7 @@ int cmd_dlq_list(struct ctl *c, int argc, char **argv)
 		if (strcmp(argv[i], "--json") == 0) {
 			json = 1;
 		} else if ((m = opt_value(argc, argv, &i, "--limit", &v)) != 0) {
-			if (m < 0 || parse_num(v, 1, DLQ_LIMIT_MAX, &limit) < 0)
+			if (m < 0 || tdr_parse_i64(v, 1, DLQ_LIMIT_MAX, &limit) < 0)
 				return usage_error("dlq list: --limit needs a number in [1, %d]", DLQ_LIMIT_MAX);
 		} else {
 			return usage_error("dlq list: unknown argument '%s'", argv[i]);

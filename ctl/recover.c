@@ -121,7 +121,7 @@ int cmd_recover(struct ctl *c, int argc, char **argv)
 		if (strcmp(argv[i], "--all") == 0) {
 			all = 1;
 		} else if ((m = opt_value(argc, argv, &i, "--partition", &v)) != 0) {
-			if (m < 0 || parse_num(v, 0, INT32_MAX, &part) < 0)
+			if (m < 0 || tdr_parse_i64(v, 0, INT32_MAX, &part) < 0)
 				return usage_error("recover: --partition needs a partition number");
 			have_part = 1;
 		} else {

@@ -597,7 +597,7 @@ int cmd_status(struct ctl *c, int argc, char **argv)
 		} else if (strcmp(argv[i], "--no-rate") == 0) {
 			rate = 0;
 		} else if ((m = opt_value(argc, argv, &i, "--interval", &v)) != 0) {
-			if (m < 0 || parse_num(v, 1, 600000, &interval) < 0)
+			if (m < 0 || tdr_parse_i64(v, 1, 600000, &interval) < 0)
 				return usage_error("status: --interval needs milliseconds in [1, 600000]");
 		} else {
 			return usage_error("status: unknown argument '%s'", argv[i]);
