@@ -434,25 +434,26 @@ static int forget_flush(tdr_drain *d, tdr_err *err)
 }
 
 /*
- * Steps 2-6 for items already read.  Returns 0, TDR_ETRANSIENT or TDR_EFAIL;
- * *ret_acked counts events whose batch was acknowledged.
+ * One batch between find and forget: the items read (step 1, by the caller)
+ * and their groups, one per partition and so one claim record each.
  */
-static int process(tdr_drain *d, const tdr_coord_view *v, struct item *items, size_t n, int64_t *ret_acked,
-		   tdr_err *err)
+struct batch {
+	struct item *items;
+	size_t n;
+	struct group *groups; /* room for one per scope of the view */
+	size_t ng;
+	const bson_t **valid_docs;
+	size_t nvalid, ndead;
+};
+
+/* Group by partition; an item outside our scopes is simply not claimed. */
+static void group_items(tdr_drain *d, const tdr_coord_view *v, struct batch *b)
 {
-	struct group *groups = calloc(v->nscopes ? v->nscopes : 1, sizeof(*groups));
-	size_t ng = 0, nvalid = 0, ndead = 0;
-	mongoc_bulk_operation_t *bulk = NULL;
-	const bson_t **valid_docs = NULL;
-	int64_t t0 = tdr_mono_us(), t1, t2, acked = 0, removed;
-	int rc = 0;
+	struct item *items = b->items;
+	struct group *groups = b->groups;
+	size_t ng = 0;
 
-	*ret_acked = 0;
-	if (groups == NULL)
-		return tdr_err_set(err, TDR_ENOMEM, "out of memory");
-
-	/* Group by partition; an item outside our scopes is simply not claimed. */
-	for (size_t i = 0; i < n; i++) {
+	for (size_t i = 0; i < b->n; i++) {
 		int s = find_scope(v, items[i].part);
 		size_t g;
 
@@ -472,9 +473,18 @@ static int process(tdr_drain *d, const tdr_coord_view *v, struct item *items, si
 		items[i].group = (int)g;
 		groups[g].nitems++;
 	}
+	b->ng = ng;
+}
 
-	/* 2. claim */
-	bulk = tdr_bulk_new(d->claims, 0);
+/* 2. claim: one record {part, epoch, owner, ids, att} per group we may still write. */
+static int step_claim(tdr_drain *d, struct batch *b, tdr_err *err)
+{
+	struct item *items = b->items;
+	struct group *groups = b->groups;
+	size_t n = b->n, ng = b->ng;
+	mongoc_bulk_operation_t *bulk = tdr_bulk_new(d->claims, 0);
+	int rc;
+
 	for (size_t g = 0; g < ng; g++) {
 		bson_t doc = BSON_INITIALIZER, ids, att;
 		uint32_t k = 0;
@@ -511,10 +521,10 @@ static int process(tdr_drain *d, const tdr_coord_view *v, struct item *items, si
 		bson_destroy(&doc);
 		groups[g].live = 1;
 	}
-	if ((rc = tdr_bulk_run(bulk, "claim", NULL, NULL, err)) < 0)
-		goto abandon;
+	rc = tdr_bulk_run(bulk, "claim", NULL, NULL, err);
 	mongoc_bulk_operation_destroy(bulk);
-	bulk = NULL;
+	if (rc < 0)
+		return rc;
 	/*
 	 * We may have paused between the check above and the insert.  A claim record that
 	 * landed after our lease ended is one the next holder never sees (it recovers orphans
@@ -533,13 +543,20 @@ static int process(tdr_drain *d, const tdr_coord_view *v, struct item *items, si
 		d->stats.fenced++;
 		pthread_mutex_unlock(&d->mu);
 	}
+	return 0;
+}
 
-	/* 3. consume: validate, then archive what is valid. */
-	valid_docs = calloc(n ? n : 1, sizeof(*valid_docs));
-	if (valid_docs == NULL) {
-		rc = tdr_err_set(err, TDR_ENOMEM, "out of memory");
-		goto abandon;
-	}
+/* 3. consume: validate, then archive what is valid. */
+static int step_consume(tdr_drain *d, struct batch *b, tdr_err *err)
+{
+	struct item *items = b->items;
+	struct group *groups = b->groups;
+	size_t n = b->n;
+	int rc;
+
+	b->valid_docs = calloc(n ? n : 1, sizeof(*b->valid_docs));
+	if (b->valid_docs == NULL)
+		return tdr_err_set(err, TDR_ENOMEM, "out of memory");
 	for (size_t i = 0; i < n; i++) {
 		struct item *it = &items[i];
 
@@ -553,19 +570,28 @@ static int process(tdr_drain *d, const tdr_coord_view *v, struct item *items, si
 			it->valid = tdr_event_validate(it->doc, &d->cfg, &it->ev, it->reason, sizeof(it->reason)) == 0;
 		}
 		if (it->valid) {
-			valid_docs[nvalid++] = it->doc;
+			b->valid_docs[b->nvalid++] = it->doc;
 			groups[it->group].nvalid++;
 		} else {
-			ndead++;
+			b->ndead++;
 		}
 	}
-	if (d->ar && nvalid && (rc = tdr_archive_append(d->ar, (const bson_t *const *)valid_docs, nvalid, err)) < 0)
-		goto abandon;
+	if (d->ar && b->nvalid &&
+	    (rc = tdr_archive_append(d->ar, (const bson_t *const *)b->valid_docs, b->nvalid, err)) < 0)
+		return rc;
 	trace_batch(d, items, n, groups);
-	t1 = tdr_mono_us();
+	return 0;
+}
 
-	/* 4. commit: the delta is the unique-key fact the fold counts from. */
-	bulk = tdr_bulk_new(d->deltas, 0);
+/* 4. commit: the delta is the unique-key fact the fold counts from; then the dead letters. */
+static int step_commit(tdr_drain *d, struct batch *b, tdr_err *err)
+{
+	struct item *items = b->items;
+	struct group *groups = b->groups;
+	size_t n = b->n, ng = b->ng;
+	mongoc_bulk_operation_t *bulk = tdr_bulk_new(d->deltas, 0);
+	int rc = 0;
+
 	for (size_t g = 0; g < ng; g++) {
 		bson_t doc = BSON_INITIALIZER, ev;
 		uint32_t k = 0;
@@ -590,34 +616,44 @@ static int process(tdr_drain *d, const tdr_coord_view *v, struct item *items, si
 		tdr_bulk_insert_trusted(bulk, &doc);
 		bson_destroy(&doc);
 	}
-	if (nvalid && (rc = tdr_bulk_run(bulk, "commit delta", NULL, NULL, err)) < 0)
-		goto abandon;
+	if (b->nvalid)
+		rc = tdr_bulk_run(bulk, "commit delta", NULL, NULL, err);
 	mongoc_bulk_operation_destroy(bulk);
-	bulk = NULL;
-	if (ndead) {
-		bulk = tdr_bulk_new(d->dead, 0);
-		for (size_t i = 0; i < n; i++)
-			if (items[i].group >= 0 && groups[items[i].group].live && !items[i].valid)
-				append_deadletter(bulk, d, &items[i], &groups[items[i].group]);
-		if ((rc = tdr_bulk_run(bulk, "dead letter", NULL, NULL, err)) < 0)
-			goto abandon;
-		mongoc_bulk_operation_destroy(bulk);
-		bulk = NULL;
-		for (size_t i = 0; i < n; i++)
-			if (items[i].group >= 0 && groups[items[i].group].live && !items[i].valid) {
-				char key[160];
-				tdr_field f[2] = { { "TDRAIN_EVENT_ID", key }, { "TDRAIN_REASON", items[i].reason } };
+	if (rc < 0 || b->ndead == 0)
+		return rc;
+	bulk = tdr_bulk_new(d->dead, 0);
+	for (size_t i = 0; i < n; i++)
+		if (items[i].group >= 0 && groups[items[i].group].live && !items[i].valid)
+			append_deadletter(bulk, d, &items[i], &groups[items[i].group]);
+	rc = tdr_bulk_run(bulk, "dead letter", NULL, NULL, err);
+	mongoc_bulk_operation_destroy(bulk);
+	if (rc < 0)
+		return rc;
+	for (size_t i = 0; i < n; i++)
+		if (items[i].group >= 0 && groups[items[i].group].live && !items[i].valid) {
+			char key[160];
+			tdr_field f[2] = { { "TDRAIN_EVENT_ID", key }, { "TDRAIN_REASON", items[i].reason } };
 
-				if (tdr_id_key(&items[i].id, key, sizeof(key)) < 0)
-					snprintf(key, sizeof(key), "(unprintable)");
-				tdr_log_event(LOG_WARNING, TDR_EV_DEADLETTER, f, 2, "event %s dead-lettered: %s", key,
-					      items[i].reason);
-			}
-	}
+			if (tdr_id_key(&items[i].id, key, sizeof(key)) < 0)
+				snprintf(key, sizeof(key), "(unprintable)");
+			tdr_log_event(LOG_WARNING, TDR_EV_DEADLETTER, f, 2, "event %s dead-lettered: %s", key,
+				      items[i].reason);
+		}
+	return 0;
+}
 
-	/* 5. acknowledge: one fenced statement per claim record. */
-	bulk = tdr_bulk_new(d->claims, 0);
-	size_t nlive = 0;
+/*
+ * 5. acknowledge: one fenced statement per claim record.  A record a newer
+ * owner took over leaves every group not live: the batch's events are its now.
+ */
+static int step_acknowledge(tdr_drain *d, struct batch *b, tdr_err *err)
+{
+	struct group *groups = b->groups;
+	size_t ng = b->ng, nlive = 0;
+	mongoc_bulk_operation_t *bulk = tdr_bulk_new(d->claims, 0);
+	int64_t removed;
+	int rc;
+
 	for (size_t g = 0; g < ng; g++) {
 		bson_t f = BSON_INITIALIZER;
 
@@ -637,8 +673,10 @@ static int process(tdr_drain *d, const tdr_coord_view *v, struct item *items, si
 	if (nlive) {
 		bson_t reply;
 
-		if ((rc = tdr_bulk_run(bulk, "acknowledge", NULL, &reply, err)) < 0)
-			goto abandon;
+		if ((rc = tdr_bulk_run(bulk, "acknowledge", NULL, &reply, err)) < 0) {
+			mongoc_bulk_operation_destroy(bulk);
+			return rc;
+		}
 		removed = tdr_bson_i64(&reply, "nRemoved", 0);
 		bson_destroy(&reply);
 		if (removed != (int64_t)nlive) {
@@ -653,10 +691,22 @@ static int process(tdr_drain *d, const tdr_coord_view *v, struct item *items, si
 		}
 	}
 	mongoc_bulk_operation_destroy(bulk);
-	bulk = NULL;
+	return 0;
+}
 
-	/* 6. forget: delete the acknowledged events from the FIFO (see forget_flush). */
-	for (size_t i = 0; i < n; i++)
+/*
+ * 6. forget: delete the acknowledged events from the FIFO (see forget_flush).
+ * Never fails the batch: what is not confirmed deleted is retried before the
+ * next claim.  Returns how many events were acknowledged.
+ */
+static int64_t step_forget(tdr_drain *d, struct batch *b, tdr_err *err)
+{
+	struct item *items = b->items;
+	struct group *groups = b->groups;
+	int64_t acked = 0;
+	int rc = 0;
+
+	for (size_t i = 0; i < b->n; i++)
 		if (items[i].group >= 0 && groups[items[i].group].live) {
 			if (forget_add(d, &items[i].id) < 0) {
 				rc = tdr_err_set(err, TDR_ENOMEM, "out of memory");
@@ -666,13 +716,39 @@ static int process(tdr_drain *d, const tdr_coord_view *v, struct item *items, si
 		}
 	if (rc == 0 && forget_flush(d, err) < 0)
 		log_info("%s (%zu events; retried before the next claim)", err->msg, tdr_map_count(d->forget));
-	rc = 0;
+	return acked;
+}
+
+/*
+ * Steps 2-6 for items already read.  Returns 0, TDR_ETRANSIENT or TDR_EFAIL;
+ * *ret_acked counts events whose batch was acknowledged.  A failed step
+ * abandons the batch: nothing acknowledged, claim records removed best-effort.
+ */
+static int process(tdr_drain *d, const tdr_coord_view *v, struct item *items, size_t n, int64_t *ret_acked,
+		   tdr_err *err)
+{
+	struct batch b = { .items = items, .n = n };
+	int64_t t0, t1, t2, acked;
+	int rc;
+
+	*ret_acked = 0;
+	b.groups = calloc(v->nscopes ? v->nscopes : 1, sizeof(*b.groups));
+	t0 = tdr_mono_us();
+	if (b.groups == NULL)
+		return tdr_err_set(err, TDR_ENOMEM, "out of memory");
+	group_items(d, v, &b);
+	if ((rc = step_claim(d, &b, err)) < 0 || (rc = step_consume(d, &b, err)) < 0)
+		goto abandon;
+	t1 = tdr_mono_us();
+	if ((rc = step_commit(d, &b, err)) < 0 || (rc = step_acknowledge(d, &b, err)) < 0)
+		goto abandon;
+	acked = step_forget(d, &b, err);
 	t2 = tdr_mono_us();
 
 	pthread_mutex_lock(&d->mu);
 	d->stats.batches++;
 	d->stats.acked += acked;
-	d->stats.deadlettered += (int64_t)ndead;
+	d->stats.deadlettered += (int64_t)b.ndead;
 	d->stats.last_batch = (int64_t)n;
 	d->stats.consume_us = t1 - t0;
 	d->stats.ack_us = t2 - t1;
@@ -680,18 +756,17 @@ static int process(tdr_drain *d, const tdr_coord_view *v, struct item *items, si
 	tdr_hist_add(&d->stats.h_ack, t2 - t1);
 	pthread_mutex_unlock(&d->mu);
 	*ret_acked = acked;
-	free(valid_docs);
-	free(groups);
+	free(b.valid_docs);
+	free(b.groups);
 	return 0;
 
 abandon:
-	mongoc_bulk_operation_destroy(bulk);
-	unclaim(d, groups, ng);
+	unclaim(d, b.groups, b.ng);
 	pthread_mutex_lock(&d->mu);
 	d->stats.store_errors++;
 	pthread_mutex_unlock(&d->mu);
-	free(valid_docs);
-	free(groups);
+	free(b.valid_docs);
+	free(b.groups);
 	return rc;
 }
 
@@ -1004,6 +1079,7 @@ out:
 
 /* ------------------------------------------------------------ step */
 
+/* 1. find: up to drain.batch_size events at the head of the FIFO in our scopes; then steps 2-6 (process). */
 static int claim_and_process(tdr_drain *d, const tdr_coord_view *v, int *ret_full, int64_t *ret_n, tdr_err *err)
 {
 	bson_t filter = BSON_INITIALIZER, opts = BSON_INITIALIZER, in, arr, sort;
