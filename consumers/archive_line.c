@@ -15,6 +15,7 @@
 
 #include "consumers/archive.h"
 #include "lib/bsonx.h"
+#include "lib/clock.h"
 
 /* Floor division: days and time of day of dates before 1970 must not round toward zero. */
 static void split_ms(int64_t ms, int64_t *days, int64_t *ms_of_day)
@@ -30,28 +31,6 @@ static void split_ms(int64_t ms, int64_t *days, int64_t *ms_of_day)
 	*ms_of_day = r;
 }
 
-/*
- * Proleptic Gregorian date of a day count since 1970-01-01 (H. Hinnant's
- * civil_from_days).  Used instead of gmtime_r because it is defined for the
- * whole BSON date range: a valid event with an absurd date must still archive.
- */
-static void civil_from_days(int64_t z, int64_t *y, unsigned *m, unsigned *d)
-{
-	int64_t era, yy;
-	unsigned doe, yoe, doy, mp;
-
-	z += 719468;
-	era = (z >= 0 ? z : z - 146096) / 146097;
-	doe = (unsigned)(z - era * 146097);
-	yoe = (doe - doe / 1460 + doe / 36524 - doe / 146096) / 365;
-	yy = (int64_t)yoe + era * 400;
-	doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-	mp = (5 * doy + 2) / 153;
-	*d = doy - (153 * mp + 2) / 5 + 1;
-	*m = mp < 10 ? mp + 3 : mp - 9;
-	*y = yy + (*m <= 2);
-}
-
 /* "YYYY-MM-DD hh:mm:ss.mmm" in UTC (ClickHouse DateTime64(3) text form). */
 static void format_created_at(int64_t ms, char *buf, size_t len)
 {
@@ -59,7 +38,7 @@ static void format_created_at(int64_t ms, char *buf, size_t len)
 	unsigned mo, d;
 
 	split_ms(ms, &days, &tod);
-	civil_from_days(days, &y, &mo, &d);
+	tdr_civil_from_days(days, &y, &mo, &d);
 	snprintf(buf, len, "%04" PRId64 "-%02u-%02u %02u:%02u:%02u.%03u", y, mo, d, (unsigned)(tod / 3600000),
 		 (unsigned)(tod / 60000 % 60), (unsigned)(tod / 1000 % 60), (unsigned)(tod % 1000));
 }
