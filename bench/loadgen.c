@@ -214,7 +214,7 @@ static int parse_opts(int argc, char **argv, struct opts *o)
 				bad = "--rate";
 			break;
 		case O_BURST:
-			if (parse_i64(optarg, 0, INT64_MAX, &o->burst))
+			if (tdr_parse_i64(optarg, 0, INT64_MAX, &o->burst))
 				bad = "--burst";
 			break;
 		case O_MAXBACKLOG:
