@@ -79,6 +79,7 @@ struct opts {
 	double dup_ratio;
 	int64_t partitions;   /* 0: do not write part */
 	double rate;          /* 0: as fast as possible */
+	int64_t burst;        /* with rate: the first burst documents as fast as possible */
 	int64_t max_backlog;  /* 0: never wait for the FIFO */
 	int64_t batch;
 	uint64_t seed;
@@ -103,6 +104,8 @@ static void usage(FILE *out)
 		"  --dup-ratio X          fraction of events re-inserted with a new _id, same insert_id (default 0)\n"
 		"  --partitions P         write part = fnv1a32(canonical _id) %% P (default: no part)\n"
 		"  --rate EPS             steady insert rate in documents/s (default: as fast as possible)\n"
+		"  --burst N              with --rate: insert the first N documents as fast as possible\n"
+		"                         (a pre-loaded backlog), then keep to the rate\n"
 		"  --batch N              documents per insert_many (default 1000)\n"
 		"  --max-backlog N        before each insert, wait while the FIFO holds N documents or more\n"
 		"                         (an ingest that answers 503 when the backlog is too deep)\n"
@@ -144,7 +147,8 @@ static int parse_f(const char *s, double lo, double hi, double *ret)
 static int parse_opts(int argc, char **argv, struct opts *o)
 {
 	enum { O_URI = 256, O_DB, O_COLL, O_COUNT, O_DEVICES, O_USERS, O_SIGNED, O_DUP, O_PARTS, O_RATE,
-	       O_BATCH, O_SEED, O_NDJSON, O_START, O_DAYS, O_QUIET, O_CORPUS, O_MANIFEST, O_MAXBACKLOG, O_HELP };
+	       O_BATCH, O_SEED, O_NDJSON, O_START, O_DAYS, O_QUIET, O_CORPUS, O_MANIFEST, O_MAXBACKLOG, O_BURST,
+	       O_HELP };
 	static const struct option lo[] = {
 		{ "uri", required_argument, NULL, O_URI },
 		{ "db", required_argument, NULL, O_DB },
@@ -156,6 +160,7 @@ static int parse_opts(int argc, char **argv, struct opts *o)
 		{ "dup-ratio", required_argument, NULL, O_DUP },
 		{ "partitions", required_argument, NULL, O_PARTS },
 		{ "rate", required_argument, NULL, O_RATE },
+		{ "burst", required_argument, NULL, O_BURST },
 		{ "max-backlog", required_argument, NULL, O_MAXBACKLOG },
 		{ "batch", required_argument, NULL, O_BATCH },
 		{ "seed", required_argument, NULL, O_SEED },
@@ -219,6 +224,10 @@ static int parse_opts(int argc, char **argv, struct opts *o)
 		case O_RATE:
 			if (parse_f(optarg, 0.001, 1e9, &o->rate))
 				bad = "--rate";
+			break;
+		case O_BURST:
+			if (parse_i64(optarg, 0, INT64_MAX, &o->burst))
+				bad = "--burst";
 			break;
 		case O_MAXBACKLOG:
 			if (parse_i64(optarg, 1, INT64_MAX, &o->max_backlog))
@@ -1156,6 +1165,8 @@ int main(int argc, char **argv)
 	bson_error_t be;
 	FILE *nd = NULL;
 	int64_t sub, t0, last_report, inserted = 0;
+	int64_t pace_t0 = 0, pace_base = 0;
+	int paced = 0;
 	int rc = 1, more = 1;
 	struct sigaction sa;
 
@@ -1187,7 +1198,8 @@ int main(int argc, char **argv)
 		if (sub > o.batch)
 			sub = o.batch;
 	}
-	b.cap = (size_t)sub;
+	/* A burst sends full batches; the paced part fills only sub of them. */
+	b.cap = (size_t)(o.burst > 0 ? o.batch : sub);
 	b.validate = 1;
 	b.docs = calloc(b.cap, sizeof(*b.docs));
 	if (b.docs == NULL) {
@@ -1235,8 +1247,10 @@ int main(int argc, char **argv)
 
 	t0 = last_report = tdr_mono_us();
 	while (more && !stop_flag) {
-		/* Fill a batch. */
-		while (b.n < b.cap) {
+		/* Fill a batch: a full one during a burst, sub documents when paced. */
+		size_t fill = (o.rate > 0 && inserted >= o.burst) ? (size_t)sub : b.cap;
+
+		while (b.n < fill) {
 			bson_t *doc = bson_new();
 			int kind, r;
 
@@ -1264,10 +1278,18 @@ int main(int argc, char **argv)
 			if (waited < 0)
 				goto out;
 			t0 += waited; /* a pause is not a rate deficit to make up for */
+			pace_t0 += waited;
 		}
-		if (o.rate > 0)
-			/* Send a batch when its last document is due, so the average is the rate. */
-			sleep_until_us(t0 + (int64_t)((double)(inserted + (int64_t)b.n) * 1e6 / o.rate));
+		if (o.rate > 0 && inserted >= o.burst) {
+			/* Send a batch when its last document is due, so the average is the rate;
+			 * the rate counts from the end of the burst. */
+			if (!paced) {
+				paced = 1;
+				pace_t0 = tdr_mono_us();
+				pace_base = inserted;
+			}
+			sleep_until_us(pace_t0 + (int64_t)((double)(inserted - pace_base + (int64_t)b.n) * 1e6 / o.rate));
+		}
 		inserted += (int64_t)b.n;
 		if (flush_batch(coll, &b, nd))
 			goto out;

@@ -56,6 +56,7 @@ typedef struct tdr_config {
 	int64_t archive_max_backlog_bytes;
 
 	char metrics_file[512];
+	char metrics_listen[80];  /* HOST:PORT of the HTTP /metrics endpoint; empty = off */
 	int64_t metrics_interval_ms;
 	int64_t backlog_alert;
 	int64_t count_limit;       /* exact counts stop here; see tdr_count_limit() */

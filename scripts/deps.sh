@@ -8,10 +8,15 @@
 #
 #   Debian packages   the C toolchain and libraries, check, etcd, python3 with
 #                     pymongo, clang/llvm, valgrind, gnuplot, iproute2,
-#                     iptables, PostgreSQL 15 (FerretDB's second backend), and
+#                     iptables, PostgreSQL 15 (FerretDB's second backend),
+#                     libmicrohttpd, debhelper, lintian, prometheus, and
 #                     golang-go only when no Go toolchain is present.
 #   FerretDB v1.24.2  built from the Go module proxy into a cache OUTSIDE the
 #                     work tree: ${TDRAIN_CACHE:-$HOME/.cache/tdrain}/bin/ferretdb
+#   DocumentDB        built by scripts/documentdb.sh from ../shared/documentdb/
+#                     (or TDRAIN_DOCUMENTDB_SRC) into the same cache: its two
+#                     PostgreSQL extensions are installed into PostgreSQL 15,
+#                     its gateway is .../documentdb/current/bin/documentdb_gateway
 #
 # Environment:
 #   TDRAIN_CACHE            cache directory (default ~/.cache/tdrain)
@@ -44,6 +49,10 @@ APT_PACKAGES=(
 	# the extensions it requires, its C libraries, and cargo for the gateway.
 	postgresql-15 postgresql-server-dev-15 postgresql-15-rum postgresql-15-cron postgresql-15-postgis-3
 	libintelrdfpmath-dev libpcre2-dev libkrb5-dev libssl-dev openssl xz-utils
+	# metrics.listen (libmicrohttpd); the Debian package and its tests
+	# (debian/, t14_deb, t17_rules, t16_prometheus): debhelper, lintian,
+	# Prometheus and promtool (its service is kept from starting, as above).
+	libmicrohttpd-dev debhelper dh-autoreconf fakeroot lintian prometheus
 )
 
 log() { printf 'deps: %s\n' "$*" >&2; }
@@ -85,7 +94,7 @@ install_apt() {
 		return 0
 	fi
 	log "Debian packages missing: ${missing[*]}"
-	# Keep the packages' own services (etcd, postgresql) from starting on the
+	# Keep the packages' own services (etcd, postgresql, prometheus) from starting on the
 	# host: tests start private instances on free ports.
 	local policy_added=0
 	if [ ! -e /usr/sbin/policy-rc.d ]; then
@@ -243,5 +252,6 @@ start=$(date +%s)
 install_apt
 check_python
 install_ferretdb
+bash "$(dirname "${BASH_SOURCE[0]}")/documentdb.sh" >/dev/null || die "DocumentDB build failed (scripts/documentdb.sh)"
 log "done in $(($(date +%s) - start)) s"
 printf '%s\n' "$CACHE/bin/ferretdb"

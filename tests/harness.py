@@ -546,6 +546,15 @@ class Store(_Managed):
             self.pg.start()
 
     @property
+    def label(self):
+        """'ferretdb' (SQLite backend) or 'ferretdb-postgresql': the store kind as start_store() names it."""
+        return 'ferretdb' if self.backend == 'sqlite' else 'ferretdb-postgresql'
+
+    # FerretDB 1.24 applies no update atomically (ENVIRONMENT.md): tests assert fencing that needs it
+    # only where this is True.
+    atomic_updates = False
+
+    @property
     def uri(self):
         """mongodb://127.0.0.1:PORT/"""
         return 'mongodb://127.0.0.1:%d/' % self.port
@@ -589,6 +598,135 @@ class Store(_Managed):
     def db(self, name='tdrain'):
         """client()[name]"""
         return self.client()[name]
+
+    def _cleanup(self):
+        if self._client is not None:
+            try:
+                self._client.close()
+            except Exception:
+                pass
+            self._client = None
+        super()._cleanup()
+
+
+def documentdb_verifier(password, salt=None, iterations=4096):
+    """A PostgreSQL SCRAM-SHA-256 verifier with a 28-byte salt.
+
+    libmongoc 1.23 rejects a salt that is not 28 bytes ("invalid salt length of 16 in sasl step2") and
+    PostgreSQL makes 16-byte ones, so DocumentDB users are created with a verifier computed here.
+    """
+    import base64
+    import hashlib
+    import hmac
+    salt = salt or os.urandom(28)
+    salted = hashlib.pbkdf2_hmac('sha256', password.encode(), salt, iterations)
+    ck = hmac.new(salted, b'Client Key', hashlib.sha256).digest()
+    sk = hmac.new(salted, b'Server Key', hashlib.sha256).digest()
+    b = lambda x: base64.b64encode(x).decode()
+    return 'SCRAM-SHA-256$%d:%s$%s:%s' % (iterations, b(salt), b(hashlib.sha256(ck).digest()), b(sk))
+
+
+class DocumentDB(_Managed):
+    """A DocumentDB (PostgreSQL 15 + pg_documentdb + its Rust gateway, MongoDB wire protocol) on 127.0.0.1.
+
+    Unlike FerretDB 1.24 it serves keyed statements from indexes, applies each update atomically and
+    has transactions: the store closest to MongoDB (../shared/documentdb/README.md lists the differences).
+    Same interface as Store: m.uri (with the test user's credentials), m.port, m.pid, m.dir, m.pg,
+    m.start(), m.stop(), m.kill(), m.restart() (keep port and data), m.client(), m.db(name).
+    m.kind == 'documentdb', m.backend == 'documentdb'.
+    """
+
+    kind = 'documentdb'
+    backend = 'documentdb'
+    label = 'documentdb'
+    atomic_updates = True
+    ready_timeout = 60.0
+    USER = 'tdtest'
+    PASSWORD = 'tdtest-pass'
+
+    # Settings DocumentDB needs in the cluster (recipe.sh step 5).  Debian's pg_cron 1.4.2 has no seconds
+    # schedules, so the index-build job runs once a minute: createIndexes on a collection that already holds
+    # documents returns at the next minute tick.
+    PG_SETTINGS = {
+        'shared_preload_libraries': 'pg_cron,pg_documentdb_core,pg_documentdb',
+        'cron.database_name': 'postgres',
+        'documentdb.enableBackgroundWorker': 'true',
+        'documentdb.enableBackgroundWorkerJobs': 'true',
+        'documentdb.indexBuildScheduleInSec': '60',
+        'ssl': 'off',
+        'fsync': 'off',                   # a test store: the store's disk is not what is measured
+        'synchronous_commit': 'off',
+        'full_page_writes': 'off',
+    }
+
+    def __init__(self, h, name, pg_settings=None):
+        self.dir = os.path.join(h.tmp, name)
+        os.makedirs(self.dir)
+        super().__init__(h, name, os.path.join(h.tmp, name + '.log'))
+        self.binary = h.documentdb_gateway()
+        self.port = free_port()
+        self._client = None
+        settings = dict(self.PG_SETTINGS)
+        settings.update(pg_settings or {})
+        self.pg = Postgres(h, name + '-pg', settings)
+        self.pg.database = 'postgres'
+        self.pg.start()
+        self.pg.psql('CREATE EXTENSION IF NOT EXISTS documentdb CASCADE')
+        self.pg.psql('CREATE ROLE "%s" WITH LOGIN INHERIT PASSWORD \'%s\' IN ROLE documentdb_admin_role'
+                     % (self.USER, documentdb_verifier(self.PASSWORD)))
+        self.pg.psql('ALTER ROLE "%s" CREATEROLE' % self.USER)
+        self.pg.psql('GRANT "%s" TO postgres WITH ADMIN OPTION' % self.USER)
+        self._write_config()
+        self._cwd = self.dir
+
+    def _write_config(self):
+        # A release gateway panics without CertificateOptions even when TLS is not enforced.
+        cert, key = os.path.join(self.dir, 'cert.pem'), os.path.join(self.dir, 'key.pem')
+        r = subprocess.run(['openssl', 'req', '-x509', '-newkey', 'rsa:2048', '-nodes', '-keyout', key,
+                            '-out', cert, '-days', '3650', '-subj', '/CN=localhost'],
+                           stdin=subprocess.DEVNULL, capture_output=True, timeout=60)
+        if r.returncode != 0:
+            raise RuntimeError('openssl req failed: %s' % r.stderr.decode(errors='replace').strip())
+        self.config = os.path.join(self.dir, 'SetupConfiguration.json')
+        with open(self.config, 'w') as f:
+            json.dump({
+                'NodeHostName': 'localhost',
+                'BlockedRolePrefixes': ['documentdb', 'citus', 'pg', 'internal_role'],
+                'PostgresHostName': '127.0.0.1',
+                'PostgresPort': self.pg.port,
+                'PostgresSystemUser': 'postgres',
+                'PostgresDatabase': 'postgres',
+                'GatewayListenPort': self.port,
+                'UseLocalHost': True,
+                'TransactionTimeoutSecs': 30,
+                'CursorTimeoutSecs': 600,
+                'PostgresCommandTimeoutSecs': 120,
+                'EnforceSslTcp': False,
+                'CertificateOptions': {'CertType': 'pem_file', 'FilePath': cert, 'KeyFilePath': key},
+            }, f, indent=2)
+
+    @property
+    def uri(self):
+        """mongodb://USER:PASS@127.0.0.1:PORT/?authMechanism=SCRAM-SHA-256"""
+        return 'mongodb://%s:%s@127.0.0.1:%d/?authMechanism=SCRAM-SHA-256' % (self.USER, self.PASSWORD, self.port)
+
+    def _argv(self):
+        return [self.binary, self.config]
+
+    def _ready(self):
+        return _wire_ping(self.port)
+
+    def start(self, timeout=None):
+        if not self.pg.alive():
+            self.pg.start()
+        return super().start(timeout)
+
+    def stop(self, timeout=None):
+        # The gateway ignores SIGINT when started in the background; _Managed.stop sends SIGTERM.
+        return super().stop(timeout)
+
+    client = Store.client
+    db = Store.db
 
     def _cleanup(self):
         if self._client is not None:
@@ -1106,7 +1244,46 @@ class Harness:
             raise RuntimeError('FerretDB not found at %s: run scripts/deps.sh' % path)
         return path
 
+    def documentdb_gateway(self):
+        """DOCUMENTDB_GATEWAY, else ${TDRAIN_CACHE:-~/.cache/tdrain}/documentdb/current/bin/documentdb_gateway
+        (scripts/documentdb.sh builds it and installs the extensions into PostgreSQL 15)."""
+        path = os.environ.get('DOCUMENTDB_GATEWAY')
+        if not path:
+            cache = os.environ.get('TDRAIN_CACHE') or os.path.join(os.path.expanduser('~'), '.cache', 'tdrain')
+            path = os.path.join(cache, 'documentdb', 'current', 'bin', 'documentdb_gateway')
+        if not os.access(path, os.X_OK):
+            raise RuntimeError('DocumentDB gateway not found at %s: run scripts/deps.sh' % path)
+        return path
+
     # ---- servers and daemons ----
+    STORE_KINDS = ('ferretdb', 'documentdb')
+
+    def store_kinds(self, default=None):
+        """The stores a test runs against: TDRAIN_TEST_STORES (space- or comma-separated, from
+        STORE_KINDS plus 'ferretdb-postgresql'), else default (else every kind in STORE_KINDS)."""
+        env = os.environ.get('TDRAIN_TEST_STORES', '').replace(',', ' ').split()
+        kinds = env or list(default or self.STORE_KINDS)
+        for k in kinds:
+            if k not in ('ferretdb', 'ferretdb-sqlite', 'ferretdb-postgresql', 'documentdb'):
+                raise ValueError('unknown store kind %r in TDRAIN_TEST_STORES' % k)
+        return kinds
+
+    def start_store(self, kind='ferretdb', pg_settings=None, extra_args=None):
+        """Start a store of the given kind: 'ferretdb' (SQLite backend), 'ferretdb-postgresql', or
+        'documentdb'.  Returns a Store or a DocumentDB; both have .kind, .uri, .client(), .db()."""
+        if kind in ('ferretdb', 'ferretdb-sqlite'):
+            return self.start_ferretdb('sqlite', pg_settings, extra_args)
+        if kind == 'ferretdb-postgresql':
+            return self.start_ferretdb('postgresql', pg_settings, extra_args)
+        if kind == 'documentdb':
+            return self.start_documentdb(pg_settings)
+        raise ValueError('unknown store kind %r' % kind)
+
+    def start_documentdb(self, pg_settings=None):
+        """Start DocumentDB (a private PostgreSQL 15 cluster with the extensions, and the gateway) and wait
+        until the gateway answers a ping.  Returns a DocumentDB."""
+        return self._start_with_retry(lambda: DocumentDB(self, self._next('documentdb'), pg_settings))
+
     def start_ferretdb(self, backend='sqlite', pg_settings=None, extra_args=None):
         """Start FerretDB (backend 'sqlite' or 'postgresql', the latter on a private PostgreSQL 15)
         and wait until it answers a ping.  Returns a Store."""
@@ -1237,13 +1414,14 @@ def _serve(argv):
     ap.add_argument('--backend', choices=('sqlite', 'postgresql'), default='sqlite', help='FerretDB backend')
     ap.add_argument('--pg-set', action='append', default=[], metavar='NAME=VALUE',
                     help='PostgreSQL setting (postgresql backend), repeatable')
+    ap.add_argument('--documentdb', action='store_true', help='start DocumentDB (PostgreSQL + gateway)')
     ap.add_argument('--etcd', action='store_true', help='start etcd')
     ap.add_argument('--json', action='store_true', help='print one JSON line (default: shell assignments)')
     ap.add_argument('--no-stdin', action='store_true', help='ignore stdin; run until SIGTERM/SIGINT')
     ap.add_argument('--keep', action='store_true', help='keep the data directory at exit')
     a = ap.parse_args(argv)
-    if not (a.ferretdb or a.etcd):
-        ap.error('nothing to serve: give --ferretdb and/or --etcd')
+    if not (a.ferretdb or a.documentdb or a.etcd):
+        ap.error('nothing to serve: give --ferretdb, --documentdb and/or --etcd')
 
     h = Harness(name='serve', tap=False)
     info = {'tmp': h.tmp, 'pid': os.getpid()}
@@ -1256,6 +1434,11 @@ def _serve(argv):
             if m.pg is not None:
                 info['postgresql'] = {'port': m.pg.port, 'pid': m.pg.pid, 'socket_dir': m.pg.socket_dir,
                                       'url': m.pg.url, 'log': m.pg.log}
+        if a.documentdb:
+            settings = dict(kv.split('=', 1) for kv in a.pg_set)
+            d = h.start_documentdb(pg_settings=settings)
+            info['documentdb'] = {'uri': d.uri, 'port': d.port, 'pid': d.pid, 'log': d.log, 'dir': d.dir,
+                                  'pg_port': d.pg.port, 'pg_pid': d.pg.pid, 'pg_socket_dir': d.pg.socket_dir}
         if a.etcd:
             e = h.start_etcd()
             info['etcd'] = {'endpoint': e.endpoint, 'port': e.port, 'pid': e.pid, 'log': e.log, 'dir': e.dir}
@@ -1272,6 +1455,8 @@ def _serve(argv):
         lines = ['SERVE_TMP=%s' % shlex.quote(h.tmp), 'SERVE_PID=%d' % os.getpid()]
         if 'ferretdb' in info:
             lines.append('FERRETDB_URI=%s' % shlex.quote(info['ferretdb']['uri']))
+        if 'documentdb' in info:
+            lines.append('DOCUMENTDB_URI=%s' % shlex.quote(info['documentdb']['uri']))
         if 'etcd' in info:
             lines.append('ETCD_ENDPOINT=%s' % shlex.quote(info['etcd']['endpoint']))
         print('\n'.join(lines), flush=True)
@@ -1291,6 +1476,7 @@ def _serve(argv):
 if __name__ == '__main__':
     if len(sys.argv) >= 2 and sys.argv[1] == 'serve':
         sys.exit(_serve(sys.argv[2:]))
-    sys.stderr.write('usage: %s serve [--ferretdb [--backend sqlite|postgresql]] [--etcd] [--json] [--no-stdin]\n'
+    sys.stderr.write('usage: %s serve [--ferretdb [--backend sqlite|postgresql]] [--documentdb] [--etcd] [--json] '
+                     '[--no-stdin]\n'
                      % sys.argv[0])
     sys.exit(64)

@@ -30,6 +30,7 @@
 #include "worker/drain.h"
 #include "worker/indexer.h"
 #include "worker/metrics.h"
+#include "worker/metrics_http.h"
 #include "worker/notify.h"
 
 static volatile sig_atomic_t got_stop, got_reload;
@@ -301,6 +302,7 @@ int main(int argc, char **argv)
 	tdr_fold *fold = NULL;
 	tdr_indexer *ix = NULL;
 	int ix_abandoned = 0;
+	tdr_metrics_http *mh = NULL;
 	static sigset_t sigs;
 	pthread_t sigthr;
 	int opt, status = EX_OK;
@@ -473,6 +475,12 @@ int main(int argc, char **argv)
 		status = EX_OSERR;
 		goto out;
 	}
+	/* Before READY=1, so that a replica that says it runs can be scraped. */
+	if (cfg.metrics_listen[0] && tdr_metrics_http_start(&mh, cfg.metrics_listen, &err) < 0) {
+		log_err("%s", err.msg);
+		status = err.code == TDR_ECONFIG ? EX_CONFIG : EX_UNAVAILABLE;
+		goto out;
+	}
 	{
 		tdr_field f[3] = { { "TDRAIN_MODE", tdr_mode_name(cfg.mode) },
 				   { "TDRAIN_BACKEND", tdr_backend_name(cfg.backend) },
@@ -511,6 +519,19 @@ int main(int argc, char **argv)
 					cfg.backlog_alert = nc.backlog_alert;
 					cfg.count_limit = nc.count_limit;
 					memcpy(cfg.metrics_file, nc.metrics_file, sizeof(cfg.metrics_file));
+					if (strcmp(cfg.metrics_listen, nc.metrics_listen) != 0) {
+						/* The old address is let go first: the new one may be the same port. */
+						tdr_metrics_http_stop(mh);
+						mh = NULL;
+						memcpy(cfg.metrics_listen, nc.metrics_listen, sizeof(cfg.metrics_listen));
+						if (cfg.metrics_listen[0] &&
+						    tdr_metrics_http_start(&mh, cfg.metrics_listen, &err) < 0)
+							log_err("reload: %s; the endpoint stays off until the next reload",
+								err.msg);
+						else
+							log_info("metrics.listen: %s", cfg.metrics_listen[0] ? cfg.metrics_listen
+													    : "off");
+					}
 					memcpy(cfg.log_level, nc.log_level, sizeof(cfg.log_level));
 					log_info("configuration reloaded (keys needing a restart are unchanged)");
 				}
@@ -588,8 +609,22 @@ int main(int argc, char **argv)
 					}
 					tdr_coord_view_free(&v);
 				}
-				if (cfg.metrics_file[0] && tdr_metrics_write(cfg.metrics_file, &m, &err) < 0)
-					log_warn("%s", err.msg);
+				if (cfg.metrics_file[0] || mh) {
+					char *text;
+					size_t len;
+
+					if (tdr_metrics_render(&m, &text, &len, &err) < 0) {
+						log_warn("%s", err.msg);
+					} else {
+						if (cfg.metrics_file[0] &&
+						    tdr_metrics_write_file(cfg.metrics_file, text, len, &err) < 0)
+							log_warn("%s", err.msg);
+						if (mh)
+							tdr_metrics_http_publish(mh, text, len); /* takes text */
+						else
+							free(text);
+					}
+				}
 				if (cfg.backlog_alert > 0 && m.is_leader && m.backlog > cfg.backlog_alert && !alerted) {
 					char b[24];
 					tdr_field f[1] = { { "TDRAIN_BACKLOG", b } };
@@ -635,6 +670,7 @@ int main(int argc, char **argv)
 	}
 out:
 	tdr_indexer_free(ix);
+	tdr_metrics_http_stop(mh);
 	tdr_fold_free(fold);
 	tdr_drain_free(drain);
 	tdr_archive_close(ar);

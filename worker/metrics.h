@@ -1,6 +1,7 @@
 /*
  * metrics.h - Prometheus text exposition, written atomically to
- * metrics.file (node_exporter's textfile collector reads it).  Every metric
+ * metrics.file (node_exporter's textfile collector reads it) and served by
+ * the HTTP endpoint of metrics.listen (worker/metrics_http.h).  Every metric
  * and the alert thresholds worth setting on it: docs/OPERATIONS.md.
  */
 #ifndef TDRAIN_METRICS_H
@@ -32,7 +33,11 @@ struct tdr_metrics {
 	int has_archive;
 };
 
-/* Write to path via "path.tmp" + rename. */
+/* The exposition text of m in a malloc'd buffer (*out, *len), for the caller to free. */
+int tdr_metrics_render(const struct tdr_metrics *m, char **out, size_t *len, tdr_err *err);
+/* Write buf to path via "path.tmp" + rename, so a reader never sees half a file. */
+int tdr_metrics_write_file(const char *path, const char *buf, size_t len, tdr_err *err);
+/* Render m and write it to path (tdr_metrics_render + tdr_metrics_write_file). */
 int tdr_metrics_write(const char *path, const struct tdr_metrics *m, tdr_err *err);
 
 #endif

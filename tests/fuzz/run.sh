@@ -18,10 +18,12 @@
 #                   ${TMPDIR:-/var/tmp}); removed on success, kept on failure
 #   FUZZ_TARGETS    space-separated subset of targets to run
 #
-# Output: one line per target, "fuzz: <target> <executions> execs, 0 crashes";
-# on a crash, the path of the crashing input and the end of the log.  Exit
-# status 0 only if every target built and ran without a crash.  Without a
-# clang that can link libFuzzer, one skip line and exit 0.
+# Output: one line per target, "fuzz: <target> <executions> execs, corpus
+# <seeds> -> <files> files, 0 crashes"; on a crash, the path of the crashing
+# input and the end of the log.  Exit status 0 only if every target built and
+# ran (more than 0 executions) without a crash.  Without a clang that can link
+# libFuzzer: under CI=true a failure naming the missing package (a stage that
+# cannot run is a failure there), elsewhere one skip line and exit 77.
 set -uo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
@@ -56,9 +58,17 @@ if [ -z "$CC" ]; then
 		fi
 	done
 fi
+# Cannot run: a failure in CI, a skip (77, automake's code) elsewhere.
+cannot_run() {
+	if [ "${CI:-}" = true ]; then
+		echo "fuzz: FAILED: cannot run: $*"
+		exit 1
+	fi
+	echo "fuzz: skipped: $*"
+	exit 77
+}
 if [ -z "$CC" ] || ! command -v "$CC" >/dev/null 2>&1; then
-	echo "fuzz: skipped (no clang; install clang to run the fuzzers)"
-	exit 0
+	cannot_run "no clang (apt-get install clang libclang-rt-14-dev; scripts/deps.sh does)"
 fi
 
 WORK=${FUZZ_WORK_DIR:-}
@@ -78,8 +88,7 @@ trap cleanup EXIT
 printf 'int LLVMFuzzerTestOneInput(const char *d, unsigned long n);\nint LLVMFuzzerTestOneInput(const char *d, unsigned long n) { (void)d; (void)n; return 0; }\n' \
 	>"$WORK/probe.c"
 if ! "$CC" -fsanitize=fuzzer,address,undefined "$WORK/probe.c" -o "$WORK/probe" >"$WORK/probe.log" 2>&1; then
-	echo "fuzz: skipped ($CC cannot link -fsanitize=fuzzer,address,undefined: $(head -n 1 "$WORK/probe.log"))"
-	exit 0
+	cannot_run "$CC cannot link -fsanitize=fuzzer,address,undefined; the libFuzzer runtime is in the Debian package libclang-rt-14-dev (apt-get install libclang-rt-14-dev; scripts/deps.sh does): $(head -n 1 "$WORK/probe.log")"
 fi
 
 # ---- config.h ----
@@ -154,6 +163,7 @@ for t in $TARGETS; do
 	if [ -d "$FUZZ_DIR/corpus/$t" ]; then
 		cp -R "$FUZZ_DIR/corpus/$t/." "$WORK/corpus/$t/"
 	fi
+	seeds=$(find "$WORK/corpus/$t" -type f | wc -l)
 	dict=()
 	[ -f "$FUZZ_DIR/$t.dict" ] && dict=("-dict=$FUZZ_DIR/$t.dict")
 	log=$WORK/$t.log
@@ -166,7 +176,14 @@ for t in $TARGETS; do
 	execs=${execs:-0}
 	total_execs=$((total_execs + execs))
 	crashes=$(ls "$WORK/artifacts/$t-"* 2>/dev/null | wc -l)
-	if [ "$rc" -ne 0 ] || [ "$crashes" -ne 0 ]; then
+	corpus=$(find "$WORK/corpus/$t" -type f | wc -l)
+	if [ "$rc" -eq 0 ] && [ "$crashes" -eq 0 ] && [ "$execs" -eq 0 ]; then
+		echo "fuzz: $t: FAILED: 0 executions (log: $log)"
+		tail -n 20 "$log"
+		failed=1
+		KEEP=1
+		summary+=("$t FAILED")
+	elif [ "$rc" -ne 0 ] || [ "$crashes" -ne 0 ]; then
 		[ "$crashes" -gt 0 ] || crashes=1
 		echo "fuzz: $t $execs execs, $crashes crashes (exit $rc)"
 		grep -E 'ERROR: |runtime error|fuzz_(event|config|etcd_json): |SUMMARY:' "$log" | head -n 10
@@ -179,7 +196,7 @@ for t in $TARGETS; do
 		KEEP=1
 		summary+=("$t FAILED")
 	else
-		echo "fuzz: $t $execs execs, 0 crashes"
+		echo "fuzz: $t $execs execs, corpus $seeds -> $corpus files, 0 crashes"
 		summary+=("$t ok")
 	fi
 done
