@@ -213,6 +213,13 @@ int tdr_store_create_indexes(tdr_store *st, mongoc_client_t *c, unsigned want, u
 		}
 		bson_destroy(&keys);
 		mongoc_collection_destroy(coll);
+		if (r == TDR_ETRANSIENT) {
+			/* A timeout or an unreachable store: the next ones would wait as long, report them missing. */
+			for (int j = i + 1; j < TDR_NINDEXES; j++)
+				if (want & (1u << j))
+					missing |= 1u << j;
+			break;
+		}
 	}
 	if (ret_missing)
 		*ret_missing = missing;
