@@ -184,6 +184,25 @@ const struct tdr_index_spec tdr_index_specs[TDR_NINDEXES] = {
 	{ NULL, "tdrain_part_id", "part", "_id", 0 },
 };
 
+void tdr_store_index_names(unsigned mask, char *buf, size_t len)
+{
+	size_t off = 0;
+
+	if (len == 0)
+		return;
+	buf[0] = '\0';
+	for (int i = 0; i < TDR_NINDEXES; i++) {
+		int n;
+
+		if (!(mask & (1u << i)))
+			continue;
+		n = snprintf(buf + off, len - off, "%s%s", off ? "," : "", tdr_index_specs[i].name);
+		if (n < 0 || (size_t)n >= len - off)
+			break;
+		off += (size_t)n;
+	}
+}
+
 int tdr_store_create_indexes(tdr_store *st, mongoc_client_t *c, unsigned want, unsigned *ret_missing, tdr_err *err)
 {
 	unsigned missing = 0;
@@ -343,38 +362,6 @@ int tdr_bulk_run(mongoc_bulk_operation_t *bulk, const char *what, int64_t *ret_d
 	if (ret_reply)
 		bson_copy_to(&reply, ret_reply);
 	bson_destroy(&reply);
-	return rc;
-}
-
-int tdr_store_count_estimate(tdr_store *st, mongoc_client_t *c, const char *coll, int64_t *ret, tdr_err *err)
-{
-	mongoc_collection_t *co;
-	bson_t opts;
-	bson_error_t be;
-	int rc = 0;
-
-	if (st->is_ferretdb) {
-		bson_t cmd = BSON_INITIALIZER, reply;
-		bson_iter_t it;
-		int ok;
-
-		BSON_APPEND_UTF8(&cmd, "collStats", coll);
-		ok = mongoc_client_command_simple(c, st->db, &cmd, NULL, &reply, &be) &&
-		     bson_iter_init_find(&it, &reply, "count") && BSON_ITER_HOLDS_NUMBER(&it);
-		if (ok)
-			*ret = bson_iter_as_int64(&it);
-		bson_destroy(&reply);
-		bson_destroy(&cmd);
-		if (ok)
-			return 0;
-	}
-	co = tdr_store_coll(st, c, coll);
-	tdr_store_read_opts(st, &opts);
-	*ret = mongoc_collection_estimated_document_count(co, &opts, NULL, NULL, &be);
-	if (*ret < 0)
-		rc = tdr_store_error(&be, coll, err);
-	bson_destroy(&opts);
-	mongoc_collection_destroy(co);
 	return rc;
 }
 

@@ -83,6 +83,9 @@ int tdr_store_create_indexes(tdr_store *st, mongoc_client_t *c, unsigned want, u
  */
 int tdr_store_list_indexes(tdr_store *st, mongoc_client_t *c, unsigned *ret_present, tdr_err *err);
 
+/* "a,b": the names of the indexes whose bits are set in mask. */
+void tdr_store_index_names(unsigned mask, char *buf, size_t len);
+
 mongoc_client_t *tdr_store_pop(tdr_store *st);
 void tdr_store_push(tdr_store *st, mongoc_client_t *c);
 mongoc_collection_t *tdr_store_coll(tdr_store *st, mongoc_client_t *c, const char *name);
@@ -117,19 +120,15 @@ void tdr_trusted_write_opts(bson_t *opts);
 void tdr_bulk_insert_trusted(mongoc_bulk_operation_t *bulk, const bson_t *doc);
 
 /*
- * Documents in coll, cheaply: MongoDB answers estimatedDocumentCount from
- * metadata; FerretDB 1.24 answers it by reading every document, but collStats
- * from its storage's row count, so there collStats is asked first.
- * DocumentDB answers it from PostgreSQL statistics, which can be far off
- * (85,000 for an empty collection): never show it as a backlog.
- */
-int tdr_store_count_estimate(tdr_store *st, mongoc_client_t *c, const char *coll, int64_t *ret, tdr_err *err);
-
-/*
+ * There is deliberately no estimated count: estimatedDocumentCount,
+ * unfiltered count and collStats answer from statistics on DocumentDB
+ * (PostgreSQL's: 85,000 for an empty collection), and operators page on
+ * backlog figures.
+ *
  * The exact number of documents in coll, counted up to limit (> 0):
  * *ret = min(count, limit), and *ret_capped = 1 when the count reached limit
  * (then *ret is a lower bound).  The cost is bounded by limit
- * (docs/DESIGN.md, "Store access paths"): FerretDB is asked collStats, whose
+ * (docs/DESIGN.md, "Counting documents"): FerretDB is asked collStats, whose
  * count it computes with SQL COUNT(*) (exact, ~1 us per document); every other
  * store is asked aggregate [{$limit}, {$count}], which counts real documents
  * (DocumentDB: ~0.3 us per document) where count and estimatedDocumentCount

@@ -21,25 +21,6 @@ struct tdr_indexer {
 	struct tdr_indexer_state s; /* under mu */
 };
 
-void tdr_index_names(unsigned mask, char *buf, size_t len)
-{
-	size_t off = 0;
-
-	if (len == 0)
-		return;
-	buf[0] = '\0';
-	for (int i = 0; i < TDR_NINDEXES; i++) {
-		int n;
-
-		if (!(mask & (1u << i)))
-			continue;
-		n = snprintf(buf + off, len - off, "%s%s", off ? "," : "", tdr_index_specs[i].name);
-		if (n < 0 || (size_t)n >= len - off)
-			break;
-		off += (size_t)n;
-	}
-}
-
 int tdr_indexes_publish(tdr_store *st, mongoc_client_t *c, const char *replica, unsigned missing,
 			int64_t attempts, const char *error, tdr_err *err)
 {
@@ -128,7 +109,7 @@ static void *indexer_main(void *arg)
 
 			ix->s.missing = 0;
 			ix->s.error[0] = '\0';
-			tdr_index_names(want, names, sizeof(names));
+			tdr_store_index_names(want, names, sizeof(names));
 			snprintf(att, sizeof(att), "%" PRId64, ix->s.attempts);
 			tdr_log_event(LOG_INFO, TDR_EV_INDEXES_READY, f, 2, "indexes ready: %s (after %" PRId64 " attempts)",
 				      names, ix->s.attempts);

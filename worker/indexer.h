@@ -59,9 +59,6 @@ int tdr_indexer_stop_within(tdr_indexer *ix, int64_t ms);
 /* Stops (waiting at most 1 s) and frees, unless the thread is still in a store call: the process is exiting then. */
 void tdr_indexer_free(tdr_indexer *ix);
 
-/* "a,b" names of the indexes in mask. */
-void tdr_index_names(unsigned mask, char *buf, size_t len);
-
 /* Write this replica's tdrain_state "indexes/<replica>" document (best effort is the caller's call). */
 int tdr_indexes_publish(tdr_store *st, mongoc_client_t *c, const char *replica, unsigned missing,
 			int64_t attempts, const char *error, tdr_err *err);

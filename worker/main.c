@@ -413,7 +413,7 @@ int main(int argc, char **argv)
 					   { "TDRAIN_ERROR", err.msg } };
 			tdr_err e2;
 
-			tdr_index_names(missing, names, sizeof(names));
+			tdr_store_index_names(missing, names, sizeof(names));
 			snprintf(retry, sizeof(retry), "%d", TDR_INDEX_RETRY_FIRST_MS / 1000);
 			tdr_log_event(LOG_WARNING, TDR_EV_INDEXES_PENDING, f, 3,
 				      "indexes pending: %s not built yet (%s); draining without them, retrying in %s s",
