@@ -311,3 +311,16 @@ const char *tdr_backend_name(int backend)
 {
 	return backends[backend == TDR_BACKEND_ETCD];
 }
+
+int tdr_parse_i64(const char *s, int64_t lo, int64_t hi, int64_t *ret)
+{
+	char *end;
+	long long v;
+
+	errno = 0;
+	v = strtoll(s, &end, 10);
+	if (errno || end == s || *end || v < lo || v > hi)
+		return -1;
+	*ret = v;
+	return 0;
+}

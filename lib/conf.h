@@ -96,4 +96,7 @@ int tdr_config_event_allowed(const tdr_config *cfg, const char *name);
 const char *tdr_mode_name(int mode);
 const char *tdr_backend_name(int backend);
 
+/* s as a whole decimal integer within [lo, hi] in *ret; -1 if it is not one (command-line option values). */
+int tdr_parse_i64(const char *s, int64_t lo, int64_t hi, int64_t *ret);
+
 #endif
