@@ -761,8 +761,11 @@ static int store_is_ferretdb(mongoc_client_t *client, int *ret)
 }
 
 /*
- * Wait while the FIFO holds max or more documents (its estimated count:
- * metadata on MongoDB, collStats on FerretDB, never a scan).  Returns the
+ * Wait while the FIFO holds max or more documents.  The count is exact and
+ * stops at max (tdr_store_count: collStats on FerretDB, a $limit-ed count
+ * elsewhere), so a check reads at most max documents; an estimate would not
+ * do: DocumentDB's comes from PostgreSQL statistics, which can say 85,000
+ * for an empty FIFO and keep producers waiting for ever.  Returns the
  * microseconds waited, or -1 on a store error or a stop signal.
  */
 static void sleep_until_us(int64_t due_us);
@@ -774,7 +777,7 @@ static int64_t wait_backlog(tdr_store *fifo, mongoc_client_t *client, const char
 	for (;;) {
 		tdr_err err;
 
-		if (tdr_store_count_estimate(fifo, client, coll, &n, &err) < 0) {
+		if (tdr_store_count(fifo, client, coll, max, &n, NULL, &err) < 0) {
 			fprintf(stderr, PROG ": counting the FIFO: %s\n", err.msg);
 			return -1;
 		}
@@ -888,7 +891,7 @@ int main(int argc, char **argv)
 	mongoc_write_concern_set_w(wc, 1); /* acknowledged: the NDJSON only lists what the server took */
 	mongoc_collection_set_write_concern(coll, wc);
 	if (o.max_backlog > 0) {
-		/* Only what tdr_store_count_estimate reads: the database, the timeout, the store's kind. */
+		/* Only what tdr_store_count reads: the database, the timeout, the store's kind. */
 		snprintf(fifo.db, sizeof(fifo.db), "%s", o.db);
 		fifo.timeout_ms = 30000;
 		if (store_is_ferretdb(client, &fifo.is_ferretdb))

@@ -179,9 +179,15 @@ int cmp_lease(const void *x, const void *y)
 
 /* ------------------------------------------------------------------ store reads */
 
-int est_count(struct ctl *c, const char *coll, int64_t *ret, tdr_err *err)
+/*
+ * An exact count, bounded by metrics.count_limit (*capped, may be NULL: it
+ * stopped there).  Never the store's estimate: DocumentDB's comes from
+ * PostgreSQL statistics (85,000 for an empty FIFO).  Costs: docs/DESIGN.md,
+ * "Counting documents".
+ */
+int exact_count(struct ctl *c, const char *coll, int64_t *ret, int *capped, tdr_err *err)
 {
-	return tdr_store_count_estimate(c->st, c->client, coll, ret, err);
+	return tdr_store_count(c->st, c->client, coll, tdr_count_limit(&c->cfg), ret, capped, err);
 }
 
 int count_docs(struct ctl *c, const char *coll, const bson_t *filter, int64_t *ret, tdr_err *err)

@@ -70,7 +70,7 @@ const char *lease_state(const tdr_lease_info *li);
 /* qsort order: leader, member/..., part/N in numeric order, then anything else. */
 int cmp_lease(const void *x, const void *y);
 
-int est_count(struct ctl *c, const char *coll, int64_t *ret, tdr_err *err);
+int exact_count(struct ctl *c, const char *coll, int64_t *ret, int *capped, tdr_err *err);
 int count_docs(struct ctl *c, const char *coll, const bson_t *filter, int64_t *ret, tdr_err *err);
 int find_first(struct ctl *c, const char *coll, const bson_t *filter, const bson_t *projection, bson_t *out, int *found,
 	       tdr_err *err);

@@ -121,7 +121,7 @@ int cmd_dlq_list(struct ctl *c, int argc, char **argv)
 	if ((rc = connect_store(c, 1)) != 0)
 		return rc;
 	tdr_err_clear(&err);
-	if (est_count(c, TDR_C_DEADLETTER, &total, &err) < 0) {
+	if (exact_count(c, TDR_C_DEADLETTER, &total, NULL, &err) < 0) {
 		fprintf(stderr, PROG ": dlq list: %s\n", err.msg);
 		return exit_for(&err);
 	}

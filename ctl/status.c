@@ -33,7 +33,12 @@ struct status {
 	const char *head_id_type;
 	int64_t head_created_ms; /* INT64_MIN: no created_at date */
 	int64_t deadletters, deltas;
+	int fifo_capped, deadletters_capped, deltas_capped, fifo0_capped; /* count stopped at count_limit */
+	int64_t count_limit;
 	int64_t oldest_delta_ms; /* INT64_MIN: none or no date */
+	unsigned idx_present;             /* bits of tdr_index_specs listed by listIndexes */
+	struct idx_wait *idx_waits;       /* tdrain_state "indexes/<replica>" documents with pending: true */
+	size_t nidx_waits;
 	int has_fold;
 	int64_t fold_seq, fold_epoch, fold_at_ms;
 	char fold_holder[TDR_HOLDER_MAX];
@@ -42,10 +47,92 @@ struct status {
 	double rate;
 };
 
+/* A replica that reported a pending index build (tdrain_state "indexes/<replica>", worker/indexer.h). */
+struct idx_wait {
+	char replica[TDR_HOLDER_MAX];
+	char missing[128];
+	char error[256];
+	int64_t attempts, at_ms;
+	int live; /* it holds a live lease: it is running and still waiting */
+};
+
+#define IDX_WAITS_MAX 256
+
 static void status_free(struct status *s)
 {
 	free(s->leases);
 	free(s->claims);
+	free(s->idx_waits);
+}
+
+static int read_index_waits(struct ctl *c, struct status *s, tdr_err *err)
+{
+	mongoc_collection_t *coll = tdr_store_coll(c->st, c->client, TDR_C_STATE);
+	bson_t filter = BSON_INITIALIZER, opts;
+	mongoc_cursor_t *cur;
+	const bson_t *doc;
+	bson_error_t be;
+	int rc = 0;
+
+	s->idx_waits = calloc(IDX_WAITS_MAX, sizeof(*s->idx_waits));
+	if (s->idx_waits == NULL) {
+		mongoc_collection_destroy(coll);
+		return tdr_err_set(err, TDR_ENOMEM, "out of memory");
+	}
+	BSON_APPEND_REGEX(&filter, "_id", "^indexes/", "");
+	BSON_APPEND_BOOL(&filter, "pending", true);
+	tdr_store_read_opts(c->st, &opts);
+	BSON_APPEND_INT64(&opts, "limit", IDX_WAITS_MAX);
+	cur = mongoc_collection_find_with_opts(coll, &filter, &opts, NULL);
+	while (mongoc_cursor_next(cur, &doc) && s->nidx_waits < IDX_WAITS_MAX) {
+		struct idx_wait *w = &s->idx_waits[s->nidx_waits];
+		bson_iter_t it, arr;
+		const char *v;
+		uint32_t l = 0;
+		size_t off = 0;
+
+		v = tdr_bson_str(doc, "replica", &l);
+		clean_text(v ? v : "", v ? l : 0, w->replica, sizeof(w->replica));
+		v = tdr_bson_str(doc, "error", &l);
+		clean_text(v ? v : "", v ? l : 0, w->error, sizeof(w->error));
+		w->attempts = tdr_bson_i64(doc, "attempts", 0);
+		w->at_ms = bson_iter_init_find(&it, doc, "at") && BSON_ITER_HOLDS_DATE_TIME(&it) ? bson_iter_date_time(&it)
+											     : INT64_MIN;
+		if (bson_iter_init_find(&it, doc, "missing") && BSON_ITER_HOLDS_ARRAY(&it) && bson_iter_recurse(&it, &arr))
+			while (bson_iter_next(&arr) && BSON_ITER_HOLDS_UTF8(&arr) && off + 1 < sizeof(w->missing)) {
+				char name[64];
+				int n;
+
+				v = bson_iter_utf8(&arr, &l);
+				clean_text(v, l, name, sizeof(name));
+				n = snprintf(w->missing + off, sizeof(w->missing) - off, "%s%s", off ? "," : "", name);
+				if (n < 0 || (size_t)n >= sizeof(w->missing) - off)
+					break;
+				off += (size_t)n;
+			}
+		for (size_t i = 0; i < s->nleases; i++)
+			if (lease_live(&s->leases[i]) && strcmp(s->leases[i].holder, w->replica) == 0)
+				w->live = 1;
+		s->nidx_waits++;
+	}
+	if (mongoc_cursor_error(cur, &be))
+		rc = tdr_store_error(&be, TDR_C_STATE, err);
+	mongoc_cursor_destroy(cur);
+	bson_destroy(&opts);
+	bson_destroy(&filter);
+	mongoc_collection_destroy(coll);
+	return rc;
+}
+
+/* Ready: every index listed, and no running replica still waiting for a build (a store may list one while building). */
+static int indexes_ready(const struct status *s)
+{
+	if (s->idx_present != TDR_INDEXES_ALL)
+		return 0;
+	for (size_t i = 0; i < s->nidx_waits; i++)
+		if (s->idx_waits[i].live)
+			return 0;
+	return 1;
 }
 
 static int read_fold_state(struct ctl *c, int *has, int64_t *seq, int64_t *epoch, int64_t *at, char *holder,
@@ -112,7 +199,7 @@ static int gather_status(struct ctl *c, struct status *s, int rate, int64_t inte
 		size_t nfirst = 0;
 
 		t0 = tdr_mono_ms();
-		if ((rc = est_count(c, cfg->events_coll, &s->fifo0, err)) < 0)
+		if ((rc = exact_count(c, cfg->events_coll, &s->fifo0, &s->fifo0_capped, err)) < 0)
 			return rc;
 		if ((rc = read_fold_state(c, &has, &seq, &epoch, &at, holder, sizeof(holder), err)) < 0)
 			return rc;
@@ -130,7 +217,8 @@ static int gather_status(struct ctl *c, struct status *s, int rate, int64_t inte
 	}
 
 	/* The second rate sample: the FIFO total shown, and the end of the interval. */
-	if ((rc = est_count(c, cfg->events_coll, &s->fifo, err)) < 0)
+	s->count_limit = tdr_count_limit(cfg);
+	if ((rc = exact_count(c, cfg->events_coll, &s->fifo, &s->fifo_capped, err)) < 0)
 		return rc;
 	if (rate) {
 		s->has_rate = 1;
@@ -198,9 +286,13 @@ static int gather_status(struct ctl *c, struct status *s, int rate, int64_t inte
 			return rc;
 	}
 
-	if ((rc = est_count(c, TDR_C_DEADLETTER, &s->deadletters, err)) < 0)
+	if ((rc = exact_count(c, TDR_C_DEADLETTER, &s->deadletters, &s->deadletters_capped, err)) < 0)
 		return rc;
-	if ((rc = est_count(c, TDR_C_DELTAS, &s->deltas, err)) < 0)
+	if ((rc = exact_count(c, TDR_C_DELTAS, &s->deltas, &s->deltas_capped, err)) < 0)
+		return rc;
+	if ((rc = tdr_store_list_indexes(c->st, c->client, &s->idx_present, err)) < 0)
+		return rc;
+	if ((rc = read_index_waits(c, s, err)) < 0)
 		return rc;
 	{
 		bson_t d;
@@ -374,6 +466,8 @@ static int status_json(const struct ctl *c, const struct status *s, tdr_err *err
 
 	o = json_object();
 	jput(o, "fifo", json_integer(s->fifo), &oom);
+	jput(o, "fifo_capped", json_boolean(s->fifo_capped), &oom);
+	jput(o, "count_limit", json_integer(s->count_limit), &oom);
 	jput(o, "claimed", json_integer(s->claimed), &oom);
 	jput(o, "pending", json_integer(s->pending), &oom);
 	jput(o, "untriaged", jint_or_null(s->untriaged, s->untriaged >= 0), &oom);
@@ -398,6 +492,35 @@ static int status_json(const struct ctl *c, const struct status *s, tdr_err *err
 	}
 
 	jput(root, "deadletters", json_integer(s->deadletters), &oom);
+	jput(root, "deadletters_capped", json_boolean(s->deadletters_capped), &oom);
+
+	o = json_object();
+	jput(o, "ready", json_boolean(indexes_ready(s)), &oom);
+	a = json_array();
+	for (int i = 0; i < TDR_NINDEXES; i++)
+		if (s->idx_present & (1u << i))
+			jappend(a, jstr(tdr_index_specs[i].name), &oom);
+	jput(o, "present", a, &oom);
+	a = json_array();
+	for (int i = 0; i < TDR_NINDEXES; i++)
+		if (!(s->idx_present & (1u << i)))
+			jappend(a, jstr(tdr_index_specs[i].name), &oom);
+	jput(o, "missing", a, &oom);
+	a = json_array();
+	for (size_t i = 0; i < s->nidx_waits; i++) {
+		const struct idx_wait *w = &s->idx_waits[i];
+		json_t *wo = json_object();
+
+		jput(wo, "replica", jstr(w->replica), &oom);
+		jput(wo, "live", json_boolean(w->live), &oom);
+		jput(wo, "missing", jstr(w->missing), &oom);
+		jput(wo, "attempts", json_integer(w->attempts), &oom);
+		jput(wo, "error", jstr(w->error), &oom);
+		jput(wo, "at", jtime(w->at_ms, w->at_ms != INT64_MIN), &oom);
+		jappend(a, wo, &oom);
+	}
+	jput(o, "pending_replicas", a, &oom);
+	jput(root, "indexes", o, &oom);
 
 	o = json_object();
 	jput(o, "seq", jint_or_null(s->fold_seq, s->has_fold), &oom);
@@ -411,7 +534,8 @@ static int status_json(const struct ctl *c, const struct status *s, tdr_err *err
 	if (s->has_rate) {
 		o = json_object();
 		jput(o, "interval_ms", json_integer(s->rate_ms), &oom);
-		jput(o, "events_per_s", json_real(s->rate), &oom);
+		/* A capped sample is a lower bound: a difference of two says nothing. */
+		jput(o, "events_per_s", s->fifo0_capped || s->fifo_capped ? json_null() : json_real(s->rate), &oom);
 		jput(o, "fifo_before", json_integer(s->fifo0), &oom);
 		jput(o, "fifo_after", json_integer(s->fifo1), &oom);
 		jput(o, "fold_seq_before", json_integer(s->seq0), &oom);
@@ -506,8 +630,8 @@ static int status_text(const struct ctl *c, const struct status *s, tdr_err *err
 		table_free(&t);
 	}
 
-	printf("backlog      fifo %" PRId64 "  claimed %" PRId64 " (%zu claim records)  pending %" PRId64, s->fifo,
-	       s->claimed, s->nclaims, s->pending);
+	printf("backlog      fifo %s%" PRId64 "  claimed %" PRId64 " (%zu claim records)  pending %s%" PRId64,
+	       s->fifo_capped ? ">=" : "", s->fifo, s->claimed, s->nclaims, s->fifo_capped ? ">=" : "", s->pending);
 	if (s->untriaged >= 0)
 		printf("  untriaged %" PRId64, s->untriaged);
 	else if (s->untriaged_skipped)
@@ -529,7 +653,32 @@ static int status_text(const struct ctl *c, const struct status *s, tdr_err *err
 	} else {
 		printf("oldest       - (the FIFO is empty)\n");
 	}
-	printf("deadletters  %" PRId64 "\n", s->deadletters);
+	printf("deadletters  %s%" PRId64 "\n", s->deadletters_capped ? ">=" : "", s->deadletters);
+	{
+		char names[128];
+		size_t live = 0;
+
+		for (size_t i = 0; i < s->nidx_waits; i++)
+			live += s->idx_waits[i].live != 0;
+		if (indexes_ready(s)) {
+			tdr_store_index_names(TDR_INDEXES_ALL, names, sizeof(names));
+			printf("indexes      ready (%s)\n", names);
+		} else {
+			tdr_store_index_names(TDR_INDEXES_ALL & ~s->idx_present, names, sizeof(names));
+			printf("indexes      build pending: %s%s; %zu running replica(s) waiting for it (claims scan "
+			       "meanwhile)\n",
+			       names[0] ? "missing " : "every index listed (a store may list one still building)",
+			       names, live);
+		}
+		for (size_t i = 0; i < s->nidx_waits; i++) {
+			const struct idx_wait *w = &s->idx_waits[i];
+
+			if (!w->live)
+				continue;
+			printf("             %s waits for %s (%" PRId64 " attempts): %s\n", w->replica, w->missing,
+			       w->attempts, w->error[0] ? w->error : "-");
+		}
+	}
 	if (s->oldest_delta_ms != INT64_MIN)
 		fmt_dur(s->now_ms - s->oldest_delta_ms, b, sizeof(b));
 	else
@@ -544,7 +693,11 @@ static int status_text(const struct ctl *c, const struct status *s, tdr_err *err
 	} else {
 		printf("fold         never ran  deltas pending %" PRId64 "  lag %s\n", s->deltas, b);
 	}
-	if (s->has_rate)
+	if (s->has_rate && (s->fifo0_capped || s->fifo_capped))
+		printf("rate         not known: the FIFO holds more than metrics.count_limit %" PRId64 " (fold seq +%" PRId64
+		       " over %.2f s)\n",
+		       s->count_limit, s->seq1 - s->seq0, (double)s->rate_ms / 1000.0);
+	else if (s->has_rate)
 		printf("rate         %.1f events/s  (FIFO net drain over %.2f s: %" PRId64 " -> %" PRId64
 		       "; fold seq +%" PRId64 ")\n",
 		       s->rate, (double)s->rate_ms / 1000.0, s->fifo0, s->fifo1, s->seq1 - s->seq0);

@@ -64,6 +64,7 @@ static const struct key keys[] = {
 	{ "metrics.listen", K_STR, S(metrics_listen), "", 0, 0, NULL, 0, "serve GET /metrics over HTTP on HOST:PORT, e.g. 127.0.0.1:9464 (empty: off)" },
 	{ "metrics.interval_ms", K_INT, I(metrics_interval_ms), "5000", 100, 600000, NULL, 0, "metrics file refresh period" },
 	{ "metrics.backlog_alert", K_INT, I(backlog_alert), "100000", 0, INT64_MAX, NULL, 0, "log backlog_alert when pending exceeds this (0: never)" },
+	{ "metrics.count_limit", K_INT, I(count_limit), "1000000", 1000, INT64_MAX, NULL, 0, "exact backlog counts stop at this many documents (shown as at least this)" },
 	{ "log.level", K_STR, S(log_level), "info", 0, 0, NULL, 0, "error, warning, info or debug" },
 	{ "test.trace_file", K_STR, S(trace_file), "", 0, 0, NULL, 0, "test aid: append one line per event dispatched" },
 };

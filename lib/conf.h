@@ -59,6 +59,7 @@ typedef struct tdr_config {
 	char metrics_listen[80];  /* HOST:PORT of the HTTP /metrics endpoint; empty = off */
 	int64_t metrics_interval_ms;
 	int64_t backlog_alert;
+	int64_t count_limit;       /* exact counts stop here; see tdr_count_limit() */
 
 	char log_level[16];
 	char trace_file[512];     /* test aid: one line per dispatched event */
@@ -74,6 +75,17 @@ int tdr_config_load_env(tdr_config *cfg, tdr_err *err);
 int tdr_config_set(tdr_config *cfg, const char *kv, tdr_err *err);
 /* Cross-field checks (lease timings etc). */
 int tdr_config_validate(const tdr_config *cfg, tdr_err *err);
+
+/*
+ * Where exact counts stop: metrics.count_limit, raised above
+ * metrics.backlog_alert so that a capped backlog still trips the alert.
+ */
+static inline int64_t tdr_count_limit(const tdr_config *cfg)
+{
+	if (cfg->backlog_alert <= 0 || cfg->backlog_alert < cfg->count_limit)
+		return cfg->count_limit;
+	return cfg->backlog_alert < INT64_MAX ? cfg->backlog_alert + 1 : INT64_MAX;
+}
 
 /* Print every key, its current value (secrets redacted) and its meaning. */
 void tdr_config_print(const tdr_config *cfg, FILE *out);

@@ -54,7 +54,13 @@ int tdr_metrics_render(const struct tdr_metrics *m, char **out, size_t *len, tdr
 	if (f == NULL)
 		return tdr_err_set(err, TDR_ENOMEM, "metrics: open_memstream: %s", strerror(errno));
 	if (m->backlog >= 0)
-		gauge(f, "tdrain_backlog_events", "Events in the FIFO, pending or in flight.", labels, (double)m->backlog);
+		gauge(f, "tdrain_backlog_events", "Events in the FIFO, pending or in flight (an exact count).", labels, (double)m->backlog);
+	if (m->backlog >= 0)
+		gauge(f, "tdrain_backlog_capped",
+		      "1 if the backlog count stopped at metrics.count_limit (tdrain_backlog_events is a lower bound).",
+		      labels, m->backlog_capped);
+	gauge(f, "tdrain_indexes_pending", "1 while an index build this replica asked for is pending (it drains meanwhile).",
+	      labels, m->indexes_pending);
 	if (m->oldest_age_ms >= 0)
 		gauge(f, "tdrain_oldest_pending_age_seconds", "Age (created_at) of the oldest event in the FIFO.", labels,
 		      (double)m->oldest_age_ms / 1000.0);

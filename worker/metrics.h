@@ -18,6 +18,8 @@ struct tdr_metrics {
 	const char *replica;
 	const char *mode;
 	int64_t backlog;            /* events in the FIFO; -1 unknown */
+	int backlog_capped;         /* backlog reached metrics.count_limit: it is a lower bound */
+	int indexes_pending;        /* an index build is still pending (indexer.h) */
 	int64_t oldest_age_ms;      /* created_at age of the FIFO head; -1 unknown */
 	int64_t deadletter;         /* documents in tdrain_deadletter; -1 unknown */
 	int64_t pending_deltas;     /* committed deltas not yet folded; -1 unknown */
