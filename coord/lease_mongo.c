@@ -13,6 +13,14 @@
  * seen lease gets a full ttl.  The holder stops writing renew_deadline after
  * it SENT its last successful renewal, and we saw that renewal no earlier
  * than it was sent, so the holder always stops first (docs/DESIGN.md).
+ *
+ * Attached leases (acquire_many, partitioned mode) are documents of the same
+ * shape carrying "sess" (the member lease they live by) and "sess_epoch".
+ * They are never renewed: one is live exactly while that member lease is
+ * live at that epoch, as judged above, so one renewal of the member document
+ * keeps any number of them.  Bulk acquisition is one unordered insert_many
+ * (each document wins or loses its own unique _id), one read-back, and one
+ * delete_many of older epochs; bulk release one update_many.
  */
 #include "config.h"
 
@@ -53,7 +61,8 @@ struct lease_doc {
 	char name[TDR_LEASE_NAME_MAX];
 	char holder[TDR_HOLDER_MAX];
 	char inst[20];
-	int64_t epoch, seq, ttl_ms;
+	char sess[TDR_LEASE_NAME_MAX];
+	int64_t epoch, seq, ttl_ms, sess_epoch;
 	int released;
 };
 
@@ -109,10 +118,23 @@ static void parse_doc(const bson_t *doc, struct lease_doc *d)
 	d->seq = tdr_bson_i64(doc, "seq", 0);
 	d->ttl_ms = tdr_bson_i64(doc, "ttl_ms", 15000);
 	d->released = tdr_bson_bool(doc, "released", 0);
+	if ((s = tdr_bson_str(doc, "sess", &len)))
+		snprintf(d->sess, sizeof(d->sess), "%.*s", (int)len, s);
+	d->sess_epoch = tdr_bson_i64(doc, "sess_epoch", 0);
+}
+
+static int cmp_doc(const void *a, const void *b)
+{
+	const struct lease_doc *x = a, *y = b;
+	int c = strcmp(x->name, y->name);
+
+	if (c)
+		return c;
+	return x->epoch < y->epoch ? -1 : x->epoch > y->epoch;
 }
 
 /*
- * Read the latest-epoch document of every name matching filter.  The leases
+ * Read the latest-epoch document of every name matching filter (sorted by name).  The leases
  * collection holds a few documents per name (old epochs are deleted by the
  * next holder), so reading it whole is cheap on every store.
  */
@@ -130,22 +152,14 @@ static int read_latest(struct mongo_backend *mb, const bson_t *filter, struct le
 	int rc = 0;
 
 	tdr_store_read_opts(mb->st, &opts);
+	tdr_lease_count(&mb->base, 1);
 	cur = mongoc_collection_find_with_opts(coll, filter, &opts, NULL);
 	while (mongoc_cursor_next(cur, &doc)) {
 		struct lease_doc d;
-		size_t i;
 
 		parse_doc(doc, &d);
 		if (d.name[0] == '\0')
 			continue;
-		for (i = 0; i < n; i++)
-			if (strcmp(v[i].name, d.name) == 0)
-				break;
-		if (i < n) {
-			if (d.epoch > v[i].epoch)
-				v[i] = d;
-			continue;
-		}
 		if (n == cap) {
 			size_t ncap = cap ? cap * 2 : 16;
 			struct lease_doc *nv = realloc(v, ncap * sizeof(*nv));
@@ -172,6 +186,18 @@ static int read_latest(struct mongo_backend *mb, const bson_t *filter, struct le
 		free(v);
 		return rc;
 	}
+	/* Newest epoch of each name: sort by (name, epoch), keep the last of each run (O(N log N) at any P). */
+	if (n > 1) {
+		size_t k = 0;
+
+		qsort(v, n, sizeof(*v), cmp_doc);
+		for (size_t i = 0; i < n; i++) {
+			if (i + 1 < n && strcmp(v[i].name, v[i + 1].name) == 0)
+				continue;
+			v[k++] = v[i];
+		}
+		n = k;
+	}
 	*ret = v;
 	*ret_n = n;
 	return 0;
@@ -190,6 +216,7 @@ static int delete_older(struct mongo_backend *mb, const char *name, int64_t epoc
 	BSON_APPEND_DOCUMENT_BEGIN(&filter, "epoch", &lt);
 	BSON_APPEND_INT64(&lt, "$lt", epoch);
 	bson_append_document_end(&filter, &lt);
+	tdr_lease_count(&mb->base, 1);
 	ok = mongoc_collection_delete_many(coll, &filter, NULL, NULL, &be);
 	bson_destroy(&filter);
 	mongoc_collection_destroy(coll);
@@ -247,6 +274,7 @@ static int m_acquire(tdr_lease_backend *be, const char *name, int64_t ttl_ms, in
 	BSON_APPEND_INT64(&doc, "ttl_ms", ttl_ms);
 	BSON_APPEND_BOOL(&doc, "released", false);
 	BSON_APPEND_DATE_TIME(&doc, "at", tdr_wall_ms());
+	tdr_lease_count(be, 1);
 	if (!mongoc_collection_insert_one(coll, &doc, NULL, NULL, &bee)) {
 		rc = tdr_store_error(&bee, "lease insert", err);
 		if (rc == TDR_EDUP)
@@ -281,6 +309,7 @@ static int update_own(struct mongo_backend *mb, const char *name, int64_t epoch,
 	BSON_APPEND_UTF8(&filter, "holder", mb->base.holder);
 	BSON_APPEND_UTF8(&filter, "inst", mb->inst);
 	BSON_APPEND_BOOL(&filter, "released", false);
+	tdr_lease_count(&mb->base, 1);
 	if (!mongoc_collection_update_one(coll, &filter, update, NULL, &reply, &be)) {
 		rc = tdr_store_error(&be, what, err);
 		rc = TDR_ETRANSIENT;
@@ -295,28 +324,18 @@ static int update_own(struct mongo_backend *mb, const char *name, int64_t epoch,
 	return rc;
 }
 
+/*
+ * One statement: bump seq in our own document.  A deposed holder's document
+ * is deleted by the next holder (matched 0: TDR_EFENCED); a newer epoch whose
+ * tidying failed is caught by the coordinator's read of every lease each tick
+ * ("superseded"), and in any case the holder stops at its deadline.
+ */
 static int m_renew(tdr_lease_backend *be, const char *name, int64_t epoch, int64_t ttl_ms, tdr_err *err)
 {
 	struct mongo_backend *mb = (struct mongo_backend *)be;
-	struct lease_doc *docs = NULL;
-	size_t n = 0;
-	bson_t filter = BSON_INITIALIZER, update = BSON_INITIALIZER, inc, set;
+	bson_t update = BSON_INITIALIZER, inc, set;
 	int rc;
 
-	/* A newer epoch means someone judged us expired: we are deposed even if our document remains. */
-	BSON_APPEND_UTF8(&filter, "name", name);
-	rc = read_latest(mb, &filter, &docs, &n, err);
-	bson_destroy(&filter);
-	if (rc < 0)
-		return rc;
-	if (n == 0 || docs[0].epoch != epoch) {
-		int64_t latest = n ? docs[0].epoch : 0;
-
-		free(docs);
-		return tdr_err_set(err, TDR_EFENCED, "lease %s: epoch %" PRId64 " superseded (latest %" PRId64 ")",
-				   name, epoch, latest);
-	}
-	free(docs);
 	BSON_APPEND_DOCUMENT_BEGIN(&update, "$inc", &inc);
 	BSON_APPEND_INT64(&inc, "seq", 1);
 	bson_append_document_end(&update, &inc);
@@ -344,11 +363,66 @@ static int m_release(tdr_lease_backend *be, const char *name, int64_t epoch, tdr
 	return rc;
 }
 
+/* docs as read_latest returns them: sorted by name, one per name. */
+static const struct lease_doc *find_doc(const struct lease_doc *docs, size_t n, const char *name)
+{
+	size_t lo = 0, hi = n;
+
+	while (lo < hi) {
+		size_t mid = lo + (hi - lo) / 2;
+		int c = strcmp(docs[mid].name, name);
+
+		if (c == 0)
+			return &docs[mid];
+		if (c < 0)
+			lo = mid + 1;
+		else
+			hi = mid;
+	}
+	return NULL;
+}
+
+/*
+ * How long this observer still considers docs[i] live, in ms (<= 0: free).
+ * Plain leases: ttl minus the time its (epoch, seq, released) has not
+ * changed.  Attached leases: their session's figure if the session is at
+ * their session epoch; free if the session is released or at a newer epoch;
+ * and if the session document is missing (or older, which a read racing with
+ * its insert can show), a full ttl from when that was first seen, as for a
+ * lease seen for the first time.  Called with mb->lock held, after every
+ * session document of this read was observed (sess_left).
+ */
+static int64_t judge(struct mongo_backend *mb, const struct lease_doc *docs, size_t n, size_t i,
+		     const int64_t *left, int64_t now)
+{
+	const struct lease_doc *d = &docs[i], *s;
+
+	if (d->released)
+		return 0;
+	if (d->sess[0] == '\0')
+		return left[i];
+	s = find_doc(docs, n, d->sess);
+	if (s && s->epoch > d->sess_epoch)
+		return 0;
+	if (s && s->epoch == d->sess_epoch)
+		return s->released ? 0 : left[s - docs];
+	{
+		struct lease_doc absent;
+
+		memset(&absent, 0, sizeof(absent));
+		snprintf(absent.name, sizeof(absent.name), "%s", d->sess);
+		absent.epoch = s ? s->epoch : 0;
+		absent.seq = -1;
+		return d->ttl_ms - observe(mb, &absent, now);
+	}
+}
+
 static int m_list(tdr_lease_backend *be, const char *prefix, tdr_lease_info **ret, size_t *ret_n, tdr_err *err)
 {
 	struct mongo_backend *mb = (struct mongo_backend *)be;
 	struct lease_doc *docs = NULL;
 	tdr_lease_info *out;
+	int64_t *left;
 	size_t n = 0, k = 0, plen = strlen(prefix);
 	bson_t filter = BSON_INITIALIZER;
 	int64_t now;
@@ -359,15 +433,19 @@ static int m_list(tdr_lease_backend *be, const char *prefix, tdr_lease_info **re
 	if (rc < 0)
 		return rc;
 	out = calloc(n ? n : 1, sizeof(*out));
-	if (out == NULL) {
+	left = calloc(n ? n : 1, sizeof(*left));
+	if (out == NULL || left == NULL) {
+		free(out);
+		free(left);
 		free(docs);
 		return tdr_err_set(err, TDR_ENOMEM, "out of memory");
 	}
 	now = tdr_mono_ms();
 	pthread_mutex_lock(&mb->lock);
+	/* Attached documents never change: only plain leases (sessions among them) are observed. */
+	for (size_t i = 0; i < n; i++)
+		left[i] = docs[i].sess[0] ? 0 : docs[i].ttl_ms - observe(mb, &docs[i], now);
 	for (size_t i = 0; i < n; i++) {
-		int64_t unchanged = observe(mb, &docs[i], now);
-
 		if (strncmp(docs[i].name, prefix, plen) != 0)
 			continue;
 		snprintf(out[k].name, sizeof(out[k].name), "%s", docs[i].name);
@@ -375,14 +453,246 @@ static int m_list(tdr_lease_backend *be, const char *prefix, tdr_lease_info **re
 		out[k].epoch = docs[i].epoch;
 		out[k].ttl_ms = docs[i].ttl_ms;
 		out[k].released = docs[i].released;
-		out[k].expires_in_ms = docs[i].released ? 0 : docs[i].ttl_ms - unchanged;
+		out[k].expires_in_ms = judge(mb, docs, n, i, left, now);
+		snprintf(out[k].session, sizeof(out[k].session), "%s", docs[i].sess);
+		out[k].session_epoch = docs[i].sess_epoch;
+		out[k].mine = strcmp(docs[i].holder, be->holder) == 0 && strcmp(docs[i].inst, mb->inst) == 0;
 		k++;
 	}
 	pthread_mutex_unlock(&mb->lock);
+	free(left);
 	free(docs);
 	*ret = out;
 	*ret_n = k;
 	return 0;
+}
+
+static int m_observe(tdr_lease_backend *be, tdr_lease_info **ret, size_t *ret_n, tdr_err *err)
+{
+	return m_list(be, "", ret, ret_n, err);
+}
+
+/* Index of each failed insert of an unordered bulk, from its reply: dup[i] = 1 or 2 (other error). */
+static void bulk_failures(const bson_t *reply, unsigned char *failed, size_t n)
+{
+	bson_iter_t it, arr;
+
+	if (!bson_iter_init_find(&it, reply, "writeErrors") || !bson_iter_recurse(&it, &arr))
+		return;
+	while (bson_iter_next(&arr)) {
+		bson_iter_t e;
+		int64_t idx = -1, code = 0;
+
+		if (!bson_iter_recurse(&arr, &e))
+			continue;
+		while (bson_iter_next(&e)) {
+			if (strcmp(bson_iter_key(&e), "index") == 0)
+				idx = bson_iter_as_int64(&e);
+			else if (strcmp(bson_iter_key(&e), "code") == 0)
+				code = bson_iter_as_int64(&e);
+		}
+		if (idx >= 0 && (size_t)idx < n)
+			failed[idx] = (code == 11000 || code == 11001) ? 1 : 2;
+	}
+}
+
+#define DELETE_CHUNK 512
+
+static int m_acquire_many(tdr_lease_backend *be, const char *session, int64_t session_epoch, int64_t ttl_ms,
+			  tdr_lease_req *reqs, size_t n, tdr_err *err)
+{
+	struct mongo_backend *mb = (struct mongo_backend *)be;
+	mongoc_client_t *c;
+	mongoc_collection_t *coll;
+	mongoc_bulk_operation_t *bulk;
+	unsigned char *failed;
+	struct lease_doc *docs = NULL;
+	size_t ndocs = 0, nwon = 0;
+	bson_t reply, filter = BSON_INITIALIZER, in, opts;
+	bson_error_t bee;
+	int64_t now = tdr_wall_ms();
+	int rc = 0, answered;
+
+	for (size_t i = 0; i < n; i++)
+		reqs[i].rc = TDR_ETRANSIENT;
+	if (n == 0)
+		return 0;
+	if ((failed = calloc(n, 1)) == NULL)
+		return tdr_err_set(err, TDR_ENOMEM, "out of memory");
+	c = tdr_store_pop(mb->st);
+	coll = tdr_store_coll(mb->st, c, TDR_C_LEASES);
+	bson_init(&opts);
+	BSON_APPEND_BOOL(&opts, "ordered", false);
+	bulk = mongoc_collection_create_bulk_operation_with_opts(coll, &opts);
+	bson_destroy(&opts);
+	for (size_t i = 0; i < n; i++) {
+		bson_t doc = BSON_INITIALIZER;
+		char id[TDR_LEASE_NAME_MAX + 32];
+
+		/* The next epoch after the newest the caller saw: the unique _id lets one contender win it. */
+		lease_id(id, sizeof(id), reqs[i].name, reqs[i].epoch + 1);
+		BSON_APPEND_UTF8(&doc, "_id", id);
+		BSON_APPEND_UTF8(&doc, "name", reqs[i].name);
+		BSON_APPEND_INT64(&doc, "epoch", reqs[i].epoch + 1);
+		BSON_APPEND_UTF8(&doc, "holder", be->holder);
+		BSON_APPEND_UTF8(&doc, "inst", mb->inst);
+		BSON_APPEND_INT64(&doc, "seq", 0);
+		BSON_APPEND_INT64(&doc, "ttl_ms", ttl_ms);
+		BSON_APPEND_BOOL(&doc, "released", false);
+		BSON_APPEND_UTF8(&doc, "sess", session);
+		BSON_APPEND_INT64(&doc, "sess_epoch", session_epoch);
+		BSON_APPEND_DATE_TIME(&doc, "at", now);
+		tdr_bulk_insert_trusted(bulk, &doc);
+		bson_destroy(&doc);
+	}
+	tdr_lease_count(be, 1);
+	if (!mongoc_bulk_operation_execute(bulk, &reply, &bee)) {
+		bson_iter_t it;
+
+		/* Statement errors are per document; anything else leaves every outcome unknown. */
+		answered = bson_iter_init_find(&it, &reply, "writeErrors") &&
+			   !bson_iter_init_find(&it, &reply, "writeConcernErrors");
+		if (answered)
+			bulk_failures(&reply, failed, n);
+		else
+			rc = tdr_store_error(&bee, "lease insert_many", err), rc = TDR_ETRANSIENT;
+	}
+	bson_destroy(&reply);
+	mongoc_bulk_operation_destroy(bulk);
+	mongoc_collection_destroy(coll);
+	tdr_store_push(mb->st, c);
+	if (rc < 0) {
+		free(failed);
+		return rc;
+	}
+	for (size_t i = 0; i < n; i++) {
+		reqs[i].rc = failed[i] == 1 ? TDR_EDUP : failed[i] ? TDR_ETRANSIENT : 0;
+		if (reqs[i].rc == 0)
+			nwon++;
+	}
+	free(failed);
+	if (nwon == 0)
+		return 0;
+
+	/*
+	 * Read back: our insert is the lease only if no newer epoch of the name
+	 * exists.  (A view two takeovers old could insert an epoch its successors
+	 * have already deleted; after this read, nobody can supersede a live
+	 * attached lease without judging our session expired.)
+	 */
+	BSON_APPEND_DOCUMENT_BEGIN(&filter, "name", &in);
+	{
+		bson_t arr;
+		char key[16];
+		size_t k = 0;
+
+		BSON_APPEND_ARRAY_BEGIN(&in, "$in", &arr);
+		for (size_t i = 0; i < n; i++)
+			if (reqs[i].rc == 0) {
+				snprintf(key, sizeof(key), "%zu", k++);
+				BSON_APPEND_UTF8(&arr, key, reqs[i].name);
+			}
+		bson_append_array_end(&in, &arr);
+	}
+	bson_append_document_end(&filter, &in);
+	rc = read_latest(mb, &filter, &docs, &ndocs, err);
+	bson_destroy(&filter);
+	for (size_t i = 0; i < n; i++) {
+		const struct lease_doc *d;
+
+		if (reqs[i].rc != 0)
+			continue;
+		if (rc < 0) {
+			/* Unknown: the caller must not write under it; its next observation adopts it if it is ours. */
+			reqs[i].rc = TDR_ETRANSIENT;
+			continue;
+		}
+		d = find_doc(docs, ndocs, reqs[i].name);
+		if (d && d->epoch > reqs[i].epoch + 1)
+			reqs[i].rc = TDR_EDUP;
+		else
+			reqs[i].epoch = reqs[i].epoch + 1;
+	}
+	free(docs);
+	if (rc < 0)
+		return rc;
+
+	/* Best effort tidying, in bounded chunks: older epochs of what we won. */
+	for (size_t i0 = 0; i0 < n; i0 += DELETE_CHUNK) {
+		bson_t f = BSON_INITIALIZER, arr;
+		size_t k = 0;
+		char key[16];
+
+		BSON_APPEND_ARRAY_BEGIN(&f, "$or", &arr);
+		for (size_t i = i0; i < n && i < i0 + DELETE_CHUNK; i++) {
+			bson_t one, lt;
+
+			if (reqs[i].rc != 0 || reqs[i].epoch <= 1)
+				continue;
+			snprintf(key, sizeof(key), "%zu", k++);
+			BSON_APPEND_DOCUMENT_BEGIN(&arr, key, &one);
+			BSON_APPEND_UTF8(&one, "name", reqs[i].name);
+			BSON_APPEND_DOCUMENT_BEGIN(&one, "epoch", &lt);
+			BSON_APPEND_INT64(&lt, "$lt", reqs[i].epoch);
+			bson_append_document_end(&one, &lt);
+			bson_append_document_end(&arr, &one);
+		}
+		bson_append_array_end(&f, &arr);
+		if (k > 0) {
+			c = tdr_store_pop(mb->st);
+			coll = tdr_store_coll(mb->st, c, TDR_C_LEASES);
+			tdr_lease_count(be, 1);
+			(void)mongoc_collection_delete_many(coll, &f, NULL, NULL, &bee);
+			mongoc_collection_destroy(coll);
+			tdr_store_push(mb->st, c);
+		}
+		bson_destroy(&f);
+	}
+	return 0;
+}
+
+static int m_release_many(tdr_lease_backend *be, tdr_lease_req *reqs, size_t n, tdr_err *err)
+{
+	struct mongo_backend *mb = (struct mongo_backend *)be;
+	mongoc_client_t *c;
+	mongoc_collection_t *coll;
+	bson_t filter = BSON_INITIALIZER, in, arr, update = BSON_INITIALIZER, set;
+	bson_error_t bee;
+	char key[16], id[TDR_LEASE_NAME_MAX + 32];
+	int rc = 0;
+
+	if (n == 0)
+		return 0;
+	/* Holder and incarnation in the filter: only our own documents, each of which has us as its one writer. */
+	BSON_APPEND_DOCUMENT_BEGIN(&filter, "_id", &in);
+	BSON_APPEND_ARRAY_BEGIN(&in, "$in", &arr);
+	for (size_t i = 0; i < n; i++) {
+		snprintf(key, sizeof(key), "%zu", i);
+		lease_id(id, sizeof(id), reqs[i].name, reqs[i].epoch);
+		BSON_APPEND_UTF8(&arr, key, id);
+	}
+	bson_append_array_end(&in, &arr);
+	bson_append_document_end(&filter, &in);
+	BSON_APPEND_UTF8(&filter, "holder", be->holder);
+	BSON_APPEND_UTF8(&filter, "inst", mb->inst);
+	BSON_APPEND_BOOL(&filter, "released", false);
+	BSON_APPEND_DOCUMENT_BEGIN(&update, "$set", &set);
+	BSON_APPEND_BOOL(&set, "released", true);
+	BSON_APPEND_DATE_TIME(&set, "at", tdr_wall_ms());
+	bson_append_document_end(&update, &set);
+	c = tdr_store_pop(mb->st);
+	coll = tdr_store_coll(mb->st, c, TDR_C_LEASES);
+	tdr_lease_count(be, 1);
+	if (!mongoc_collection_update_many(coll, &filter, &update, NULL, NULL, &bee))
+		rc = tdr_store_error(&bee, "lease release_many", err), rc = TDR_ETRANSIENT;
+	mongoc_collection_destroy(coll);
+	tdr_store_push(mb->st, c);
+	bson_destroy(&filter);
+	bson_destroy(&update);
+	/* A document not matched is not ours any more: released either way. */
+	for (size_t i = 0; i < n; i++)
+		reqs[i].rc = rc;
+	return rc;
 }
 
 static void m_destroy(tdr_lease_backend *be)
@@ -399,6 +709,9 @@ static const struct tdr_lease_ops mongo_ops = {
 	.renew = m_renew,
 	.release = m_release,
 	.list = m_list,
+	.acquire_many = m_acquire_many,
+	.release_many = m_release_many,
+	.observe = m_observe,
 	.destroy = m_destroy,
 };
 

@@ -73,6 +73,7 @@ struct tdr_drain {
 	pthread_mutex_t mu;
 	struct tdr_drain_stats stats;
 	int64_t rate_t0, rate_acked0;
+	int stopping; /* tdr_drain_request_stop: skip best-effort clean-ups (__atomic) */
 };
 
 const double tdr_hist_bounds[TDR_HIST_BUCKETS - 1] = { 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
@@ -276,10 +277,18 @@ static void forget_recovered(tdr_drain *d, int32_t part, int64_t epoch);
  */
 static void unclaim(tdr_drain *d, struct group *groups, size_t ng)
 {
-	mongoc_bulk_operation_t *bulk = tdr_bulk_new(d->claims, 0);
+	mongoc_bulk_operation_t *bulk;
 	int any = 0;
 	tdr_err err;
 
+	/*
+	 * Stopping (SIGTERM): the stop is bounded by store.timeout_ms, and this
+	 * would be one more store call after the one that just failed; the
+	 * records are left to orphan recovery, exactly as after a crash.
+	 */
+	if (__atomic_load_n(&d->stopping, __ATOMIC_RELAXED))
+		return;
+	bulk = tdr_bulk_new(d->claims, 0);
 	for (size_t g = 0; g < ng; g++) {
 		bson_t f = BSON_INITIALIZER;
 
@@ -1133,6 +1142,12 @@ static int claim_and_process(tdr_drain *d, const tdr_coord_view *v, int *ret_ful
 	*ret_n = (int64_t)n;
 	items_free(items, n);
 	return rc;
+}
+
+void tdr_drain_request_stop(tdr_drain *d)
+{
+	if (d)
+		__atomic_store_n(&d->stopping, 1, __ATOMIC_RELAXED);
 }
 
 int tdr_drain_step(tdr_drain *d, int *ret_full, int64_t *ret_n, tdr_err *err)
