@@ -73,7 +73,8 @@ os.environ['MONGOC_DISABLE_SHM'] = '1'
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-__all__ = ['Harness', 'Store', 'Etcd', 'Postgres', 'Proc', 'SlowProxy', 'free_port', 'REPO']
+__all__ = ['Harness', 'Store', 'Etcd', 'Postgres', 'Proc', 'SlowProxy', 'free_port', 'REPO', 'balanced',
+           'min_moves', 'moved', 'shares', 'share_bounds']
 
 
 # --------------------------------------------------------------------------
@@ -108,6 +109,49 @@ def hrw_owner(members, p):
         if best is None or s > best[0]:
             best = (s, m)
     return best[1]
+
+
+# --------------------------------------------------------------------------
+# Balanced shares (coord/assign.c, docs/DESIGN.md "Who owns what"), written
+# independently: who owns what depends on the history (sticky), so tests check
+# the properties, never a precomputed owner.
+# --------------------------------------------------------------------------
+
+def share_bounds(n, P):
+    """(floor, ceil) of P / n."""
+    return P // n, -(-P // n)
+
+
+def shares(owners, members):
+    """{member: partitions owned} from {partition: holder} (members with none included)."""
+    out = {m: 0 for m in members}
+    for holder in owners.values():
+        if holder in out:
+            out[holder] += 1
+    return out
+
+
+def balanced(owners, members, P):
+    """Every partition owned by one of members, and each member owns floor(P/n) or ceil(P/n)."""
+    if len(owners) != P or any(owners.get(p) not in members for p in range(P)):
+        return False
+    f, c = share_bounds(len(members), P)
+    return all(f <= k <= c for k in shares(owners, members).values())
+
+
+def min_moves(before, members, P):
+    """The fewest partitions that must change owner from `before` ({p: holder}; absent or a non-member: free)
+    to any assignment of P over members where each owns floor or ceil: every member keeps at most its
+    capacity, and the ceil capacities go to the members that own the most."""
+    f, c = share_bounds(len(members), P)
+    r = P % len(members)
+    loads = sorted(shares({p: h for p, h in before.items() if h in members}, members).values(), reverse=True)
+    keep = sum(min(l, c if i < r else f) for i, l in enumerate(loads))
+    return P - keep
+
+
+def moved(before, after, P):
+    return sum(1 for p in range(P) if before.get(p) != after.get(p))
 
 
 class EpochWatch:
