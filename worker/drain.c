@@ -1013,10 +1013,13 @@ out:
 
 /* ------------------------------------------------------------ step */
 
+/* How far a partitioned claim reads past documents of other owners, in claim reads' worth. */
+#define SCAN_BATCHES 50
+
 static int claim_and_process(tdr_drain *d, const tdr_coord_view *v, int *ret_full, int64_t *ret_n, tdr_err *err)
 {
 	bson_t filter = BSON_INITIALIZER, opts = BSON_INITIALIZER, in, arr, sort;
-	int64_t limit = d->cfg.batch_size, bytes = 0, acked = 0, t0 = tdr_mono_us();
+	int64_t limit = d->cfg.batch_size, bytes = 0, acked = 0, t0 = tdr_mono_us(), scanned = 0;
 	size_t n = 0, nactive = 0;
 	struct item *items;
 	mongoc_cursor_t *cur;
@@ -1076,7 +1079,16 @@ static int claim_and_process(tdr_drain *d, const tdr_coord_view *v, int *ret_ful
 		/* Untriaged events of other partitions come back too: read further. */
 		limit *= 2;
 	}
-	BSON_APPEND_INT64(&opts, "limit", limit + (int64_t)tdr_map_count(d->forget));
+	/*
+	 * Partitioned: no limit, only the first reply's size.  Untriaged events
+	 * of other owners come back too, and on FerretDB (no triage) the head of
+	 * the FIFO can hold nothing but those of an owner that is stuck (t13:
+	 * its archive disk full); reading on past them, up to SCAN_BATCHES
+	 * batches' worth, lets every other replica take its own meanwhile.  In
+	 * steady state the first reply already holds a batch.
+	 */
+	if (!partitioned)
+		BSON_APPEND_INT64(&opts, "limit", limit + (int64_t)tdr_map_count(d->forget));
 	/* The whole batch in the first reply: no getMore round trip. */
 	BSON_APPEND_INT64(&opts, "batchSize", limit + (int64_t)tdr_map_count(d->forget));
 	BSON_APPEND_INT64(&opts, "maxTimeMS", d->st->timeout_ms);
@@ -1091,11 +1103,13 @@ static int claim_and_process(tdr_drain *d, const tdr_coord_view *v, int *ret_ful
 		bson_append_document_end(&opts, &sort);
 	}
 	cur = mongoc_collection_find_with_opts(d->events, &filter, &opts, NULL);
-	while (n < (size_t)d->cfg.batch_size && bytes < BATCH_BYTES_MAX && mongoc_cursor_next(cur, &doc)) {
+	while (n < (size_t)d->cfg.batch_size && bytes < BATCH_BYTES_MAX &&
+	       scanned < SCAN_BATCHES * limit + (int64_t)tdr_map_count(d->forget) && mongoc_cursor_next(cur, &doc)) {
 		int32_t part = TDR_SCOPE_ALL;
 
 		bson_iter_t idit;
 
+		scanned++;
 		if (bson_iter_init_find(&idit, doc, "_id") && forgotten(d, bson_iter_value(&idit)))
 			continue;
 		if (partitioned) {
