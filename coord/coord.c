@@ -67,6 +67,7 @@ struct tdr_coord {
 	int64_t share_min, share_max; /* partitions per live member, last tick */
 	int64_t failovers;
 	int want_fast; /* an acquisition is pending: tick sooner */
+	int64_t next_expiry_ms; /* monotonic: the soonest another holder's lease can expire, as last observed */
 };
 
 /* ------------------------------------------------------------ helpers */
@@ -621,6 +622,22 @@ static void tick(struct tdr_coord *c)
 		return;
 	}
 	reconcile(c, infos, n, t_read);
+	{
+		/*
+		 * Tick again right when the first lease of another holder would expire:
+		 * a dead replica's partitions then move within TTL + one retry period of
+		 * its last renewal being seen, not up to a period later.
+		 */
+		int64_t soonest = INT64_MAX;
+
+		for (size_t i = 0; i < n; i++)
+			if (info_live(&infos[i]) && !infos[i].mine && infos[i].session[0] == '\0' &&
+			    strcmp(infos[i].holder, c->cfg.name) != 0 && infos[i].expires_in_ms < soonest)
+				soonest = infos[i].expires_in_ms;
+		pthread_mutex_lock(&c->mu);
+		c->next_expiry_ms = soonest == INT64_MAX ? INT64_MAX : t_read + soonest;
+		pthread_mutex_unlock(&c->mu);
+	}
 	pthread_mutex_lock(&c->mu);
 	have = c->session.held;
 	pthread_mutex_unlock(&c->mu);
@@ -685,6 +702,13 @@ static void *coord_thread(void *arg)
 		struct timespec ts;
 		int64_t wait = c->want_fast ? c->cfg.retry_period_ms / 4 : c->cfg.retry_period_ms;
 
+		if (c->next_expiry_ms != INT64_MAX) {
+			/* 20 ms past it: a lease is expired only once its TTL has fully run on our clock. */
+			int64_t until = c->next_expiry_ms + 20 - tdr_mono_ms();
+
+			if (until < wait)
+				wait = until > 10 ? until : 10;
+		}
 		tdr_mono_deadline(&ts, wait);
 		pthread_cond_timedwait(&c->cv, &c->mu, &ts);
 		if (c->stop)
@@ -724,6 +748,7 @@ int tdr_coord_new(tdr_coord **ret, const tdr_config *cfg, tdr_store *st, tdr_err
 	c->st = st;
 	c->partitioned = cfg->mode == TDR_MODE_PARTITIONED;
 	c->P = c->partitioned ? (uint32_t)cfg->partitions : 0;
+	c->next_expiry_ms = INT64_MAX;
 	if (c->P > 0 && (c->parts = calloc(c->P, sizeof(*c->parts))) == NULL) {
 		free(c);
 		return tdr_err_set(err, TDR_ENOMEM, "out of memory");

@@ -19,8 +19,9 @@
  * They are never renewed: one is live exactly while that member lease is
  * live at that epoch, as judged above, so one renewal of the member document
  * keeps any number of them.  Bulk acquisition is one unordered insert_many
- * (each document wins or loses its own unique _id), one read-back, and one
- * delete_many of older epochs; bulk release one update_many.
+ * (each document wins or loses its own unique _id) and one read-back; bulk
+ * release one unordered insert_many of the next epochs, released.  Older
+ * epochs are deleted later, a bounded number per observation.
  */
 #include "config.h"
 
@@ -54,7 +55,16 @@ struct mongo_backend {
 	pthread_mutex_t lock;
 	struct observation *obs;
 	size_t nobs;
+	/*
+	 * Superseded documents whose name's newest document is ours (we acquired
+	 * or released it): nobody writes them any more, so we delete them, a
+	 * bounded number per observation (TIDY_MAX).  Filled by read_latest.
+	 */
+	char (*tidy)[TDR_LEASE_NAME_MAX + 32];
+	size_t ntidy;
 };
+
+#define TIDY_MAX 512
 
 /* Latest-epoch document of one name, as read. */
 struct lease_doc {
@@ -152,6 +162,8 @@ static int read_latest(struct mongo_backend *mb, const bson_t *filter, struct le
 	int rc = 0;
 
 	tdr_store_read_opts(mb->st, &opts);
+	/* Every lease in the first reply (a few hundred KiB at P = 4096): one round trip, no getMore. */
+	BSON_APPEND_INT64(&opts, "batchSize", 1000000);
 	tdr_lease_count(&mb->base, 1);
 	cur = mongoc_collection_find_with_opts(coll, filter, &opts, NULL);
 	while (mongoc_cursor_next(cur, &doc)) {
@@ -191,11 +203,22 @@ static int read_latest(struct mongo_backend *mb, const bson_t *filter, struct le
 		size_t k = 0;
 
 		qsort(v, n, sizeof(*v), cmp_doc);
+		pthread_mutex_lock(&mb->lock);
 		for (size_t i = 0; i < n; i++) {
-			if (i + 1 < n && strcmp(v[i].name, v[i + 1].name) == 0)
+			if (i + 1 < n && strcmp(v[i].name, v[i + 1].name) == 0) {
+				size_t j = i + 1;
+
+				while (j + 1 < n && strcmp(v[j].name, v[j + 1].name) == 0)
+					j++;
+				/* v[j] is the newest of this name: if we wrote it, its predecessors are ours to tidy. */
+				if (mb->tidy && mb->ntidy < TIDY_MAX && strcmp(v[j].holder, mb->base.holder) == 0 &&
+				    strcmp(v[j].inst, mb->inst) == 0)
+					lease_id(mb->tidy[mb->ntidy++], sizeof(mb->tidy[0]), v[i].name, v[i].epoch);
 				continue;
+			}
 			v[k++] = v[i];
 		}
+		pthread_mutex_unlock(&mb->lock);
 		n = k;
 	}
 	*ret = v;
@@ -442,9 +465,13 @@ static int m_list(tdr_lease_backend *be, const char *prefix, tdr_lease_info **re
 	}
 	now = tdr_mono_ms();
 	pthread_mutex_lock(&mb->lock);
-	/* Attached documents never change: only plain leases (sessions among them) are observed. */
+	/*
+	 * Attached documents never change, and released ones are free whatever
+	 * their age: only live plain leases (sessions among them) are observed,
+	 * so the observation table holds members and leaders, not partitions.
+	 */
 	for (size_t i = 0; i < n; i++)
-		left[i] = docs[i].sess[0] ? 0 : docs[i].ttl_ms - observe(mb, &docs[i], now);
+		left[i] = docs[i].sess[0] || docs[i].released ? 0 : docs[i].ttl_ms - observe(mb, &docs[i], now);
 	for (size_t i = 0; i < n; i++) {
 		if (strncmp(docs[i].name, prefix, plen) != 0)
 			continue;
@@ -467,9 +494,53 @@ static int m_list(tdr_lease_backend *be, const char *prefix, tdr_lease_info **re
 	return 0;
 }
 
+static void tidy_superseded(struct mongo_backend *mb)
+{
+	mongoc_client_t *c;
+	mongoc_collection_t *coll;
+	bson_t filter = BSON_INITIALIZER, in, arr;
+	bson_error_t be;
+	char key[16];
+	size_t n;
+
+	pthread_mutex_lock(&mb->lock);
+	n = mb->ntidy;
+	BSON_APPEND_DOCUMENT_BEGIN(&filter, "_id", &in);
+	BSON_APPEND_ARRAY_BEGIN(&in, "$in", &arr);
+	for (size_t i = 0; i < n; i++) {
+		snprintf(key, sizeof(key), "%zu", i);
+		BSON_APPEND_UTF8(&arr, key, mb->tidy[i]);
+	}
+	bson_append_array_end(&in, &arr);
+	bson_append_document_end(&filter, &in);
+	/* Dedup: the same ids come back from every read until the delete lands. */
+	mb->ntidy = 0;
+	pthread_mutex_unlock(&mb->lock);
+	if (n > 0) {
+		c = tdr_store_pop(mb->st);
+		coll = tdr_store_coll(mb->st, c, TDR_C_LEASES);
+		tdr_lease_count(&mb->base, 1);
+		/* Best effort: a failure leaves history behind, which the next read finds again. */
+		(void)mongoc_collection_delete_many(coll, &filter, NULL, NULL, &be);
+		mongoc_collection_destroy(coll);
+		tdr_store_push(mb->st, c);
+	}
+	bson_destroy(&filter);
+}
+
+/* The coordinator's read: then at most one delete of superseded documents of ours. */
 static int m_observe(tdr_lease_backend *be, tdr_lease_info **ret, size_t *ret_n, tdr_err *err)
 {
-	return m_list(be, "", ret, ret_n, err);
+	struct mongo_backend *mb = (struct mongo_backend *)be;
+	int rc;
+
+	pthread_mutex_lock(&mb->lock);
+	mb->ntidy = 0;
+	pthread_mutex_unlock(&mb->lock);
+	rc = m_list(be, "", ret, ret_n, err);
+	if (rc == 0)
+		tidy_superseded(mb);
+	return rc;
 }
 
 /* Index of each failed insert of an unordered bulk, from its reply: dup[i] = 1 or 2 (other error). */
@@ -495,8 +566,6 @@ static void bulk_failures(const bson_t *reply, unsigned char *failed, size_t n)
 			failed[idx] = (code == 11000 || code == 11001) ? 1 : 2;
 	}
 }
-
-#define DELETE_CHUNK 512
 
 static int m_acquire_many(tdr_lease_backend *be, const char *session, int64_t session_epoch, int64_t ttl_ms,
 			  tdr_lease_req *reqs, size_t n, tdr_err *err)
@@ -617,79 +686,67 @@ static int m_acquire_many(tdr_lease_backend *be, const char *session, int64_t se
 	if (rc < 0)
 		return rc;
 
-	/* Best effort tidying, in bounded chunks: older epochs of what we won. */
-	for (size_t i0 = 0; i0 < n; i0 += DELETE_CHUNK) {
-		bson_t f = BSON_INITIALIZER, arr;
-		size_t k = 0;
-		char key[16];
-
-		BSON_APPEND_ARRAY_BEGIN(&f, "$or", &arr);
-		for (size_t i = i0; i < n && i < i0 + DELETE_CHUNK; i++) {
-			bson_t one, lt;
-
-			if (reqs[i].rc != 0 || reqs[i].epoch <= 1)
-				continue;
-			snprintf(key, sizeof(key), "%zu", k++);
-			BSON_APPEND_DOCUMENT_BEGIN(&arr, key, &one);
-			BSON_APPEND_UTF8(&one, "name", reqs[i].name);
-			BSON_APPEND_DOCUMENT_BEGIN(&one, "epoch", &lt);
-			BSON_APPEND_INT64(&lt, "$lt", reqs[i].epoch);
-			bson_append_document_end(&one, &lt);
-			bson_append_document_end(&arr, &one);
-		}
-		bson_append_array_end(&f, &arr);
-		if (k > 0) {
-			c = tdr_store_pop(mb->st);
-			coll = tdr_store_coll(mb->st, c, TDR_C_LEASES);
-			tdr_lease_count(be, 1);
-			(void)mongoc_collection_delete_many(coll, &f, NULL, NULL, &bee);
-			mongoc_collection_destroy(coll);
-			tdr_store_push(mb->st, c);
-		}
-		bson_destroy(&f);
-	}
+	/* Older epochs of what we won are deleted by a later observation (tidy_superseded), in bounded numbers. */
 	return 0;
 }
 
+/*
+ * Giving back is inserting the next epoch of each name as a released
+ * document (an unordered insert_many: one statement, no update).  FerretDB
+ * performs update_many {_id: {$in}} as one scan per document (docs/DESIGN.md,
+ * "Store access paths"), which at hundreds of partitions held the store for
+ * seconds and starved every renewal; an insert is one index probe.  A
+ * duplicate key means that epoch is someone else's already: not ours to give.
+ * Readers take the newest epoch, released: the name is free.
+ */
 static int m_release_many(tdr_lease_backend *be, tdr_lease_req *reqs, size_t n, tdr_err *err)
 {
 	struct mongo_backend *mb = (struct mongo_backend *)be;
 	mongoc_client_t *c;
 	mongoc_collection_t *coll;
-	bson_t filter = BSON_INITIALIZER, in, arr, update = BSON_INITIALIZER, set;
+	mongoc_bulk_operation_t *bulk;
+	bson_t reply, opts;
 	bson_error_t bee;
-	char key[16], id[TDR_LEASE_NAME_MAX + 32];
+	int64_t now = tdr_wall_ms();
 	int rc = 0;
 
 	if (n == 0)
 		return 0;
-	/* Holder and incarnation in the filter: only our own documents, each of which has us as its one writer. */
-	BSON_APPEND_DOCUMENT_BEGIN(&filter, "_id", &in);
-	BSON_APPEND_ARRAY_BEGIN(&in, "$in", &arr);
-	for (size_t i = 0; i < n; i++) {
-		snprintf(key, sizeof(key), "%zu", i);
-		lease_id(id, sizeof(id), reqs[i].name, reqs[i].epoch);
-		BSON_APPEND_UTF8(&arr, key, id);
-	}
-	bson_append_array_end(&in, &arr);
-	bson_append_document_end(&filter, &in);
-	BSON_APPEND_UTF8(&filter, "holder", be->holder);
-	BSON_APPEND_UTF8(&filter, "inst", mb->inst);
-	BSON_APPEND_BOOL(&filter, "released", false);
-	BSON_APPEND_DOCUMENT_BEGIN(&update, "$set", &set);
-	BSON_APPEND_BOOL(&set, "released", true);
-	BSON_APPEND_DATE_TIME(&set, "at", tdr_wall_ms());
-	bson_append_document_end(&update, &set);
 	c = tdr_store_pop(mb->st);
 	coll = tdr_store_coll(mb->st, c, TDR_C_LEASES);
+	bson_init(&opts);
+	BSON_APPEND_BOOL(&opts, "ordered", false);
+	bulk = mongoc_collection_create_bulk_operation_with_opts(coll, &opts);
+	bson_destroy(&opts);
+	for (size_t i = 0; i < n; i++) {
+		bson_t doc = BSON_INITIALIZER;
+		char id[TDR_LEASE_NAME_MAX + 32];
+
+		lease_id(id, sizeof(id), reqs[i].name, reqs[i].epoch + 1);
+		BSON_APPEND_UTF8(&doc, "_id", id);
+		BSON_APPEND_UTF8(&doc, "name", reqs[i].name);
+		BSON_APPEND_INT64(&doc, "epoch", reqs[i].epoch + 1);
+		BSON_APPEND_UTF8(&doc, "holder", be->holder);
+		BSON_APPEND_UTF8(&doc, "inst", mb->inst);
+		BSON_APPEND_INT64(&doc, "seq", 0);
+		BSON_APPEND_INT64(&doc, "ttl_ms", 0);
+		BSON_APPEND_BOOL(&doc, "released", true);
+		BSON_APPEND_DATE_TIME(&doc, "at", now);
+		tdr_bulk_insert_trusted(bulk, &doc);
+		bson_destroy(&doc);
+	}
 	tdr_lease_count(be, 1);
-	if (!mongoc_collection_update_many(coll, &filter, &update, NULL, NULL, &bee))
-		rc = tdr_store_error(&bee, "lease release_many", err), rc = TDR_ETRANSIENT;
+	if (!mongoc_bulk_operation_execute(bulk, &reply, &bee)) {
+		bson_iter_t it;
+
+		/* Duplicate keys are per document (someone else's epoch): only a failure without them counts. */
+		if (!bson_iter_init_find(&it, &reply, "writeErrors") || bson_iter_init_find(&it, &reply, "writeConcernErrors"))
+			rc = tdr_store_error(&bee, "lease release_many", err), rc = TDR_ETRANSIENT;
+	}
+	bson_destroy(&reply);
+	mongoc_bulk_operation_destroy(bulk);
 	mongoc_collection_destroy(coll);
 	tdr_store_push(mb->st, c);
-	bson_destroy(&filter);
-	bson_destroy(&update);
-	/* A document not matched is not ours any more: released either way. */
 	for (size_t i = 0; i < n; i++)
 		reqs[i].rc = rc;
 	return rc;
@@ -701,6 +758,7 @@ static void m_destroy(tdr_lease_backend *be)
 
 	pthread_mutex_destroy(&mb->lock);
 	free(mb->obs);
+	free(mb->tidy);
 	free(mb);
 }
 
@@ -723,7 +781,10 @@ int tdr_lease_mongo_new(tdr_lease_backend **ret, tdr_store *store, const char *h
 	if (mb == NULL)
 		return tdr_err_set(err, TDR_ENOMEM, "out of memory");
 	mb->obs = calloc(MAX_OBS, sizeof(*mb->obs));
-	if (mb->obs == NULL) {
+	mb->tidy = calloc(TIDY_MAX, sizeof(*mb->tidy));
+	if (mb->obs == NULL || mb->tidy == NULL) {
+		free(mb->obs);
+		free(mb->tidy);
 		free(mb);
 		return tdr_err_set(err, TDR_ENOMEM, "out of memory");
 	}

@@ -756,6 +756,7 @@ class SlowProxy:
         px.set_latency(request=fn, reply=fn)                           # both directions
         px.set_latency()                                               # no latency again
         px.stats()  ->  {'connections', 'requests', 'replies', 'delayed', 'over', 'max_delay'}
+        px.commands()  ->  Counter of requests by SlowProxy.describe() ("update tdrain_leases": 12, ...)
         px.close()
 
     Traffic is cut into whole wire-protocol messages (length header), and each
@@ -786,6 +787,7 @@ class SlowProxy:
         self._request = None
         self._reply = None
         self._stats = {'connections': 0, 'requests': 0, 'replies': 0, 'delayed': 0, 'over': 0, 'max_delay': 0.0}
+        self._by_cmd = {}
         self._conns = set()
         self._closed = False
         self.port = free_port()
@@ -808,6 +810,12 @@ class SlowProxy:
     def stats(self):
         with self._lock:
             return dict(self._stats)
+
+    def commands(self):
+        """{command description: requests seen} (counting statements per collection, e.g. coordination)."""
+        import collections
+        with self._lock:
+            return collections.Counter(self._by_cmd)
 
     @staticmethod
     def describe(msg):
@@ -912,6 +920,8 @@ class SlowProxy:
             if msg is None:
                 break
             cmd = self.describe(msg)
+            with self._lock:
+                self._by_cmd[cmd] = self._by_cmd.get(cmd, 0) + 1
             # OP_MSG with moreToCome (flag bit 1) gets no reply.
             if not (len(msg) >= 20 and struct.unpack('<i', msg[12:16])[0] == 2013
                     and struct.unpack('<I', msg[16:20])[0] & 2):
