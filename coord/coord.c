@@ -37,6 +37,7 @@ struct held {
 	int64_t epoch;
 	int64_t valid_until; /* session: monotonic ms, last renewal SENT + renew deadline */
 	int64_t last_sent;   /* session: when the last successful renewal was sent */
+	int64_t acquired_at; /* session: when it was acquired (monotonic ms) */
 	int renew_failing;
 };
 
@@ -68,6 +69,8 @@ struct tdr_coord {
 	int64_t failovers;
 	int want_fast; /* an acquisition is pending: tick sooner */
 	int64_t next_expiry_ms; /* monotonic: the soonest another holder's lease can expire, as last observed */
+	uint64_t parts_sig;     /* members_signature() at the last read of the partition leases */
+	int64_t parts_read_at;  /* monotonic ms of that read, 0: never */
 };
 
 /* ------------------------------------------------------------ helpers */
@@ -253,6 +256,7 @@ static void acquire_session(struct tdr_coord *c, const tdr_lease_info *infos, si
 	c->session.epoch = epoch;
 	c->session.valid_until = sent + c->cfg.renew_deadline_ms;
 	c->session.last_sent = sent;
+	c->session.acquired_at = sent;
 	/* A failover is taking a lease its holder did not give back (single mode: the leader). */
 	if (!c->partitioned && prev && strcmp(prev->holder, c->cfg.name) != 0 && !prev->released)
 		c->failovers++;
@@ -262,7 +266,7 @@ static void acquire_session(struct tdr_coord *c, const tdr_lease_info *infos, si
 }
 
 /* Our observed leases against what we hold: superseded, gone, or ours but unknown to us (adopt). */
-static void reconcile(struct tdr_coord *c, const tdr_lease_info *infos, size_t n, int64_t t_read)
+static void reconcile(struct tdr_coord *c, const tdr_lease_info *infos, size_t n, int with_parts)
 {
 	pthread_mutex_lock(&c->mu);
 	if (c->session.held) {
@@ -281,7 +285,7 @@ static void reconcile(struct tdr_coord *c, const tdr_lease_info *infos, size_t n
 			memset(&c->leader, 0, sizeof(c->leader));
 		}
 	}
-	for (size_t i = 0; c->partitioned && i < n; i++) {
+	for (size_t i = 0; c->partitioned && with_parts && i < n; i++) {
 		const tdr_lease_info *li = &infos[i];
 		char *end;
 		unsigned long p;
@@ -308,7 +312,7 @@ static void reconcile(struct tdr_coord *c, const tdr_lease_info *infos, size_t n
 		}
 	}
 	/* A held partition missing from a read that started after we acquired it is gone. */
-	if (c->partitioned) {
+	if (c->partitioned && with_parts) {
 		unsigned char *seen = calloc(c->P ? c->P : 1, 1);
 
 		if (seen) {
@@ -328,7 +332,6 @@ static void reconcile(struct tdr_coord *c, const tdr_lease_info *infos, size_t n
 			free(seen);
 		}
 	}
-	(void)t_read;
 	pthread_mutex_unlock(&c->mu);
 }
 
@@ -441,13 +444,20 @@ static void rebalance(struct tdr_coord *c, const tdr_lease_info *infos, size_t n
 	tdr_lease_req *reqs = calloc(P + 1, sizeof(*reqs));
 	const tdr_lease_info **pinfo = calloc(P + 1, sizeof(*pinfo)), **prevs = calloc(P + 1, sizeof(*prevs));
 	size_t nm = 0, nreq = 0, *share = NULL;
-	int self = -1, is_member;
+	int self = -1, is_member, settled;
 	tdr_err err;
 
 	if (!members || !cur || !target || !seen_epoch || !reqs || !pinfo || !prevs)
 		goto out;
 	pthread_mutex_lock(&c->mu);
 	is_member = session_valid(c, tdr_mono_ms());
+	/*
+	 * A new session waits one retry period before taking partitions, as
+	 * Kafka's initial rebalance delay: replicas started together then see
+	 * each other first and take their shares once, instead of each taking
+	 * everything and giving most of it back a tick later.
+	 */
+	settled = is_member && tdr_mono_ms() - c->session.acquired_at >= c->cfg.retry_period_ms;
 	pthread_mutex_unlock(&c->mu);
 
 	/* The live member set: every live session, ours only while we hold it. */
@@ -558,6 +568,12 @@ static void rebalance(struct tdr_coord *c, const tdr_lease_info *infos, size_t n
 			c->nheld_parts--;
 		}
 	}
+	/* Draining partitions wait for the worker: look again soon (scope_idle also wakes us). */
+	for (uint32_t p = 0; p < P; p++)
+		if (c->parts[p].held && c->parts[p].draining) {
+			c->want_fast = 1;
+			break;
+		}
 	pthread_mutex_unlock(&c->mu);
 	release_parts(c, reqs, nreq);
 
@@ -573,13 +589,18 @@ static void rebalance(struct tdr_coord *c, const tdr_lease_info *infos, size_t n
 			reqs[nreq++].epoch = l ? l->epoch : 0;
 		}
 	}
-	for (uint32_t p = 0; is_member && p < P; p++)
+	for (uint32_t p = 0; settled && p < P; p++)
 		if (target[p] == self && !c->parts[p].held && cur[p] == -1) {
 			snprintf(reqs[nreq].name, sizeof(reqs[nreq].name), "part/%u", p);
 			prevs[nreq] = pinfo[p];
 			reqs[nreq++].epoch = seen_epoch[p];
 		}
 	pthread_mutex_unlock(&c->mu);
+	if (is_member && !settled) {
+		pthread_mutex_lock(&c->mu);
+		c->want_fast = 1;
+		pthread_mutex_unlock(&c->mu);
+	}
 	if (nreq > 0) {
 		size_t won = acquire_attached(c, reqs, nreq, prevs);
 
@@ -608,20 +629,50 @@ out:
 	free(share);
 }
 
+/* The live member set, as a hash of (name, epoch) in name order: partitions can move only when it changes. */
+static uint64_t members_signature(const tdr_lease_info *infos, size_t n)
+{
+	uint64_t h = 1469598103934665603ULL;
+
+	for (size_t i = 0; i < n; i++) {
+		char buf[TDR_LEASE_NAME_MAX + 32];
+		int w;
+
+		if (strncmp(infos[i].name, "member/", 7) != 0 || !info_live(&infos[i]))
+			continue;
+		w = snprintf(buf, sizeof(buf), "%s#%" PRId64 ";", infos[i].name, infos[i].epoch);
+		for (int k = 0; k < w && k < (int)sizeof(buf); k++)
+			h = (h ^ (unsigned char)buf[k]) * 1099511628211ULL;
+	}
+	return h;
+}
+
+/* A full read of the partition leases at least this often, even when nothing seems to change. */
+#define PARTS_REFRESH_PERIODS 10
+
 static void tick(struct tdr_coord *c)
 {
-	tdr_lease_info *infos = NULL;
-	size_t n = 0;
+	tdr_lease_info *infos = NULL, *all = NULL;
+	size_t n = 0, nall = 0;
 	int64_t t_read = tdr_mono_ms();
+	uint64_t sig;
 	tdr_err err;
-	int have;
+	int have, need;
 
-	/* One read of every lease: it refreshes our observations of all of them. */
-	if (c->be->ops->observe(c->be, &infos, &n, &err) < 0) {
+	/*
+	 * Every tick: the sessions and the leader (a few leases, one request),
+	 * which refreshes our observations of them.  The partition leases only
+	 * when they can have changed: the member set changed, a move of ours is
+	 * under way (want_fast), or PARTS_REFRESH_PERIODS have passed.  A
+	 * partition changes owner only after a member joins or leaves (the
+	 * target is a function of members and owners), so in steady state a
+	 * tick costs the same at any P.
+	 */
+	if (c->be->ops->observe(c->be, 0, &infos, &n, &err) < 0) {
 		log_debug("read leases: %s", err.msg);
 		return;
 	}
-	reconcile(c, infos, n, t_read);
+	reconcile(c, infos, n, 0);
 	{
 		/*
 		 * Tick again right when the first lease of another holder would expire:
@@ -643,8 +694,28 @@ static void tick(struct tdr_coord *c)
 	pthread_mutex_unlock(&c->mu);
 	if (!have && !c->stop)
 		acquire_session(c, infos, n);
-	if (c->partitioned)
-		rebalance(c, infos, n);
+	if (!c->partitioned) {
+		free(infos);
+		return;
+	}
+	sig = members_signature(infos, n);
+	pthread_mutex_lock(&c->mu);
+	need = c->want_fast || sig != c->parts_sig || c->parts_read_at == 0 ||
+	       t_read - c->parts_read_at >= PARTS_REFRESH_PERIODS * c->cfg.retry_period_ms || c->session.held != have;
+	pthread_mutex_unlock(&c->mu);
+	if (need) {
+		if (c->be->ops->observe(c->be, 1, &all, &nall, &err) < 0) {
+			log_debug("read partition leases: %s", err.msg);
+		} else {
+			reconcile(c, all, nall, 1);
+			rebalance(c, all, nall);
+			pthread_mutex_lock(&c->mu);
+			c->parts_sig = members_signature(all, nall);
+			c->parts_read_at = t_read;
+			pthread_mutex_unlock(&c->mu);
+			free(all);
+		}
+	}
 	free(infos);
 }
 
@@ -774,13 +845,12 @@ int tdr_coord_new(tdr_coord **ret, const tdr_config *cfg, tdr_store *st, tdr_err
 
 int tdr_coord_start(tdr_coord *c, tdr_err *err)
 {
-	/* Two rounds: the first acquires the session, the second (partitioned) what is ours under it. */
-	tick(c);
-	if (c->partitioned)
-		tick(c);
+	/* The heartbeat first: the session acquired below must be renewed however long the rest takes. */
 	if (pthread_create(&c->hb_thread, NULL, heartbeat_thread, c) != 0)
 		return tdr_err_set(err, TDR_EFAIL, "cannot start the heartbeat thread: %s", strerror(errno));
 	c->hb_running = 1;
+	/* One round so startup knows its role (single mode: leader or standby). */
+	tick(c);
 	if (pthread_create(&c->thread, NULL, coord_thread, c) != 0) {
 		pthread_mutex_lock(&c->mu);
 		c->hb_stop = 1;

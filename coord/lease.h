@@ -80,10 +80,12 @@ struct tdr_lease_ops {
 	int (*release_many)(tdr_lease_backend *be, tdr_lease_req *reqs, size_t n, tdr_err *err);
 	/*
 	 * list("") for the coordinator, once per tick: the same answer, without
-	 * what only tools need (etcd: the remaining TTL of each etcd lease), so
-	 * it is one request whatever the number of leases.
+	 * what only tools need (etcd: the remaining TTL of each etcd lease).
+	 * Partition leases ("part/<p>") only if with_parts: without them it is
+	 * the sessions and the leader, a few leases whatever P (one request);
+	 * with them one more request.
 	 */
-	int (*observe)(tdr_lease_backend *be, tdr_lease_info **ret, size_t *ret_n, tdr_err *err);
+	int (*observe)(tdr_lease_backend *be, int with_parts, tdr_lease_info **ret, size_t *ret_n, tdr_err *err);
 	void (*destroy)(tdr_lease_backend *be);
 };
 

@@ -651,8 +651,13 @@ struct ttl_seen {
 	int64_t lease, ttl, granted;
 };
 
-static int list_keys(struct etcd_backend *eb, const char *prefix, int fast, tdr_lease_info **ret, size_t *ret_n,
-		     tdr_err *err)
+/*
+ * fast: for the coordinator (no timetolive).  no_parts: stop before
+ * "lease/part/": keys sort "leader" < "member/..." < "part/...", so the range
+ * [lease/, lease/part/) is the sessions and the leader alone, whatever P.
+ */
+static int list_keys(struct etcd_backend *eb, const char *prefix, int fast, int no_parts, tdr_lease_info **ret,
+		     size_t *ret_n, tdr_err *err)
 {
 	int64_t deadline = tdr_mono_ms() + eb->timeout_ms;
 	char base[KEY_MAX], end[KEY_MAX], *body;
@@ -671,6 +676,8 @@ static int list_keys(struct etcd_backend *eb, const char *prefix, int fast, tdr_
 	blen = (size_t)snprintf(base, sizeof(base), "%slease/%s", eb->prefix, prefix);
 	if (tdr_etcd_prefix_end(base, blen, end, sizeof(end), &endlen) < 0)
 		return tdr_err_set(err, TDR_EFAIL, "lease list: prefix too long");
+	if (no_parts && prefix[0] == '\0')
+		endlen = (size_t)snprintf(end, sizeof(end), "%slease/part/", eb->prefix);
 	body = tdr_etcd_req_range(base, blen, end, endlen, 0, err);
 	if (body == NULL)
 		return TDR_EFAIL;
@@ -751,13 +758,13 @@ static int list_keys(struct etcd_backend *eb, const char *prefix, int fast, tdr_
 
 static int e_list(tdr_lease_backend *be, const char *prefix, tdr_lease_info **ret, size_t *ret_n, tdr_err *err)
 {
-	return list_keys((struct etcd_backend *)be, prefix, 0, ret, ret_n, err);
+	return list_keys((struct etcd_backend *)be, prefix, 0, 0, ret, ret_n, err);
 }
 
-/* One range request whatever the number of keys: existence is liveness for attached keys. */
-static int e_observe(tdr_lease_backend *be, tdr_lease_info **ret, size_t *ret_n, tdr_err *err)
+/* One range request: existence is liveness for attached keys. */
+static int e_observe(tdr_lease_backend *be, int with_parts, tdr_lease_info **ret, size_t *ret_n, tdr_err *err)
 {
-	return list_keys((struct etcd_backend *)be, "", 1, ret, ret_n, err);
+	return list_keys((struct etcd_backend *)be, "", 1, !with_parts, ret, ret_n, err);
 }
 
 static int e_acquire_many(tdr_lease_backend *be, const char *session, int64_t session_epoch, int64_t ttl_ms,

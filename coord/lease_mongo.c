@@ -64,7 +64,8 @@ struct mongo_backend {
 	size_t ntidy;
 };
 
-#define TIDY_MAX 512
+/* Per observation: a delete of a few ids is cheap on FerretDB too, whose $in delete scans the collection. */
+#define TIDY_MAX 128
 
 /* Latest-epoch document of one name, as read. */
 struct lease_doc {
@@ -80,6 +81,17 @@ static void lease_id(char *buf, size_t len, const char *name, int64_t epoch)
 {
 	/* Zero-padded so _id order is epoch order within a name. */
 	snprintf(buf, len, "%s#%020" PRId64, name, epoch);
+}
+
+/*
+ * Partition leases live in their own collection (tdrain_parts): the
+ * coordinator reads tdrain_leases (sessions and the leader, a few documents)
+ * every tick, and the P partition documents only when something may have
+ * changed there (docs/DESIGN.md, "Statements per retry period").
+ */
+static const char *coll_of(const char *name)
+{
+	return strncmp(name, "part/", 5) == 0 ? TDR_C_PARTS : TDR_C_LEASES;
 }
 
 /* Record what we saw; returns how long (ms) it has been unchanged. */
@@ -148,11 +160,11 @@ static int cmp_doc(const void *a, const void *b)
  * collection holds a few documents per name (old epochs are deleted by the
  * next holder), so reading it whole is cheap on every store.
  */
-static int read_latest(struct mongo_backend *mb, const bson_t *filter, struct lease_doc **ret, size_t *ret_n,
-		       tdr_err *err)
+static int read_latest(struct mongo_backend *mb, const char *cname, const bson_t *filter, struct lease_doc **ret,
+		       size_t *ret_n, tdr_err *err)
 {
 	mongoc_client_t *c = tdr_store_pop(mb->st);
-	mongoc_collection_t *coll = tdr_store_coll(mb->st, c, TDR_C_LEASES);
+	mongoc_collection_t *coll = tdr_store_coll(mb->st, c, cname);
 	bson_t opts;
 	const bson_t *doc;
 	bson_error_t be;
@@ -229,7 +241,7 @@ static int read_latest(struct mongo_backend *mb, const bson_t *filter, struct le
 static int delete_older(struct mongo_backend *mb, const char *name, int64_t epoch)
 {
 	mongoc_client_t *c = tdr_store_pop(mb->st);
-	mongoc_collection_t *coll = tdr_store_coll(mb->st, c, TDR_C_LEASES);
+	mongoc_collection_t *coll = tdr_store_coll(mb->st, c, coll_of(name));
 	bson_t filter = BSON_INITIALIZER, lt;
 	bson_error_t be;
 	int ok;
@@ -257,7 +269,7 @@ static int m_acquire(tdr_lease_backend *be, const char *name, int64_t ttl_ms, in
 	int rc;
 
 	BSON_APPEND_UTF8(&filter, "name", name);
-	rc = read_latest(mb, &filter, &docs, &n, err);
+	rc = read_latest(mb, coll_of(name), &filter, &docs, &n, err);
 	bson_destroy(&filter);
 	if (rc < 0)
 		return rc;
@@ -282,7 +294,7 @@ static int m_acquire(tdr_lease_backend *be, const char *name, int64_t ttl_ms, in
 	free(docs);
 
 	mongoc_client_t *c = tdr_store_pop(mb->st);
-	mongoc_collection_t *coll = tdr_store_coll(mb->st, c, TDR_C_LEASES);
+	mongoc_collection_t *coll = tdr_store_coll(mb->st, c, coll_of(name));
 	bson_t doc = BSON_INITIALIZER;
 	bson_error_t bee;
 	char id[TDR_LEASE_NAME_MAX + 32];
@@ -320,7 +332,7 @@ static int update_own(struct mongo_backend *mb, const char *name, int64_t epoch,
 		      const char *what, tdr_err *err)
 {
 	mongoc_client_t *c = tdr_store_pop(mb->st);
-	mongoc_collection_t *coll = tdr_store_coll(mb->st, c, TDR_C_LEASES);
+	mongoc_collection_t *coll = tdr_store_coll(mb->st, c, coll_of(name));
 	bson_t filter = BSON_INITIALIZER, reply;
 	bson_error_t be;
 	char id[TDR_LEASE_NAME_MAX + 32];
@@ -415,20 +427,22 @@ static const struct lease_doc *find_doc(const struct lease_doc *docs, size_t n, 
  * lease seen for the first time.  Called with mb->lock held, after every
  * session document of this read was observed (sess_left).
  */
-static int64_t judge(struct mongo_backend *mb, const struct lease_doc *docs, size_t n, size_t i,
+static int64_t judge(struct mongo_backend *mb, const struct lease_doc *sessions, size_t n, const struct lease_doc *d,
 		     const int64_t *left, int64_t now)
 {
-	const struct lease_doc *d = &docs[i], *s;
+	const struct lease_doc *s;
 
 	if (d->released)
 		return 0;
-	if (d->sess[0] == '\0')
-		return left[i];
-	s = find_doc(docs, n, d->sess);
+	if (d->sess[0] == '\0') {
+		/* A plain lease: it is one of sessions[] (tdrain_leases). */
+		return d >= sessions && d < sessions + n ? left[d - sessions] : 0;
+	}
+	s = find_doc(sessions, n, d->sess);
 	if (s && s->epoch > d->sess_epoch)
 		return 0;
 	if (s && s->epoch == d->sess_epoch)
-		return s->released ? 0 : left[s - docs];
+		return s->released ? 0 : left[s - sessions];
 	{
 		struct lease_doc absent;
 
@@ -440,27 +454,37 @@ static int64_t judge(struct mongo_backend *mb, const struct lease_doc *docs, siz
 	}
 }
 
-static int m_list(tdr_lease_backend *be, const char *prefix, tdr_lease_info **ret, size_t *ret_n, tdr_err *err)
+/*
+ * Every lease whose name starts with prefix; partition leases (tdrain_parts)
+ * only if with_parts.  The session documents attached leases are judged by
+ * are always read (tdrain_leases), and first.
+ */
+static int list_docs(struct mongo_backend *mb, const char *prefix, int with_parts, tdr_lease_info **ret,
+		     size_t *ret_n, tdr_err *err)
 {
-	struct mongo_backend *mb = (struct mongo_backend *)be;
-	struct lease_doc *docs = NULL;
+	struct lease_doc *docs = NULL, *pdocs = NULL;
 	tdr_lease_info *out;
 	int64_t *left;
-	size_t n = 0, k = 0, plen = strlen(prefix);
+	size_t n = 0, np = 0, k = 0, plen = strlen(prefix);
 	bson_t filter = BSON_INITIALIZER;
 	int64_t now;
 	int rc;
 
-	rc = read_latest(mb, &filter, &docs, &n, err);
+	rc = read_latest(mb, TDR_C_LEASES, &filter, &docs, &n, err);
+	if (rc == 0 && with_parts)
+		rc = read_latest(mb, TDR_C_PARTS, &filter, &pdocs, &np, err);
 	bson_destroy(&filter);
-	if (rc < 0)
+	if (rc < 0) {
+		free(docs);
 		return rc;
-	out = calloc(n ? n : 1, sizeof(*out));
+	}
+	out = calloc(n + np ? n + np : 1, sizeof(*out));
 	left = calloc(n ? n : 1, sizeof(*left));
 	if (out == NULL || left == NULL) {
 		free(out);
 		free(left);
 		free(docs);
+		free(pdocs);
 		return tdr_err_set(err, TDR_ENOMEM, "out of memory");
 	}
 	now = tdr_mono_ms();
@@ -472,64 +496,83 @@ static int m_list(tdr_lease_backend *be, const char *prefix, tdr_lease_info **re
 	 */
 	for (size_t i = 0; i < n; i++)
 		left[i] = docs[i].sess[0] || docs[i].released ? 0 : docs[i].ttl_ms - observe(mb, &docs[i], now);
-	for (size_t i = 0; i < n; i++) {
-		if (strncmp(docs[i].name, prefix, plen) != 0)
+	for (size_t i = 0; i < n + np; i++) {
+		const struct lease_doc *d = i < n ? &docs[i] : &pdocs[i - n];
+
+		if (strncmp(d->name, prefix, plen) != 0)
 			continue;
-		snprintf(out[k].name, sizeof(out[k].name), "%s", docs[i].name);
-		snprintf(out[k].holder, sizeof(out[k].holder), "%s", docs[i].holder);
-		out[k].epoch = docs[i].epoch;
-		out[k].ttl_ms = docs[i].ttl_ms;
-		out[k].released = docs[i].released;
-		out[k].expires_in_ms = judge(mb, docs, n, i, left, now);
-		snprintf(out[k].session, sizeof(out[k].session), "%s", docs[i].sess);
-		out[k].session_epoch = docs[i].sess_epoch;
-		out[k].mine = strcmp(docs[i].holder, be->holder) == 0 && strcmp(docs[i].inst, mb->inst) == 0;
+		snprintf(out[k].name, sizeof(out[k].name), "%s", d->name);
+		snprintf(out[k].holder, sizeof(out[k].holder), "%s", d->holder);
+		out[k].epoch = d->epoch;
+		out[k].ttl_ms = d->ttl_ms;
+		out[k].released = d->released;
+		out[k].expires_in_ms = judge(mb, docs, n, d, left, now);
+		snprintf(out[k].session, sizeof(out[k].session), "%s", d->sess);
+		out[k].session_epoch = d->sess_epoch;
+		out[k].mine = strcmp(d->holder, mb->base.holder) == 0 && strcmp(d->inst, mb->inst) == 0;
 		k++;
 	}
 	pthread_mutex_unlock(&mb->lock);
 	free(left);
 	free(docs);
+	free(pdocs);
 	*ret = out;
 	*ret_n = k;
 	return 0;
 }
 
+static int m_list(tdr_lease_backend *be, const char *prefix, tdr_lease_info **ret, size_t *ret_n, tdr_err *err)
+{
+	size_t plen = strlen(prefix);
+	/* Partition documents are read only when the prefix can match them. */
+	int parts = plen == 0 || strncmp(prefix, "part/", plen < 5 ? plen : 5) == 0;
+
+	return list_docs((struct mongo_backend *)be, prefix, parts, ret, ret_n, err);
+}
+
 static void tidy_superseded(struct mongo_backend *mb)
 {
-	mongoc_client_t *c;
-	mongoc_collection_t *coll;
-	bson_t filter = BSON_INITIALIZER, in, arr;
+	static const char *const colls[2] = { TDR_C_LEASES, TDR_C_PARTS };
+	bson_t filter[2], in[2], arr[2];
 	bson_error_t be;
+	size_t cnt[2] = { 0, 0 }, n;
 	char key[16];
-	size_t n;
 
+	for (int k = 0; k < 2; k++) {
+		bson_init(&filter[k]);
+		BSON_APPEND_DOCUMENT_BEGIN(&filter[k], "_id", &in[k]);
+		BSON_APPEND_ARRAY_BEGIN(&in[k], "$in", &arr[k]);
+	}
 	pthread_mutex_lock(&mb->lock);
 	n = mb->ntidy;
-	BSON_APPEND_DOCUMENT_BEGIN(&filter, "_id", &in);
-	BSON_APPEND_ARRAY_BEGIN(&in, "$in", &arr);
 	for (size_t i = 0; i < n; i++) {
-		snprintf(key, sizeof(key), "%zu", i);
-		BSON_APPEND_UTF8(&arr, key, mb->tidy[i]);
+		int k = strcmp(coll_of(mb->tidy[i]), TDR_C_PARTS) == 0;
+
+		snprintf(key, sizeof(key), "%zu", cnt[k]++);
+		BSON_APPEND_UTF8(&arr[k], key, mb->tidy[i]);
 	}
-	bson_append_array_end(&in, &arr);
-	bson_append_document_end(&filter, &in);
 	/* Dedup: the same ids come back from every read until the delete lands. */
 	mb->ntidy = 0;
 	pthread_mutex_unlock(&mb->lock);
-	if (n > 0) {
-		c = tdr_store_pop(mb->st);
-		coll = tdr_store_coll(mb->st, c, TDR_C_LEASES);
-		tdr_lease_count(&mb->base, 1);
-		/* Best effort: a failure leaves history behind, which the next read finds again. */
-		(void)mongoc_collection_delete_many(coll, &filter, NULL, NULL, &be);
-		mongoc_collection_destroy(coll);
-		tdr_store_push(mb->st, c);
+	for (int k = 0; k < 2; k++) {
+		bson_append_array_end(&in[k], &arr[k]);
+		bson_append_document_end(&filter[k], &in[k]);
+		if (cnt[k] > 0) {
+			mongoc_client_t *c = tdr_store_pop(mb->st);
+			mongoc_collection_t *coll = tdr_store_coll(mb->st, c, colls[k]);
+
+			tdr_lease_count(&mb->base, 1);
+			/* Best effort: a failure leaves history behind, which the next read finds again. */
+			(void)mongoc_collection_delete_many(coll, &filter[k], NULL, NULL, &be);
+			mongoc_collection_destroy(coll);
+			tdr_store_push(mb->st, c);
+		}
+		bson_destroy(&filter[k]);
 	}
-	bson_destroy(&filter);
 }
 
 /* The coordinator's read: then at most one delete of superseded documents of ours. */
-static int m_observe(tdr_lease_backend *be, tdr_lease_info **ret, size_t *ret_n, tdr_err *err)
+static int m_observe(tdr_lease_backend *be, int with_parts, tdr_lease_info **ret, size_t *ret_n, tdr_err *err)
 {
 	struct mongo_backend *mb = (struct mongo_backend *)be;
 	int rc;
@@ -537,7 +580,7 @@ static int m_observe(tdr_lease_backend *be, tdr_lease_info **ret, size_t *ret_n,
 	pthread_mutex_lock(&mb->lock);
 	mb->ntidy = 0;
 	pthread_mutex_unlock(&mb->lock);
-	rc = m_list(be, "", ret, ret_n, err);
+	rc = list_docs(mb, "", with_parts, ret, ret_n, err);
 	if (rc == 0)
 		tidy_superseded(mb);
 	return rc;
@@ -567,10 +610,10 @@ static void bulk_failures(const bson_t *reply, unsigned char *failed, size_t n)
 	}
 }
 
-static int m_acquire_many(tdr_lease_backend *be, const char *session, int64_t session_epoch, int64_t ttl_ms,
-			  tdr_lease_req *reqs, size_t n, tdr_err *err)
+static int acquire_group(struct mongo_backend *mb, const char *cname, const char *session, int64_t session_epoch,
+			 int64_t ttl_ms, tdr_lease_req **reqs, size_t n, tdr_err *err)
 {
-	struct mongo_backend *mb = (struct mongo_backend *)be;
+	tdr_lease_backend *be = &mb->base;
 	mongoc_client_t *c;
 	mongoc_collection_t *coll;
 	mongoc_bulk_operation_t *bulk;
@@ -582,14 +625,12 @@ static int m_acquire_many(tdr_lease_backend *be, const char *session, int64_t se
 	int64_t now = tdr_wall_ms();
 	int rc = 0, answered;
 
-	for (size_t i = 0; i < n; i++)
-		reqs[i].rc = TDR_ETRANSIENT;
 	if (n == 0)
 		return 0;
 	if ((failed = calloc(n, 1)) == NULL)
 		return tdr_err_set(err, TDR_ENOMEM, "out of memory");
 	c = tdr_store_pop(mb->st);
-	coll = tdr_store_coll(mb->st, c, TDR_C_LEASES);
+	coll = tdr_store_coll(mb->st, c, cname);
 	bson_init(&opts);
 	BSON_APPEND_BOOL(&opts, "ordered", false);
 	bulk = mongoc_collection_create_bulk_operation_with_opts(coll, &opts);
@@ -599,10 +640,10 @@ static int m_acquire_many(tdr_lease_backend *be, const char *session, int64_t se
 		char id[TDR_LEASE_NAME_MAX + 32];
 
 		/* The next epoch after the newest the caller saw: the unique _id lets one contender win it. */
-		lease_id(id, sizeof(id), reqs[i].name, reqs[i].epoch + 1);
+		lease_id(id, sizeof(id), reqs[i]->name, reqs[i]->epoch + 1);
 		BSON_APPEND_UTF8(&doc, "_id", id);
-		BSON_APPEND_UTF8(&doc, "name", reqs[i].name);
-		BSON_APPEND_INT64(&doc, "epoch", reqs[i].epoch + 1);
+		BSON_APPEND_UTF8(&doc, "name", reqs[i]->name);
+		BSON_APPEND_INT64(&doc, "epoch", reqs[i]->epoch + 1);
 		BSON_APPEND_UTF8(&doc, "holder", be->holder);
 		BSON_APPEND_UTF8(&doc, "inst", mb->inst);
 		BSON_APPEND_INT64(&doc, "seq", 0);
@@ -635,8 +676,8 @@ static int m_acquire_many(tdr_lease_backend *be, const char *session, int64_t se
 		return rc;
 	}
 	for (size_t i = 0; i < n; i++) {
-		reqs[i].rc = failed[i] == 1 ? TDR_EDUP : failed[i] ? TDR_ETRANSIENT : 0;
-		if (reqs[i].rc == 0)
+		reqs[i]->rc = failed[i] == 1 ? TDR_EDUP : failed[i] ? TDR_ETRANSIENT : 0;
+		if (reqs[i]->rc == 0)
 			nwon++;
 	}
 	free(failed);
@@ -657,30 +698,30 @@ static int m_acquire_many(tdr_lease_backend *be, const char *session, int64_t se
 
 		BSON_APPEND_ARRAY_BEGIN(&in, "$in", &arr);
 		for (size_t i = 0; i < n; i++)
-			if (reqs[i].rc == 0) {
+			if (reqs[i]->rc == 0) {
 				snprintf(key, sizeof(key), "%zu", k++);
-				BSON_APPEND_UTF8(&arr, key, reqs[i].name);
+				BSON_APPEND_UTF8(&arr, key, reqs[i]->name);
 			}
 		bson_append_array_end(&in, &arr);
 	}
 	bson_append_document_end(&filter, &in);
-	rc = read_latest(mb, &filter, &docs, &ndocs, err);
+	rc = read_latest(mb, cname, &filter, &docs, &ndocs, err);
 	bson_destroy(&filter);
 	for (size_t i = 0; i < n; i++) {
 		const struct lease_doc *d;
 
-		if (reqs[i].rc != 0)
+		if (reqs[i]->rc != 0)
 			continue;
 		if (rc < 0) {
 			/* Unknown: the caller must not write under it; its next observation adopts it if it is ours. */
-			reqs[i].rc = TDR_ETRANSIENT;
+			reqs[i]->rc = TDR_ETRANSIENT;
 			continue;
 		}
-		d = find_doc(docs, ndocs, reqs[i].name);
-		if (d && d->epoch > reqs[i].epoch + 1)
-			reqs[i].rc = TDR_EDUP;
+		d = find_doc(docs, ndocs, reqs[i]->name);
+		if (d && d->epoch > reqs[i]->epoch + 1)
+			reqs[i]->rc = TDR_EDUP;
 		else
-			reqs[i].epoch = reqs[i].epoch + 1;
+			reqs[i]->epoch = reqs[i]->epoch + 1;
 	}
 	free(docs);
 	if (rc < 0)
@@ -688,6 +729,43 @@ static int m_acquire_many(tdr_lease_backend *be, const char *session, int64_t se
 
 	/* Older epochs of what we won are deleted by a later observation (tidy_superseded), in bounded numbers. */
 	return 0;
+}
+
+/* Partition leases and the others live in two collections: one group each (the leader is rarely among them). */
+static int split_reqs(tdr_lease_req *reqs, size_t n, tdr_lease_req ***ret, size_t *nparts)
+{
+	tdr_lease_req **v = calloc(n ? n : 1, sizeof(*v));
+	size_t a = 0, b = n;
+
+	if (v == NULL)
+		return TDR_ENOMEM;
+	for (size_t i = 0; i < n; i++) {
+		if (strcmp(coll_of(reqs[i].name), TDR_C_PARTS) == 0)
+			v[a++] = &reqs[i];
+		else
+			v[--b] = &reqs[i];
+	}
+	*ret = v;
+	*nparts = a;
+	return 0;
+}
+
+static int m_acquire_many(tdr_lease_backend *be, const char *session, int64_t session_epoch, int64_t ttl_ms,
+			  tdr_lease_req *reqs, size_t n, tdr_err *err)
+{
+	struct mongo_backend *mb = (struct mongo_backend *)be;
+	tdr_lease_req **v;
+	size_t np;
+	int rc, rc2;
+
+	for (size_t i = 0; i < n; i++)
+		reqs[i].rc = TDR_ETRANSIENT;
+	if (split_reqs(reqs, n, &v, &np) < 0)
+		return tdr_err_set(err, TDR_ENOMEM, "out of memory");
+	rc = acquire_group(mb, TDR_C_PARTS, session, session_epoch, ttl_ms, v, np, err);
+	rc2 = acquire_group(mb, TDR_C_LEASES, session, session_epoch, ttl_ms, v + np, n - np, rc < 0 ? NULL : err);
+	free(v);
+	return rc < 0 ? rc : rc2;
 }
 
 /*
@@ -699,9 +777,9 @@ static int m_acquire_many(tdr_lease_backend *be, const char *session, int64_t se
  * duplicate key means that epoch is someone else's already: not ours to give.
  * Readers take the newest epoch, released: the name is free.
  */
-static int m_release_many(tdr_lease_backend *be, tdr_lease_req *reqs, size_t n, tdr_err *err)
+static int release_group(struct mongo_backend *mb, const char *cname, tdr_lease_req **reqs, size_t n, tdr_err *err)
 {
-	struct mongo_backend *mb = (struct mongo_backend *)be;
+	tdr_lease_backend *be = &mb->base;
 	mongoc_client_t *c;
 	mongoc_collection_t *coll;
 	mongoc_bulk_operation_t *bulk;
@@ -713,7 +791,7 @@ static int m_release_many(tdr_lease_backend *be, tdr_lease_req *reqs, size_t n, 
 	if (n == 0)
 		return 0;
 	c = tdr_store_pop(mb->st);
-	coll = tdr_store_coll(mb->st, c, TDR_C_LEASES);
+	coll = tdr_store_coll(mb->st, c, cname);
 	bson_init(&opts);
 	BSON_APPEND_BOOL(&opts, "ordered", false);
 	bulk = mongoc_collection_create_bulk_operation_with_opts(coll, &opts);
@@ -722,10 +800,10 @@ static int m_release_many(tdr_lease_backend *be, tdr_lease_req *reqs, size_t n, 
 		bson_t doc = BSON_INITIALIZER;
 		char id[TDR_LEASE_NAME_MAX + 32];
 
-		lease_id(id, sizeof(id), reqs[i].name, reqs[i].epoch + 1);
+		lease_id(id, sizeof(id), reqs[i]->name, reqs[i]->epoch + 1);
 		BSON_APPEND_UTF8(&doc, "_id", id);
-		BSON_APPEND_UTF8(&doc, "name", reqs[i].name);
-		BSON_APPEND_INT64(&doc, "epoch", reqs[i].epoch + 1);
+		BSON_APPEND_UTF8(&doc, "name", reqs[i]->name);
+		BSON_APPEND_INT64(&doc, "epoch", reqs[i]->epoch + 1);
 		BSON_APPEND_UTF8(&doc, "holder", be->holder);
 		BSON_APPEND_UTF8(&doc, "inst", mb->inst);
 		BSON_APPEND_INT64(&doc, "seq", 0);
@@ -748,8 +826,23 @@ static int m_release_many(tdr_lease_backend *be, tdr_lease_req *reqs, size_t n, 
 	mongoc_collection_destroy(coll);
 	tdr_store_push(mb->st, c);
 	for (size_t i = 0; i < n; i++)
-		reqs[i].rc = rc;
+		reqs[i]->rc = rc;
 	return rc;
+}
+
+static int m_release_many(tdr_lease_backend *be, tdr_lease_req *reqs, size_t n, tdr_err *err)
+{
+	struct mongo_backend *mb = (struct mongo_backend *)be;
+	tdr_lease_req **v;
+	size_t np;
+	int rc, rc2;
+
+	if (split_reqs(reqs, n, &v, &np) < 0)
+		return tdr_err_set(err, TDR_ENOMEM, "out of memory");
+	rc = release_group(mb, TDR_C_PARTS, v, np, err);
+	rc2 = release_group(mb, TDR_C_LEASES, v + np, n - np, rc < 0 ? NULL : err);
+	free(v);
+	return rc < 0 ? rc : rc2;
 }
 
 static void m_destroy(tdr_lease_backend *be)

@@ -183,6 +183,7 @@ int tdr_store_ensure_indexes(tdr_store *st, tdr_err *err)
 		{ TDR_C_CLAIMS, "tdrain_part_epoch", "part", "epoch", 0 },
 		/* One lease document per (name, epoch): the unique key IS the election. */
 		{ TDR_C_LEASES, "tdrain_name_epoch", "name", "epoch", 1 },
+		{ TDR_C_PARTS, "tdrain_name_epoch", "name", "epoch", 1 },
 	};
 	mongoc_client_t *c = tdr_store_pop(st);
 	int rc = 0;

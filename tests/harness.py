@@ -74,7 +74,7 @@ os.environ['MONGOC_DISABLE_SHM'] = '1'
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 __all__ = ['Harness', 'Store', 'Etcd', 'Postgres', 'Proc', 'SlowProxy', 'free_port', 'REPO', 'balanced',
-           'min_moves', 'moved', 'shares', 'share_bounds']
+           'min_moves', 'moved', 'shares', 'share_bounds', 'lease_docs']
 
 
 # --------------------------------------------------------------------------
@@ -148,6 +148,11 @@ def min_moves(before, members, P):
     loads = sorted(shares({p: h for p, h in before.items() if h in members}, members).values(), reverse=True)
     keep = sum(min(l, c if i < r else f) for i, l in enumerate(loads))
     return P - keep
+
+
+def lease_docs(db, *args, **kw):
+    """Every lease document: tdrain_leases (sessions, leader) and tdrain_parts (partition leases), find(*args)."""
+    return list(db.tdrain_leases.find(*args, **kw)) + list(db.tdrain_parts.find(*args, **kw))
 
 
 def moved(before, after, P):

@@ -65,7 +65,7 @@ def lease_owners(m, e, backend):
     out = {}
     if backend == 'mongo':
         latest = {}
-        for d in m.db().tdrain_leases.find({'name': {'$regex': '^part/'}}):
+        for d in harness.lease_docs(m.db(), {'name': {'$regex': '^part/'}}):
             if d['name'] not in latest or d['epoch'] > latest[d['name']]['epoch']:
                 latest[d['name']] = d
         for name, d in latest.items():

@@ -97,7 +97,7 @@ class Leases:
     def read(self):
         out = {}
         if self.backend == 'mongo':
-            for d in self.m.db(self.db).tdrain_leases.find({}):
+            for d in harness.lease_docs(self.m.db(self.db), {}):
                 n = d.get('name')
                 if n and (n not in out or d['epoch'] > out[n][1]):
                     out[n] = (d['holder'], int(d['epoch']), bool(d.get('released')))

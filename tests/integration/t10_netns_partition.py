@@ -346,7 +346,7 @@ class Run:
         out = {}
         if self.backend == 'mongo':
             latest = {}
-            for d in self.db.tdrain_leases.find({}):
+            for d in harness.lease_docs(self.db, {}):
                 if d['name'] not in latest or d['epoch'] > latest[d['name']]['epoch']:
                     latest[d['name']] = d
             for name, d in latest.items():
@@ -411,8 +411,8 @@ class Run:
             try:
                 while not stop_obs.wait(0.05):
                     try:
-                        docs = list(client[self.dbname].tdrain_leases.find({}, {'name': 1, 'epoch': 1, 'seq': 1,
-                                                                                 'sess': 1, 'sess_epoch': 1}))
+                        docs = harness.lease_docs(client[self.dbname], {}, {'name': 1, 'epoch': 1, 'seq': 1,
+                                                                           'sess': 1, 'sess_epoch': 1})
                     except Exception:
                         continue
                     now = time.monotonic()
@@ -878,7 +878,7 @@ def delayed_run(h, net, m, kind):
 
     def owners():
         latest = {}
-        for d in db.tdrain_leases.find({}):
+        for d in harness.lease_docs(db, {}):
             if d['name'] not in latest or d['epoch'] > latest[d['name']]['epoch']:
                 latest[d['name']] = d
         return {k: (d['holder'], int(d['epoch'])) for k, d in latest.items() if not d.get('released')}

@@ -152,7 +152,7 @@ def loadgen(h, m, dbname, files, tag, count, seed, extra=()):
 def leases(db):
     """{lease name: (holder, epoch)} of the newest unreleased document of each name."""
     latest = {}
-    for d in db.tdrain_leases.find({}):
+    for d in harness.lease_docs(db, {}):
         if d['name'] not in latest or d['epoch'] > latest[d['name']]['epoch']:
             latest[d['name']] = d
     return {k: (d.get('holder'), int(d['epoch'])) for k, d in latest.items() if not d.get('released')}
@@ -311,8 +311,8 @@ class Monitor:
                 try:
                     docs, st = EpochWatch.read(db)
                     t0 = time.monotonic()
-                    ls = list(db.tdrain_leases.find({}, {'name': 1, 'epoch': 1, 'holder': 1, 'seq': 1,
-                                                         'released': 1, 'sess': 1, 'sess_epoch': 1}))
+                    ls = harness.lease_docs(db, {}, {'name': 1, 'epoch': 1, 'holder': 1, 'seq': 1,
+                                                    'released': 1, 'sess': 1, 'sess_epoch': 1})
                     t1 = time.monotonic()
                 except Exception:
                     prev_t0 = None   # a failed sample proves nothing about absence

@@ -77,7 +77,7 @@ class Leases:
         out = {}
         if self.backend == 'mongo':
             latest = {}
-            for d in self.m.db(self.db).tdrain_leases.find({}, {'name': 1, 'epoch': 1, 'holder': 1, 'released': 1,
+            for d in harness.lease_docs(self.m.db(self.db), {}, {'name': 1, 'epoch': 1, 'holder': 1, 'released': 1,
                                                                  'sess': 1, 'sess_epoch': 1}):
                 n = d.get('name')
                 if n and (n not in latest or d['epoch'] > latest[n]['epoch']):
