@@ -46,8 +46,9 @@ struct group {
 	int live; /* claim recorded and still ours */
 };
 
+/* One slot per partition (and one for single mode's scope): O(1) at any partition count. */
 struct recovered {
-	int32_t part;
+	int used;
 	int64_t epoch;
 	int64_t at; /* monotonic ms of the last recovery pass */
 };
@@ -61,7 +62,7 @@ struct tdr_drain {
 	mongoc_collection_t *events, *claims, *deltas, *dead;
 	int64_t seq;
 	struct recovered *rec;
-	size_t nrec, caprec;
+	size_t nrec; /* coord.partitions + 1 slots */
 	int trace_fd;
 	/*
 	 * Acknowledged events not yet confirmed deleted from the FIFO (a delete
@@ -119,7 +120,9 @@ int tdr_drain_new(tdr_drain **ret, const tdr_config *cfg, tdr_store *st, tdr_coo
 	d->deltas = tdr_store_coll(st, d->client, TDR_C_DELTAS);
 	d->dead = tdr_store_coll(st, d->client, TDR_C_DEADLETTER);
 	d->forget = tdr_map_new(4096);
-	if (d->forget == NULL) {
+	d->nrec = (size_t)cfg->partitions + 1;
+	d->rec = calloc(d->nrec, sizeof(*d->rec));
+	if (d->forget == NULL || d->rec == NULL) {
 		tdr_drain_free(d);
 		return tdr_err_set(err, TDR_ENOMEM, "out of memory");
 	}
@@ -711,58 +714,42 @@ abandon:
  * deposed holder's claim insert, sent before its deadline, can still reach
  * the store after our first pass (retransmitted when a partition heals).
  */
-static int was_recovered(tdr_drain *d, int32_t part, int64_t epoch)
+static struct recovered *rec_slot(tdr_drain *d, int32_t part)
 {
-	for (size_t i = 0; i < d->nrec; i++)
-		if (d->rec[i].part == part && d->rec[i].epoch == epoch)
-			return tdr_mono_ms() - d->rec[i].at < d->cfg.lease_ttl_ms;
-	return 0;
+	size_t i = part < 0 ? d->nrec - 1 : (size_t)part;
+
+	return i < d->nrec ? &d->rec[i] : NULL;
 }
 
-/* Make the next drain step recover (part, epoch) again. */
+static int was_recovered(tdr_drain *d, int32_t part, int64_t epoch)
+{
+	struct recovered *r = rec_slot(d, part);
+
+	return r && r->used && r->epoch == epoch && tdr_mono_ms() - r->at < d->cfg.lease_ttl_ms;
+}
+
 static void forget_recovered(tdr_drain *d, int32_t part, int64_t epoch)
 {
-	for (size_t i = 0; i < d->nrec; i++)
-		if (d->rec[i].part == part && d->rec[i].epoch == epoch)
-			d->rec[i].at = tdr_mono_ms() - d->cfg.lease_ttl_ms;
+	struct recovered *r = rec_slot(d, part);
+
+	if (r && r->used && r->epoch == epoch)
+		r->at = tdr_mono_ms() - d->cfg.lease_ttl_ms;
 }
 
 static int recovered_before(tdr_drain *d, int32_t part, int64_t epoch)
 {
-	for (size_t i = 0; i < d->nrec; i++)
-		if (d->rec[i].part == part && d->rec[i].epoch == epoch)
-			return 1;
-	return 0;
+	struct recovered *r = rec_slot(d, part);
+
+	return r && r->used && r->epoch == epoch;
 }
 
 static void mark_recovered(tdr_drain *d, const tdr_coord_view *v, int32_t part, int64_t epoch)
 {
-	/* Forget scopes we no longer hold, so the table stays bounded by our partitions. */
-	for (size_t i = 0; i < d->nrec;) {
-		int held = 0;
+	struct recovered *r = rec_slot(d, part);
 
-		for (size_t s = 0; s < v->nscopes; s++)
-			held |= v->scopes[s].part == d->rec[i].part && v->scopes[s].epoch == d->rec[i].epoch;
-		if (!held)
-			d->rec[i] = d->rec[--d->nrec];
-		else
-			i++;
-	}
-	for (size_t i = 0; i < d->nrec; i++)
-		if (d->rec[i].part == part && d->rec[i].epoch == epoch) {
-			d->rec[i].at = tdr_mono_ms();
-			return;
-		}
-	if (d->nrec == d->caprec) {
-		size_t ncap = d->caprec ? d->caprec * 2 : 16;
-		struct recovered *n = realloc(d->rec, ncap * sizeof(*n));
-
-		if (n == NULL)
-			return; /* recovery will simply run again: it is idempotent */
-		d->rec = n;
-		d->caprec = ncap;
-	}
-	d->rec[d->nrec++] = (struct recovered){ part, epoch, tdr_mono_ms() };
+	(void)v;
+	if (r)
+		*r = (struct recovered){ 1, epoch, tdr_mono_ms() };
 }
 
 struct orphan_ids {
@@ -1158,6 +1145,38 @@ static int claim_and_process(tdr_drain *d, const tdr_coord_view *v, int *ret_ful
 	return rc;
 }
 
+/* [coord.partitions] flags: 1 where tdrain_claims holds any record; NULL if unknown (then ask per scope). */
+static unsigned char *claimed_parts(tdr_drain *d)
+{
+	unsigned char *has = calloc((size_t)d->cfg.partitions + 1, 1);
+	bson_t filter = BSON_INITIALIZER, opts, proj;
+	mongoc_cursor_t *cur;
+	const bson_t *doc;
+	bson_error_t be;
+
+	if (has == NULL)
+		return NULL;
+	tdr_store_read_opts(d->st, &opts);
+	BSON_APPEND_DOCUMENT_BEGIN(&opts, "projection", &proj);
+	BSON_APPEND_INT32(&proj, "part", 1);
+	bson_append_document_end(&opts, &proj);
+	cur = mongoc_collection_find_with_opts(d->claims, &filter, &opts, NULL);
+	while (mongoc_cursor_next(cur, &doc)) {
+		int64_t p = tdr_bson_i64(doc, "part", -1);
+
+		if (p >= 0 && p < d->cfg.partitions)
+			has[p] = 1;
+	}
+	if (mongoc_cursor_error(cur, &be)) {
+		free(has);
+		has = NULL;
+	}
+	mongoc_cursor_destroy(cur);
+	bson_destroy(&opts);
+	bson_destroy(&filter);
+	return has;
+}
+
 void tdr_drain_request_stop(tdr_drain *d)
 {
 	if (d)
@@ -1178,9 +1197,31 @@ int tdr_drain_step(tdr_drain *d, int *ret_full, int64_t *ret_n, tdr_err *err)
 		if (v.scopes[i].draining)
 			tdr_coord_scope_idle(d->coord, v.scopes[i].part, v.scopes[i].epoch);
 	/* Orphans of a newly gained scope come before any new work in it. */
-	for (size_t i = 0; i < v.nscopes && rc == 0; i++)
-		if (!v.scopes[i].draining && !was_recovered(d, v.scopes[i].part, v.scopes[i].epoch))
-			rc = recover_scope(d, &v, &v.scopes[i], err);
+	{
+		unsigned char *has = NULL;
+		size_t pending = 0;
+
+		for (size_t i = 0; i < v.nscopes; i++)
+			pending += !v.scopes[i].draining && !was_recovered(d, v.scopes[i].part, v.scopes[i].epoch);
+		/*
+		 * Many at once (a replica gaining hundreds of partitions, and again every
+		 * lease TTL): one read of which partitions have claim records at all,
+		 * so scopes without any cost no statement each.
+		 */
+		if (pending > 1)
+			has = claimed_parts(d);
+		for (size_t i = 0; i < v.nscopes && rc == 0 && !__atomic_load_n(&d->stopping, __ATOMIC_RELAXED); i++) {
+			const tdr_scope *sc = &v.scopes[i];
+
+			if (sc->draining || was_recovered(d, sc->part, sc->epoch))
+				continue;
+			if (has && sc->part >= 0 && sc->part < d->cfg.partitions && !has[sc->part])
+				mark_recovered(d, &v, sc->part, sc->epoch);
+			else
+				rc = recover_scope(d, &v, sc, err);
+		}
+		free(has);
+	}
 	if (rc == 0)
 		rc = claim_and_process(d, &v, ret_full, ret_n, err);
 	if (rc == TDR_EFENCED) {
