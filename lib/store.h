@@ -37,6 +37,7 @@ typedef struct tdr_store {
 	char events[64];
 	int64_t timeout_ms;
 	int is_ferretdb;   /* informational: decides nothing about correctness */
+	int is_documentdb; /* statement shapes only (lib/keyed.h, the claim's order); never correctness */
 	int32_t max_bson;  /* server's maxBsonObjectSize */
 } tdr_store;
 
