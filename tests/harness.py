@@ -1069,8 +1069,9 @@ class StoreRun:
     A test that runs its scenarios once per store kind (h.store_kinds()) passes this view instead of h:
     every test point (ok, is_, skip) and diagnostic starts with "[<store label>] ", and tmp is a directory
     of its own (h.tmp/<label>), so replica logs and configurations, trace files, NDJSON and metric files
-    of one store's run never collide with another's.  Everything else is the harness itself (the same
-    TAP stream, the same cleanup)."""
+    of one store's run never collide with another's.  "FIGURES scenario=S" diagnostics (summed by
+    tests/fault_suite.sh) become "FIGURES scenario=<label>/S".  Everything else is the harness itself
+    (the same TAP stream, the same cleanup)."""
 
     def __init__(self, h, store):
         self._h = h
@@ -1095,7 +1096,13 @@ class StoreRun:
         return self._h.skip(reason, self._desc(desc))
 
     def diag(self, msg):
-        self._h.diag('\n'.join(self._desc(l) for l in (str(msg).splitlines() or [''])))
+        self._h.diag('\n'.join(self._diag_line(l) for l in (str(msg).splitlines() or [''])))
+
+    def _diag_line(self, line):
+        # tests/fault_suite.sh sums "# FIGURES scenario=S ..." lines: they keep their form, one row per store.
+        if line.startswith('FIGURES scenario='):
+            return line.replace('FIGURES scenario=', 'FIGURES scenario=%s/' % self.label, 1)
+        return self._desc(line)
 
     # Defined on Harness in terms of self.tmp / self.diag: run them on this view.
     def start_tdrain(self, name, config, args=None, env=None):

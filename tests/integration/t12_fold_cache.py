@@ -13,6 +13,7 @@ the leadership back to it and checks derived state against an independent recomp
    A stale copy in a would show as mismatches: every device's count changed under it in phase 2.
 Checks: each event dispatched exactly once, nothing pending, derived state exact after phases 1 and 3, and the
 metrics show a started its copy over (tdrain_fold_cache_loads_total) when it led again.
+Runs on every store of h.store_kinds() (FerretDB and DocumentDB by default; TDRAIN_TEST_STORES).
 """
 import collections
 import os
@@ -75,7 +76,14 @@ def leader(db):
 
 
 def main(h):
-    m = h.start_ferretdb()
+    for kind in h.store_kinds():
+        m = h.start_store(kind)
+        run(h.for_store(m), m)
+        m.stop()
+
+
+def run(h, m):
+    """One store's run: h labels every point with the store and has a tmp of its own (h.for_store)."""
     db = m.db()
     files = []
 
