@@ -23,9 +23,9 @@
  * never O(count).
  *
  * --malformed-corpus inserts one document per malformed kind (table `corpus`
- * below, with the reason prefix tdrain must give), plus a few valid documents
- * that sit exactly on the contract's limits, and writes a manifest the
- * checker (tests/checker.py) reads.  With --count as well, the corpus is
+ * in corpus.c, with the reason prefix tdrain must give), plus a few valid
+ * documents that sit exactly on the contract's limits, and writes a manifest
+ * the checker (tests/checker.py) reads.  With --count as well, the corpus is
  * spread evenly through the normal events, so a test also sees that a bad
  * document never blocks the good ones behind it.
  */
@@ -42,7 +42,9 @@
 
 #include <mongoc/mongoc.h>
 
+#include "bench/loadgen.h"
 #include "lib/clock.h"
+#include "lib/conf.h"
 #include "lib/err.h"
 #include "lib/hash.h"
 #include "lib/store.h"
@@ -53,7 +55,6 @@
 #define DUP_DELAY_MAX 2000      /* a duplicate follows its original within this many events */
 #define RELINK_RATIO 0.05       /* of signed-in devices, those that switch username once */
 #define TIE_RATIO 0.25          /* of re-linkers, those that end on a same-ms tie */
-#define MAX_EVENT_BYTES 262144  /* drain.max_event_bytes default (docs/EVENTS.md) */
 
 static volatile sig_atomic_t stop_flag;
 
@@ -79,6 +80,7 @@ struct opts {
 	double dup_ratio;
 	int64_t partitions;   /* 0: do not write part */
 	double rate;          /* 0: as fast as possible */
+	int64_t burst;        /* with rate: the first burst documents as fast as possible */
 	int64_t max_backlog;  /* 0: never wait for the FIFO */
 	int64_t batch;
 	uint64_t seed;
@@ -103,6 +105,8 @@ static void usage(FILE *out)
 		"  --dup-ratio X          fraction of events re-inserted with a new _id, same insert_id (default 0)\n"
 		"  --partitions P         write part = fnv1a32(canonical _id) %% P (default: no part)\n"
 		"  --rate EPS             steady insert rate in documents/s (default: as fast as possible)\n"
+		"  --burst N              with --rate: insert the first N documents as fast as possible\n"
+		"                         (a pre-loaded backlog), then keep to the rate\n"
 		"  --batch N              documents per insert_many (default 1000)\n"
 		"  --max-backlog N        before each insert, wait while the FIFO holds N documents or more\n"
 		"                         (an ingest that answers 503 when the backlog is too deep)\n"
@@ -113,19 +117,6 @@ static void usage(FILE *out)
 		"  --malformed-corpus     insert one document of each malformed kind (plus limit cases)\n"
 		"  --manifest FILE        with --malformed-corpus: write {\"_id\",\"reason\"} per bad document\n"
 		"  --quiet                no progress lines\n");
-}
-
-static int parse_i64(const char *s, int64_t lo, int64_t hi, int64_t *ret)
-{
-	char *end;
-	long long v;
-
-	errno = 0;
-	v = strtoll(s, &end, 10);
-	if (errno || end == s || *end || v < lo || v > hi)
-		return -1;
-	*ret = v;
-	return 0;
 }
 
 static int parse_f(const char *s, double lo, double hi, double *ret)
@@ -144,7 +135,8 @@ static int parse_f(const char *s, double lo, double hi, double *ret)
 static int parse_opts(int argc, char **argv, struct opts *o)
 {
 	enum { O_URI = 256, O_DB, O_COLL, O_COUNT, O_DEVICES, O_USERS, O_SIGNED, O_DUP, O_PARTS, O_RATE,
-	       O_BATCH, O_SEED, O_NDJSON, O_START, O_DAYS, O_QUIET, O_CORPUS, O_MANIFEST, O_MAXBACKLOG, O_HELP };
+	       O_BATCH, O_SEED, O_NDJSON, O_START, O_DAYS, O_QUIET, O_CORPUS, O_MANIFEST, O_MAXBACKLOG, O_BURST,
+	       O_HELP };
 	static const struct option lo[] = {
 		{ "uri", required_argument, NULL, O_URI },
 		{ "db", required_argument, NULL, O_DB },
@@ -156,6 +148,7 @@ static int parse_opts(int argc, char **argv, struct opts *o)
 		{ "dup-ratio", required_argument, NULL, O_DUP },
 		{ "partitions", required_argument, NULL, O_PARTS },
 		{ "rate", required_argument, NULL, O_RATE },
+		{ "burst", required_argument, NULL, O_BURST },
 		{ "max-backlog", required_argument, NULL, O_MAXBACKLOG },
 		{ "batch", required_argument, NULL, O_BATCH },
 		{ "seed", required_argument, NULL, O_SEED },
@@ -193,15 +186,15 @@ static int parse_opts(int argc, char **argv, struct opts *o)
 		case O_CORPUS: o->corpus = 1; break;
 		case O_COUNT:
 			count_given = 1;
-			if (parse_i64(optarg, 0, INT64_C(1) << 40, &o->count))
+			if (tdr_parse_i64(optarg, 0, INT64_C(1) << 40, &o->count))
 				bad = "--count";
 			break;
 		case O_DEVICES:
-			if (parse_i64(optarg, 1, 50000000, &o->devices))
+			if (tdr_parse_i64(optarg, 1, 50000000, &o->devices))
 				bad = "--devices";
 			break;
 		case O_USERS:
-			if (parse_i64(optarg, 1, 1000000000, &o->users))
+			if (tdr_parse_i64(optarg, 1, 1000000000, &o->users))
 				bad = "--users";
 			break;
 		case O_SIGNED:
@@ -213,36 +206,40 @@ static int parse_opts(int argc, char **argv, struct opts *o)
 				bad = "--dup-ratio";
 			break;
 		case O_PARTS:
-			if (parse_i64(optarg, 1, INT32_MAX, &o->partitions))
+			if (tdr_parse_i64(optarg, 1, INT32_MAX, &o->partitions))
 				bad = "--partitions";
 			break;
 		case O_RATE:
 			if (parse_f(optarg, 0.001, 1e9, &o->rate))
 				bad = "--rate";
 			break;
+		case O_BURST:
+			if (tdr_parse_i64(optarg, 0, INT64_MAX, &o->burst))
+				bad = "--burst";
+			break;
 		case O_MAXBACKLOG:
-			if (parse_i64(optarg, 1, INT64_MAX, &o->max_backlog))
+			if (tdr_parse_i64(optarg, 1, INT64_MAX, &o->max_backlog))
 				bad = "--max-backlog";
 			break;
 		case O_BATCH:
-			if (parse_i64(optarg, 1, 100000, &o->batch))
+			if (tdr_parse_i64(optarg, 1, 100000, &o->batch))
 				bad = "--batch";
 			break;
 		case O_SEED:
-			if (parse_i64(optarg, 0, INT64_MAX, &v))
+			if (tdr_parse_i64(optarg, 0, INT64_MAX, &v))
 				bad = "--seed";
 			else
 				o->seed = (uint64_t)v;
 			break;
 		case O_START:
 			/* Year 1 .. 9999 keeps every created_at printable as YYYY-MM-DD. */
-			if (parse_i64(optarg, INT64_C(-62135596800000), INT64_C(253402300799999) - 400 * DAY_MS,
-				      &o->start_ms))
+			if (tdr_parse_i64(optarg, INT64_C(-62135596800000), INT64_C(253402300799999) - 400 * DAY_MS,
+					  &o->start_ms))
 				bad = "--start-ms";
 			o->start_given = 1;
 			break;
 		case O_DAYS:
-			if (parse_i64(optarg, 1, 365, &o->days))
+			if (tdr_parse_i64(optarg, 1, 365, &o->days))
 				bad = "--days";
 			break;
 		case O_HELP: usage(stdout); exit(0);
@@ -317,27 +314,6 @@ struct device {
 	unsigned retired : 1; /* emitted its tie pair: no later events, so the tie decides */
 };
 
-struct gen {
-	const struct opts *o;
-	struct device *dev;
-	int64_t ndev;
-	int64_t base, span;
-	int64_t made;        /* unique events generated (including tie partners) */
-	int64_t dups;        /* duplicate documents generated */
-	int64_t bad;         /* malformed corpus documents generated */
-	int64_t edge;        /* valid limit-case corpus documents generated */
-	size_t ci;           /* next corpus entry */
-	int skip_bad_utf8;   /* the store rewrites invalid UTF-8: leave those kinds out */
-	bson_t *pending;     /* a tie partner's body, emitted next */
-	/* Pending duplicates: a binary min-heap on the event number they are due at. */
-	struct dup {
-		int64_t due;
-		bson_t *body;
-	} *heap;
-	size_t nheap, capheap;
-	FILE *manifest;
-};
-
 static void user_name(int64_t k, char buf[32])
 {
 	snprintf(buf, 32, "user-%" PRId64, k);
@@ -402,7 +378,7 @@ static int64_t user_at(const struct device *d, int64_t t)
 /* A uuid-like insert_id.  Its first 96 bits come from a fresh ObjectId, which is
  * unique per process and across processes, so two runs with one --seed never
  * share an insert_id (sharing one would make them "the same event"). */
-static void make_insert_id(char buf[37])
+void make_insert_id(char buf[37])
 {
 	bson_oid_t oid;
 	uint32_t r = (uint32_t)rng_next();
@@ -467,7 +443,7 @@ static void make_body(bson_t *body, const char *event, const struct device *d, i
 }
 
 /* Prefix a body with an _id (a fresh ObjectId when id is NULL) and append part. */
-static int finish_doc(const struct gen *g, bson_t *doc, const bson_t *body, const bson_value_t *id)
+int finish_doc(const struct gen *g, bson_t *doc, const bson_t *body, const bson_value_t *id)
 {
 	char hex[25];
 	const char *key = NULL;
@@ -610,314 +586,6 @@ static int gen_original(struct gen *g, bson_t *body)
 }
 
 /* ------------------------------------------------------------------------ */
-/* The malformed corpus                                                     */
-
-/*
- * One entry per way a document can break docs/EVENTS.md.  Each bad document
- * has _id "bad-<kind>" unless the kind is about _id itself, and breaks exactly
- * one rule, so the reason is unambiguous whatever order a validator checks in.
- * Reasons are "<field>: <problem>"; the validator must emit them as prefixes.
- * Kinds marked "edge" are VALID documents sitting exactly on a limit: they
- * must be counted, never dead-lettered.
- */
-static const struct corpus_kind {
-	const char *kind;
-	const char *reason; /* NULL: a valid limit case */
-	int bad_utf8;       /* holds invalid UTF-8: skipped on stores that rewrite it (FerretDB) */
-} corpus[] = {
-	{ "id-type", "_id: unsupported type", 0 },          /* _id {"bad": "id-type"} */
-	{ "id-double", "_id: unsupported type", 0 },        /* _id 1.5 */
-	{ "id-too-long", "_id: too long", 0 },              /* _id "bad-id-too-long-xxx…", 129 bytes */
-	{ "insert-id-missing", "insert_id: missing", 0 },
-	{ "insert-id-type", "insert_id: not a string", 0 },
-	{ "insert-id-null", "insert_id: not a string", 0 },
-	{ "insert-id-empty", "insert_id: empty", 0 },
-	{ "insert-id-long", "insert_id: too long", 0 },     /* 129 bytes */
-	{ "insert-id-utf8", "insert_id: invalid UTF-8", 1 },
-	{ "event-missing", "event: missing", 0 },
-	{ "event-type", "event: not a string", 0 },
-	{ "event-empty", "event: empty", 0 },
-	{ "event-long", "event: too long", 0 },             /* 129 bytes, all allowed characters */
-	{ "event-space", "event: invalid character", 0 },
-	{ "event-pipe", "event: invalid character", 0 },
-	{ "event-dollar", "event: invalid character", 0 },
-	{ "event-nonascii", "event: invalid character", 0 }, /* valid UTF-8 "é", outside the set */
-	{ "event-utf8", "event: invalid character", 1 },     /* invalid UTF-8 is outside the set too */
-	{ "distinct-id-missing", "distinct_id: missing", 0 },
-	{ "distinct-id-type", "distinct_id: not a string", 0 },
-	{ "distinct-id-empty", "distinct_id: empty", 0 },
-	{ "distinct-id-long", "distinct_id: too long", 0 }, /* 257 bytes */
-	{ "distinct-id-utf8", "distinct_id: invalid UTF-8", 1 },
-	{ "distinct-id-control", "distinct_id: control character", 0 }, /* "\x07" */
-	{ "distinct-id-nul", "distinct_id: control character", 0 },     /* embedded NUL */
-	{ "distinct-id-c1", "distinct_id: control character", 0 },      /* U+0085 */
-	{ "username-type", "username: not a string", 0 },
-	{ "username-empty", "username: empty", 0 },
-	{ "username-long", "username: too long", 0 },       /* 257 bytes */
-	{ "username-utf8", "username: invalid UTF-8", 1 },
-	{ "username-control", "username: control character", 0 }, /* "\n" */
-	{ "created-at-missing", "created_at: missing", 0 },
-	{ "created-at-string", "created_at: not a date", 0 },
-	{ "created-at-int", "created_at: not a date", 0 },
-	{ "created-at-timestamp", "created_at: not a date", 0 }, /* BSON Timestamp, not a date */
-	{ "properties-array", "properties: not a document", 0 },
-	{ "properties-string", "properties: not a document", 0 },
-	{ "oversized", "document: too large", 0 },          /* MAX_EVENT_BYTES + 1 bytes */
-	{ "edge-limits", NULL, 0 },   /* insert_id 128 B, event 128 B, distinct_id/username 256 B of UTF-8 */
-	{ "edge-minimal", NULL, 0 },  /* no username, no properties: the optional fields are optional */
-	{ "edge-size", NULL, 0 },     /* MAX_EVENT_BYTES - 16 bytes: room for triage to add part */
-	{ "edge-event-chars", NULL, 0 }, /* every allowed character class in one name */
-};
-#define NCORPUS (sizeof(corpus) / sizeof(corpus[0]))
-
-static char *repeat(char c, size_t n)
-{
-	char *s = malloc(n + 1);
-
-	if (s) {
-		memset(s, c, n);
-		s[n] = '\0';
-	}
-	return s;
-}
-
-/* A valid string of exactly n bytes made of multi-byte UTF-8 ("é" then ASCII fill). */
-static char *utf8_fill(const char *prefix, size_t n)
-{
-	size_t pl = strlen(prefix), i;
-	char *s = malloc(n + 1);
-
-	if (s == NULL)
-		return NULL;
-	memcpy(s, prefix, pl < n ? pl : n);
-	for (i = pl; i + 2 <= n; i += 2)
-		memcpy(s + i, "\xc3\xa9", 2); /* é */
-	for (; i < n; i++)
-		s[i] = 'x';
-	s[n] = '\0';
-	return s;
-}
-
-#define IS(k) (strcmp(kind, (k)) == 0)
-
-/* Append the properties sub-document, padded with a string of pad bytes. */
-static int append_props_pad(bson_t *doc, size_t pad)
-{
-	bson_t p;
-	char *blob = repeat('p', pad);
-	int ok;
-
-	if (blob == NULL)
-		return -1;
-	ok = BSON_APPEND_DOCUMENT_BEGIN(doc, "properties", &p) && bson_append_utf8(&p, "blob", 4, blob, (int)pad) &&
-	     bson_append_document_end(doc, &p);
-	free(blob);
-	return ok ? 0 : -1;
-}
-
-/* Build corpus entry k's body (no _id, no part) with the given properties padding. */
-static int corpus_body(const struct gen *g, const char *kind, bson_t *b, size_t pad)
-{
-	char iid[37];
-	char *s = NULL;
-	int ok = 1;
-
-	make_insert_id(iid);
-	/* insert_id */
-	if (IS("insert-id-missing"))
-		;
-	else if (IS("insert-id-type"))
-		ok = BSON_APPEND_INT32(b, "insert_id", 12345);
-	else if (IS("insert-id-null"))
-		ok = BSON_APPEND_NULL(b, "insert_id");
-	else if (IS("insert-id-empty"))
-		ok = BSON_APPEND_UTF8(b, "insert_id", "");
-	else if (IS("insert-id-long") || IS("edge-limits")) {
-		size_t n = IS("edge-limits") ? 128 : 129;
-
-		/* Keep it unique: the uuid first, then filler. */
-		ok = (s = repeat('i', n)) != NULL;
-		if (ok) {
-			memcpy(s, iid, strlen(iid));
-			ok = bson_append_utf8(b, "insert_id", 9, s, (int)n);
-		}
-		free(s);
-		s = NULL;
-	} else if (IS("insert-id-utf8")) {
-		char v[64];
-
-		snprintf(v, sizeof(v), "%s\xc3\x28", iid); /* 0xC3 then a non-continuation byte */
-		ok = BSON_APPEND_UTF8(b, "insert_id", v);
-	} else
-		ok = BSON_APPEND_UTF8(b, "insert_id", iid);
-
-	/* event */
-	if (!ok || IS("event-missing"))
-		;
-	else if (IS("event-type"))
-		ok = BSON_APPEND_BOOL(b, "event", true);
-	else if (IS("event-empty"))
-		ok = BSON_APPEND_UTF8(b, "event", "");
-	else if (IS("event-long") || IS("edge-limits")) {
-		size_t n = IS("edge-limits") ? 128 : 129;
-
-		ok = (s = repeat('e', n)) != NULL;
-		if (ok) {
-			memcpy(s, "Ab0_.:/-", 8);
-			ok = bson_append_utf8(b, "event", 5, s, (int)n);
-		}
-		free(s);
-		s = NULL;
-	} else if (IS("event-space"))
-		ok = BSON_APPEND_UTF8(b, "event", "cli invocation");
-	else if (IS("event-pipe"))
-		ok = BSON_APPEND_UTF8(b, "event", "cli|invocation");
-	else if (IS("event-dollar"))
-		ok = BSON_APPEND_UTF8(b, "event", "$cli_invocation");
-	else if (IS("event-nonascii"))
-		ok = BSON_APPEND_UTF8(b, "event", "caf\xc3\xa9");
-	else if (IS("event-utf8"))
-		ok = BSON_APPEND_UTF8(b, "event", "cli\xff");
-	else if (IS("edge-event-chars"))
-		ok = BSON_APPEND_UTF8(b, "event", "Zz09_.:/-aZ");
-	else
-		ok = BSON_APPEND_UTF8(b, "event", "cli_invocation");
-
-	/* distinct_id */
-	if (!ok || IS("distinct-id-missing"))
-		;
-	else if (IS("distinct-id-type"))
-		ok = BSON_APPEND_INT64(b, "distinct_id", 42);
-	else if (IS("distinct-id-empty"))
-		ok = BSON_APPEND_UTF8(b, "distinct_id", "");
-	else if (IS("distinct-id-long") || IS("edge-limits")) {
-		size_t n = IS("edge-limits") ? 256 : 257;
-
-		ok = (s = utf8_fill("dev-edge-", n)) != NULL && bson_append_utf8(b, "distinct_id", 11, s, (int)n);
-		free(s);
-		s = NULL;
-	} else if (IS("distinct-id-utf8"))
-		ok = BSON_APPEND_UTF8(b, "distinct_id", "dev-\xe2\x82");  /* truncated 3-byte sequence */
-	else if (IS("distinct-id-control"))
-		ok = BSON_APPEND_UTF8(b, "distinct_id", "dev-\x07" "bell");
-	else if (IS("distinct-id-nul"))
-		ok = bson_append_utf8(b, "distinct_id", 11, "dev-\0nul", 8);
-	else if (IS("distinct-id-c1"))
-		ok = BSON_APPEND_UTF8(b, "distinct_id", "dev-\xc2\x85" "nel");
-	else
-		ok = BSON_APPEND_UTF8(b, "distinct_id", "dev-corpus");
-
-	/* username: present and valid unless the kind is about it (or edge-minimal) */
-	if (!ok || IS("edge-minimal"))
-		;
-	else if (IS("username-type"))
-		ok = BSON_APPEND_INT32(b, "username", 7);
-	else if (IS("username-empty"))
-		ok = BSON_APPEND_UTF8(b, "username", "");
-	else if (IS("username-long") || IS("edge-limits")) {
-		size_t n = IS("edge-limits") ? 256 : 257;
-
-		ok = (s = utf8_fill("user-edge-", n)) != NULL && bson_append_utf8(b, "username", 8, s, (int)n);
-		free(s);
-		s = NULL;
-	} else if (IS("username-utf8"))
-		ok = BSON_APPEND_UTF8(b, "username", "user-\xed\xa0\x80"); /* a UTF-16 surrogate: invalid */
-	else if (IS("username-control"))
-		ok = BSON_APPEND_UTF8(b, "username", "user-\nline");
-	else
-		ok = BSON_APPEND_UTF8(b, "username", "user-corpus");
-
-	/* created_at */
-	if (!ok || IS("created-at-missing"))
-		;
-	else if (IS("created-at-string"))
-		ok = BSON_APPEND_UTF8(b, "created_at", "2026-06-25T17:56:51Z");
-	else if (IS("created-at-int"))
-		ok = BSON_APPEND_INT64(b, "created_at", g->base);
-	else if (IS("created-at-timestamp"))
-		ok = BSON_APPEND_TIMESTAMP(b, "created_at", (uint32_t)(g->base / 1000), 1);
-	else
-		ok = BSON_APPEND_DATE_TIME(b, "created_at", g->base + 1000);
-
-	/* properties */
-	if (!ok || IS("edge-minimal"))
-		;
-	else if (IS("properties-array")) {
-		bson_t a;
-
-		ok = BSON_APPEND_ARRAY_BEGIN(b, "properties", &a) && BSON_APPEND_UTF8(&a, "0", "x") &&
-		     bson_append_array_end(b, &a);
-	} else if (IS("properties-string"))
-		ok = BSON_APPEND_UTF8(b, "properties", "{\"command\":\"run\"}");
-	else
-		ok = append_props_pad(b, pad) == 0;
-	return ok ? 0 : -1;
-}
-
-/* Corpus entry k as a whole document; fills the manifest's _id JSON. */
-static int corpus_doc(struct gen *g, size_t k, bson_t *doc, char *idjson, size_t idlen)
-{
-	const char *kind = corpus[k].kind;
-	bson_value_t id;
-	bson_t body = BSON_INITIALIZER, sub = BSON_INITIALIZER;
-	char sid[160];
-	int rc = -1;
-
-	memset(&id, 0, sizeof(id));
-	if (IS("id-type")) {
-		/* Not a string, so it cannot be "bad-…": the manifest carries the sub-document. */
-		BSON_APPEND_UTF8(&sub, "bad", "id-type");
-		id.value_type = BSON_TYPE_DOCUMENT;
-		id.value.v_doc.data = (uint8_t *)bson_get_data(&sub);
-		id.value.v_doc.data_len = sub.len;
-		snprintf(idjson, idlen, "{\"bad\": \"id-type\"}");
-	} else if (IS("id-double")) {
-		id.value_type = BSON_TYPE_DOUBLE;
-		id.value.v_double = 1.5;
-		snprintf(idjson, idlen, "1.5");
-	} else {
-		if (IS("id-too-long")) {
-			memset(sid, 'x', 129);
-			memcpy(sid, "bad-id-too-long-", 16);
-			sid[129] = '\0';
-		} else if (corpus[k].reason) {
-			snprintf(sid, sizeof(sid), "bad-%s", kind);
-		} else {
-			snprintf(sid, sizeof(sid), "%s", kind); /* the edge kinds already say "edge-" */
-		}
-		id.value_type = BSON_TYPE_UTF8;
-		id.value.v_utf8.str = sid;
-		id.value.v_utf8.len = (uint32_t)strlen(sid);
-		snprintf(idjson, idlen, "\"%s\"", sid);
-	}
-
-	if (IS("oversized") || IS("edge-size")) {
-		/* Size is linear in the padding: measure once with none, then aim. */
-		bson_t probe = BSON_INITIALIZER;
-		int64_t want = IS("oversized") ? MAX_EVENT_BYTES + 1 : MAX_EVENT_BYTES - 16;
-
-		if (corpus_body(g, kind, &body, 0) || finish_doc(g, &probe, &body, &id)) {
-			bson_destroy(&probe);
-			goto out;
-		}
-		want -= probe.len;
-		bson_destroy(&probe);
-		bson_reinit(&body);
-		if (want < 0 || corpus_body(g, kind, &body, (size_t)want))
-			goto out;
-	} else if (corpus_body(g, kind, &body, 0)) {
-		goto out;
-	}
-	rc = finish_doc(g, doc, &body, &id);
-out:
-	bson_destroy(&body);
-	bson_destroy(&sub);
-	return rc;
-}
-
-#undef IS
-
-/* ------------------------------------------------------------------------ */
 /* The generator: one document at a time, in the order it is inserted       */
 
 enum doc_kind { D_EVENT, D_DUP, D_BAD, D_EDGE };
@@ -938,7 +606,7 @@ static int gen_next(struct gen *g, bson_t *doc, int *ret_kind)
 		return rc ? -1 : 1;
 	}
 	/* Corpus entries spread evenly over the normal events. */
-	if (o->corpus && g->ci < NCORPUS && (o->count == 0 || g->made >= (int64_t)g->ci * o->count / (int64_t)NCORPUS)) {
+	if (o->corpus && g->ci < ncorpus && (o->count == 0 || g->made >= (int64_t)g->ci * o->count / (int64_t)ncorpus)) {
 		char idjson[200];
 		size_t k = g->ci++;
 
@@ -1093,8 +761,11 @@ static int store_is_ferretdb(mongoc_client_t *client, int *ret)
 }
 
 /*
- * Wait while the FIFO holds max or more documents (its estimated count:
- * metadata on MongoDB, collStats on FerretDB, never a scan).  Returns the
+ * Wait while the FIFO holds max or more documents.  The count is exact and
+ * stops at max (tdr_store_count: collStats on FerretDB, a $limit-ed count
+ * elsewhere), so a check reads at most max documents; an estimate would not
+ * do: DocumentDB's comes from PostgreSQL statistics, which can say 85,000
+ * for an empty FIFO and keep producers waiting for ever.  Returns the
  * microseconds waited, or -1 on a store error or a stop signal.
  */
 static void sleep_until_us(int64_t due_us);
@@ -1106,7 +777,7 @@ static int64_t wait_backlog(tdr_store *fifo, mongoc_client_t *client, const char
 	for (;;) {
 		tdr_err err;
 
-		if (tdr_store_count_estimate(fifo, client, coll, &n, &err) < 0) {
+		if (tdr_store_count(fifo, client, coll, max, &n, NULL, &err) < 0) {
 			fprintf(stderr, PROG ": counting the FIFO: %s\n", err.msg);
 			return -1;
 		}
@@ -1153,6 +824,8 @@ int main(int argc, char **argv)
 	bson_error_t be;
 	FILE *nd = NULL;
 	int64_t sub, t0, last_report, inserted = 0;
+	int64_t pace_t0 = 0, pace_base = 0;
+	int paced = 0;
 	int rc = 1, more = 1;
 	struct sigaction sa;
 
@@ -1184,7 +857,8 @@ int main(int argc, char **argv)
 		if (sub > o.batch)
 			sub = o.batch;
 	}
-	b.cap = (size_t)sub;
+	/* A burst sends full batches; the paced part fills only sub of them. */
+	b.cap = (size_t)(o.burst > 0 ? o.batch : sub);
 	b.validate = 1;
 	b.docs = calloc(b.cap, sizeof(*b.docs));
 	if (b.docs == NULL) {
@@ -1217,7 +891,7 @@ int main(int argc, char **argv)
 	mongoc_write_concern_set_w(wc, 1); /* acknowledged: the NDJSON only lists what the server took */
 	mongoc_collection_set_write_concern(coll, wc);
 	if (o.max_backlog > 0) {
-		/* Only what tdr_store_count_estimate reads: the database, the timeout, the store's kind. */
+		/* Only what tdr_store_count reads: the database, the timeout, the store's kind. */
 		snprintf(fifo.db, sizeof(fifo.db), "%s", o.db);
 		fifo.timeout_ms = 30000;
 		if (store_is_ferretdb(client, &fifo.is_ferretdb))
@@ -1232,8 +906,10 @@ int main(int argc, char **argv)
 
 	t0 = last_report = tdr_mono_us();
 	while (more && !stop_flag) {
-		/* Fill a batch. */
-		while (b.n < b.cap) {
+		/* Fill a batch: a full one during a burst, sub documents when paced. */
+		size_t fill = (o.rate > 0 && inserted >= o.burst) ? (size_t)sub : b.cap;
+
+		while (b.n < fill) {
 			bson_t *doc = bson_new();
 			int kind, r;
 
@@ -1261,10 +937,18 @@ int main(int argc, char **argv)
 			if (waited < 0)
 				goto out;
 			t0 += waited; /* a pause is not a rate deficit to make up for */
+			pace_t0 += waited;
 		}
-		if (o.rate > 0)
-			/* Send a batch when its last document is due, so the average is the rate. */
-			sleep_until_us(t0 + (int64_t)((double)(inserted + (int64_t)b.n) * 1e6 / o.rate));
+		if (o.rate > 0 && inserted >= o.burst) {
+			/* Send a batch when its last document is due, so the average is the rate;
+			 * the rate counts from the end of the burst. */
+			if (!paced) {
+				paced = 1;
+				pace_t0 = tdr_mono_us();
+				pace_base = inserted;
+			}
+			sleep_until_us(pace_t0 + (int64_t)((double)(inserted - pace_base + (int64_t)b.n) * 1e6 / o.rate));
+		}
 		inserted += (int64_t)b.n;
 		if (flush_batch(coll, &b, nd))
 			goto out;

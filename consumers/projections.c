@@ -2,13 +2,13 @@
  * projections.c - the independent projections of docs/EVENTS.md:
  * event_counters, device_metrics, device_event_counts, signin_days.
  * (identity_map and username_metrics depend on each other and on the
- * device counts, so the fold resolves them itself: fold.c.)
+ * device counts, so the fold resolves them itself: fold_identity.c.)
  *
  * Each aggregates a round in a hash map and emits one update per key (the
  * fold turns updates into after-images and stamps _f itself).
  * Updates are recorded in the fold's redo record, where FerretDB refuses
  * '$'-prefixed keys, so they are written as {inc, min, max, set, addToSet}
- * (arrays for addToSet) and fold.c turns them into operators when applying.
+ * (arrays for addToSet), which fold_image.c applies to the current documents.
  */
 #include "config.h"
 
@@ -30,8 +30,8 @@ static void map_destroy(void *state)
 	tdr_map_free(state, free);
 }
 
-static void append_record(bson_t *writes, uint32_t *idx, const char *coll, const char *key, size_t klen,
-			  const bson_t *update)
+void tdr_projection_record(bson_t *writes, uint32_t *idx, const char *coll, const char *key, size_t klen,
+			   const bson_t *update)
 {
 	char buf[16];
 	const char *kp;
@@ -93,7 +93,7 @@ static int counters_emit(void *state, bson_t *writes, uint32_t *idx, int64_t fol
 		bson_append_utf8(&set, "event", -1, key, (int)(bar - key));
 		bson_append_utf8(&set, "day", -1, bar + 1, (int)(klen - (size_t)(bar - key) - 1));
 		bson_append_document_end(&u, &set);
-		append_record(writes, idx, TDR_C_COUNTERS, key, klen, &u);
+		tdr_projection_record(writes, idx, TDR_C_COUNTERS, key, klen, &u);
 		bson_destroy(&u);
 	}
 	return 0;
@@ -147,7 +147,7 @@ static int devices_emit(void *state, bson_t *writes, uint32_t *idx, int64_t fold
 		BSON_APPEND_DOCUMENT_BEGIN(&u, "max", &d);
 		BSON_APPEND_DATE_TIME(&d, "last_seen", dv->tmax);
 		bson_append_document_end(&u, &d);
-		append_record(writes, idx, TDR_C_DEVICES, key, klen, &u);
+		tdr_projection_record(writes, idx, TDR_C_DEVICES, key, klen, &u);
 		bson_destroy(&u);
 	}
 	return 0;
@@ -201,7 +201,7 @@ static int devev_emit(void *state, bson_t *writes, uint32_t *idx, int64_t fold_s
 		bson_append_utf8(&d, "distinct_id", -1, key, (int)(bar - 1 - key));
 		bson_append_utf8(&d, "event", -1, bar, (int)(key + klen - bar));
 		bson_append_document_end(&u, &d);
-		append_record(writes, idx, TDR_C_DEVICE_EVENTS, key, klen, &u);
+		tdr_projection_record(writes, idx, TDR_C_DEVICE_EVENTS, key, klen, &u);
 		bson_destroy(&u);
 	}
 	return 0;
@@ -280,7 +280,7 @@ static int signins_emit(void *state, bson_t *writes, uint32_t *idx, int64_t fold
 		}
 		bson_append_array_end(&add, &arr);
 		bson_append_document_end(&u, &add);
-		append_record(writes, idx, TDR_C_SIGNINS, key, klen, &u);
+		tdr_projection_record(writes, idx, TDR_C_SIGNINS, key, klen, &u);
 		bson_destroy(&u);
 	}
 	return 0;

@@ -30,6 +30,7 @@
 
 #include "consumers/archive.h"
 #include "ctl/ctl.h"
+#include "lib/clock.h"
 #include "lib/store.h"
 
 #define EX_OK_ 0
@@ -68,23 +69,6 @@ static int64_t days_from_civil(int64_t y, unsigned m, unsigned d)
 	return era * 146097 + (int64_t)doe - 719468;
 }
 
-static void civil_from_days(int64_t z, int64_t *y, unsigned *m, unsigned *d)
-{
-	int64_t era, yy;
-	unsigned doe, yoe, doy, mp;
-
-	z += 719468;
-	era = (z >= 0 ? z : z - 146096) / 146097;
-	doe = (unsigned)(z - era * 146097);
-	yoe = (doe - doe / 1460 + doe / 36524 - doe / 146096) / 365;
-	yy = (int64_t)yoe + era * 400;
-	doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-	mp = (5 * doy + 2) / 153;
-	*d = doy - (153 * mp + 2) / 5 + 1;
-	*m = mp < 10 ? mp + 3 : mp - 9;
-	*y = yy + (*m <= 2);
-}
-
 /* "2026-11-22T10:00:00.000Z": what the operator reads back, always UTC with milliseconds. */
 static void format_rfc3339(int64_t ms, char *buf, size_t len)
 {
@@ -96,7 +80,7 @@ static void format_rfc3339(int64_t ms, char *buf, size_t len)
 		days--;
 		tod += D;
 	}
-	civil_from_days(days, &y, &mo, &d);
+	tdr_civil_from_days(days, &y, &mo, &d);
 	snprintf(buf, len, "%04" PRId64 "-%02u-%02uT%02u:%02u:%02u.%03uZ", y, mo, d, (unsigned)(tod / 3600000),
 		 (unsigned)(tod / 60000 % 60), (unsigned)(tod / 1000 % 60), (unsigned)(tod % 1000));
 }
@@ -420,26 +404,6 @@ static const char *shadow_refusal(const tdr_config *cfg, const char *coll)
 	if (strncmp(coll, "system.", 7) == 0 || strchr(coll, '$'))
 		return "not a plain collection name";
 	return NULL;
-}
-
-/* --opt VALUE or --opt=VALUE; *i advanced past what was used.  1 matched, 0 not this option, -1 missing value. */
-static int opt_value(int argc, char **argv, int *i, const char *name, const char **val)
-{
-	size_t nl = strlen(name);
-	const char *a = argv[*i];
-
-	if (strncmp(a, name, nl) != 0)
-		return 0;
-	if (a[nl] == '=') {
-		*val = a + nl + 1;
-		return 1;
-	}
-	if (a[nl] != '\0')
-		return 0;
-	if (*i + 1 >= argc)
-		return -1;
-	*val = argv[++*i];
-	return 1;
 }
 
 int ctl_replay(tdr_store *st, const tdr_config *cfg, int argc, char **argv)

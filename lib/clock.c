@@ -59,3 +59,25 @@ void tdr_utc_day(int64_t epoch_ms, char buf[11])
 	gmtime_r(&t, &tm);
 	strftime(buf, 11, "%Y-%m-%d", &tm);
 }
+
+/*
+ * Proleptic Gregorian date of a day count since 1970-01-01 (H. Hinnant's
+ * civil_from_days).  Used instead of gmtime_r because it is defined for the
+ * whole BSON date range: a valid event with an absurd date must still archive.
+ */
+void tdr_civil_from_days(int64_t z, int64_t *y, unsigned *m, unsigned *d)
+{
+	int64_t era, yy;
+	unsigned doe, yoe, doy, mp;
+
+	z += 719468;
+	era = (z >= 0 ? z : z - 146096) / 146097;
+	doe = (unsigned)(z - era * 146097);
+	yoe = (doe - doe / 1460 + doe / 36524 - doe / 146096) / 365;
+	yy = (int64_t)yoe + era * 400;
+	doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+	mp = (5 * doy + 2) / 153;
+	*d = doy - (153 * mp + 2) / 5 + 1;
+	*m = mp < 10 ? mp + 3 : mp - 9;
+	*y = yy + (*m <= 2);
+}

@@ -28,4 +28,7 @@ int tdr_sleep_ms(int64_t ms, volatile int *stop);
 /* "2026-11-22" for a UTC epoch-ms timestamp; buf must hold 11 bytes. */
 void tdr_utc_day(int64_t epoch_ms, char buf[11]);
 
+/* The proleptic Gregorian date (UTC) of day z since 1970-01-01, for the whole BSON date range. */
+void tdr_civil_from_days(int64_t z, int64_t *y, unsigned *m, unsigned *d);
+
 #endif

@@ -7,6 +7,7 @@
 #include <string.h>
 
 #include "lib/conf.h"
+#include "lib/hostport.h"
 #include "lib/log.h"
 
 enum kind { K_STR, K_INT, K_ENUM };
@@ -60,8 +61,10 @@ static const struct key keys[] = {
 	{ "archive.http_timeout_ms", K_INT, I(archive_http_timeout_ms), "10000", 100, 600000, NULL, 0, "HTTP sink request timeout" },
 	{ "archive.max_backlog_bytes", K_INT, I(archive_max_backlog_bytes), "1073741824", 4096, INT64_MAX, NULL, 0, "unsent archive bytes before draining pauses" },
 	{ "metrics.file", K_STR, S(metrics_file), "", 0, 0, NULL, 0, "Prometheus textfile path, written atomically (empty: off)" },
+	{ "metrics.listen", K_STR, S(metrics_listen), "", 0, 0, NULL, 0, "serve GET /metrics over HTTP on HOST:PORT, e.g. 127.0.0.1:9464 (empty: off)" },
 	{ "metrics.interval_ms", K_INT, I(metrics_interval_ms), "5000", 100, 600000, NULL, 0, "metrics file refresh period" },
 	{ "metrics.backlog_alert", K_INT, I(backlog_alert), "100000", 0, INT64_MAX, NULL, 0, "log backlog_alert when pending exceeds this (0: never)" },
+	{ "metrics.count_limit", K_INT, I(count_limit), "1000000", 1000, INT64_MAX, NULL, 0, "exact backlog counts stop at this many documents (shown as at least this)" },
 	{ "log.level", K_STR, S(log_level), "info", 0, 0, NULL, 0, "error, warning, info or debug" },
 	{ "test.trace_file", K_STR, S(trace_file), "", 0, 0, NULL, 0, "test aid: append one line per event dispatched" },
 };
@@ -234,6 +237,12 @@ int tdr_config_validate(const tdr_config *cfg, tdr_err *err)
 	for (const char *p = cfg->store_db; *p; p++)
 		if (*p == '.' || *p == '/' || *p == ' ' || *p == '$')
 			return tdr_err_set(err, TDR_ECONFIG, "store.database '%s' has a character MongoDB forbids", cfg->store_db);
+	if (cfg->metrics_listen[0]) {
+		tdr_hostport hp;
+
+		if (tdr_hostport_parse(cfg->metrics_listen, &hp, err) < 0)
+			return tdr_err_wrap(err, "metrics.listen");
+	}
 	if (cfg->store_db[0] == '\0' || cfg->events_coll[0] == '\0')
 		return tdr_err_set(err, TDR_ECONFIG, "store.database and store.events must not be empty");
 	return 0;
@@ -301,4 +310,17 @@ const char *tdr_mode_name(int mode)
 const char *tdr_backend_name(int backend)
 {
 	return backends[backend == TDR_BACKEND_ETCD];
+}
+
+int tdr_parse_i64(const char *s, int64_t lo, int64_t hi, int64_t *ret)
+{
+	char *end;
+	long long v;
+
+	errno = 0;
+	v = strtoll(s, &end, 10);
+	if (errno || end == s || *end || v < lo || v > hi)
+		return -1;
+	*ret = v;
+	return 0;
 }

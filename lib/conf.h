@@ -56,8 +56,10 @@ typedef struct tdr_config {
 	int64_t archive_max_backlog_bytes;
 
 	char metrics_file[512];
+	char metrics_listen[80];  /* HOST:PORT of the HTTP /metrics endpoint; empty = off */
 	int64_t metrics_interval_ms;
 	int64_t backlog_alert;
+	int64_t count_limit;       /* exact counts stop here; see tdr_count_limit() */
 
 	char log_level[16];
 	char trace_file[512];     /* test aid: one line per dispatched event */
@@ -74,6 +76,17 @@ int tdr_config_set(tdr_config *cfg, const char *kv, tdr_err *err);
 /* Cross-field checks (lease timings etc). */
 int tdr_config_validate(const tdr_config *cfg, tdr_err *err);
 
+/*
+ * Where exact counts stop: metrics.count_limit, raised above
+ * metrics.backlog_alert so that a capped backlog still trips the alert.
+ */
+static inline int64_t tdr_count_limit(const tdr_config *cfg)
+{
+	if (cfg->backlog_alert <= 0 || cfg->backlog_alert < cfg->count_limit)
+		return cfg->count_limit;
+	return cfg->backlog_alert < INT64_MAX ? cfg->backlog_alert + 1 : INT64_MAX;
+}
+
 /* Print every key, its current value (secrets redacted) and its meaning. */
 void tdr_config_print(const tdr_config *cfg, FILE *out);
 
@@ -82,5 +95,8 @@ int tdr_config_event_allowed(const tdr_config *cfg, const char *name);
 
 const char *tdr_mode_name(int mode);
 const char *tdr_backend_name(int backend);
+
+/* s as a whole decimal integer within [lo, hi] in *ret; -1 if it is not one (command-line option values). */
+int tdr_parse_i64(const char *s, int64_t lo, int64_t hi, int64_t *ret);
 
 #endif

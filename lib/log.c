@@ -31,6 +31,8 @@ static const struct {
 	[TDR_EV_STARTED] = { "started", "a60005e59140411387b49bdc24ea306d" },
 	[TDR_EV_STOPPING] = { "stopping", "91012c0437d2437e9f24178dffbd9443" },
 	[TDR_EV_BACKLOG_ALERT] = { "backlog_alert", "081a2c01a75b4c22a33d4856590ee44c" },
+	[TDR_EV_INDEXES_PENDING] = { "indexes_pending", "f21f840be9b143079c4ee36e892abd61" },
+	[TDR_EV_INDEXES_READY] = { "indexes_ready", "c8aa769d1e1d4017b650a60a438d8c3b" },
 };
 
 static struct {

@@ -47,8 +47,44 @@ void tdr_store_close(tdr_store *st);
 /* Round trip to the server (hello + buildInfo); fills is_ferretdb / max_bson. */
 int tdr_store_ping(tdr_store *st, tdr_err *err);
 
-/* Create every index tdrain's queries need (docs/EVENTS.md lists them). Idempotent. */
+/*
+ * The indexes tdrain's queries need (docs/EVENTS.md lists them).  They make
+ * claims and recovery fast; no correctness rule depends on them (every
+ * election is a unique _id insert), so a replica runs without them.
+ */
+struct tdr_index_spec {
+	const char *coll; /* NULL: the events collection (store.events) */
+	const char *name;
+	const char *k1, *k2;
+	int unique;
+};
+#define TDR_NINDEXES 3
+#define TDR_INDEXES_ALL ((1u << TDR_NINDEXES) - 1)
+extern const struct tdr_index_spec tdr_index_specs[TDR_NINDEXES];
+
+/* Create every index tdrain's queries need. Idempotent. */
 int tdr_store_ensure_indexes(tdr_store *st, tdr_err *err);
+
+/*
+ * Create the indexes whose bit (1 << position in tdr_index_specs) is set in
+ * want, on client c (the caller chooses its timeouts: a build over a populated
+ * collection can take minutes).  After a refused one (a conflicting spec, a
+ * missing privilege) the next are still attempted; after a timeout or a
+ * network error they are not (they would wait as long) and count as missing.
+ * *ret_missing gets the bits of those not created, and the first failure is
+ * returned.  createIndexes of an existing index is a no-op.
+ */
+int tdr_store_create_indexes(tdr_store *st, mongoc_client_t *c, unsigned want, unsigned *ret_missing, tdr_err *err);
+
+/*
+ * listIndexes of every collection of tdr_index_specs: *ret_present gets the
+ * bits of the indexes that exist by name.  A store may list an index while it
+ * is still being built (DocumentDB does), so "present" is not "ready".
+ */
+int tdr_store_list_indexes(tdr_store *st, mongoc_client_t *c, unsigned *ret_present, tdr_err *err);
+
+/* "a,b": the names of the indexes whose bits are set in mask. */
+void tdr_store_index_names(unsigned mask, char *buf, size_t len);
 
 mongoc_client_t *tdr_store_pop(tdr_store *st);
 void tdr_store_push(tdr_store *st, mongoc_client_t *c);
@@ -84,11 +120,22 @@ void tdr_trusted_write_opts(bson_t *opts);
 void tdr_bulk_insert_trusted(mongoc_bulk_operation_t *bulk, const bson_t *doc);
 
 /*
- * Documents in coll, cheaply: MongoDB answers estimatedDocumentCount from
- * metadata; FerretDB 1.24 answers it by reading every document, but collStats
- * from its storage's row count, so there collStats is asked first.
+ * There is deliberately no estimated count: estimatedDocumentCount,
+ * unfiltered count and collStats answer from statistics on DocumentDB
+ * (PostgreSQL's: 85,000 for an empty collection), and operators page on
+ * backlog figures.
+ *
+ * The exact number of documents in coll, counted up to limit (> 0):
+ * *ret = min(count, limit), and *ret_capped = 1 when the count reached limit
+ * (then *ret is a lower bound).  The cost is bounded by limit
+ * (docs/DESIGN.md, "Counting documents"): FerretDB is asked collStats, whose
+ * count it computes with SQL COUNT(*) (exact, ~1 us per document); every other
+ * store is asked aggregate [{$limit}, {$count}], which counts real documents
+ * (DocumentDB: ~0.3 us per document) where count and estimatedDocumentCount
+ * may answer from statistics.
  */
-int tdr_store_count_estimate(tdr_store *st, mongoc_client_t *c, const char *coll, int64_t *ret, tdr_err *err);
+int tdr_store_count(tdr_store *st, mongoc_client_t *c, const char *coll, int64_t limit, int64_t *ret,
+		    int *ret_capped, tdr_err *err);
 
 /* Options document carrying maxTimeMS for reads. */
 void tdr_store_read_opts(const tdr_store *st, bson_t *opts);

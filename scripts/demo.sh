@@ -3,8 +3,10 @@
 #
 #   1. builds tdrain if $BUILD_DIR/tdrain is missing (scripts/deps.sh, autoreconf -fi,
 #      configure and make in $BUILD_DIR, default ./build)
-#   2. starts FerretDB 1.24 (SQLite backend) and, with DEMO_BACKEND=etcd, etcd, on free
-#      loopback ports (tests/harness.py serve)
+#   2. starts the store on free loopback ports (tests/harness.py serve): DocumentDB by default
+#      (PostgreSQL 15 + DocumentDB + its gateway: real indexes and atomic updates, the store
+#      closest to MongoDB; scripts/deps.sh builds it on first use), or FerretDB 1.24 with
+#      DEMO_STORE=ferretdb; and, with DEMO_BACKEND=etcd, etcd
 #   3. two producers (tdrain-loadgen) insert DEMO_EVENTS telemetry events: cli_invocation,
 #      daily_sign_in and a few other names from DEMO_DEVICES devices, some signed in as one of
 #      DEMO_USERS usernames; producer A writes `part` itself, producer B leaves it to the
@@ -17,19 +19,23 @@
 #   7. stops exactly the processes it started, and exits 0 only if the FIFO drained to
 #      zero and the checker found no mismatch
 #
-# FerretDB scans the whole collection for every keyed statement (docs/DESIGN.md, "Store
-# access paths (measured)"), so on FerretDB the producers behave like an ingest that answers
-# 503 when the backlog is too deep: they insert as fast as they can while the FIFO holds fewer
-# than DEMO_MAX_BACKLOG events, and wait otherwise.  Against a real MongoDB (DEMO_URI) the
-# events are pre-loaded by default.
+# On DocumentDB (and DEMO_URI) the producers pre-load DEMO_PRELOAD events (1,000,000) as fast as
+# they can, the replicas start, and the producers keep inserting the rest at DEMO_RATE while the
+# backlog drains.  FerretDB scans the whole collection for every keyed statement (docs/DESIGN.md,
+# "Store access paths (measured)"), so on FerretDB the producers behave like an ingest that
+# answers 503 when the backlog is too deep: they insert as fast as they can while the FIFO holds
+# fewer than DEMO_MAX_BACKLOG events, and wait otherwise.
 #
 # Environment:
-#   DEMO_EVENTS     events to insert, duplicates and malformed documents not included (200000)
-#   DEMO_RATE       events/s, both producers together; 0 = as fast as possible (default)
+#   DEMO_STORE      documentdb (default) or ferretdb: the local store to start (not with DEMO_URI)
+#   DEMO_EVENTS     events to insert, duplicates and malformed documents not included
+#                   (DocumentDB: 1,200,000; FerretDB and DEMO_URI: 200,000)
+#   DEMO_RATE       events/s after the pre-load, both producers together; 0 = as fast as
+#                   possible (DocumentDB: 2000; FerretDB and DEMO_URI: 0)
 #   DEMO_MAX_BACKLOG  producers wait while the FIFO holds this many events or more
-#                   (FerretDB: 5000; DEMO_URI: 0 = never)
-#   DEMO_PRELOAD    events inserted before the replicas start (FerretDB: 20 s of
-#                   production, at most 10000; DEMO_URI: DEMO_EVENTS, i.e. everything)
+#                   (FerretDB: 5000; DocumentDB and DEMO_URI: 0 = never)
+#   DEMO_PRELOAD    events inserted before the replicas start (DocumentDB: 1,000,000;
+#                   FerretDB: 20 s of production, at most 10000; DEMO_URI: DEMO_EVENTS)
 #   DEMO_URI        use this MongoDB instead of starting FerretDB (a database DEMO_DB that
 #                   must be empty or absent; dropped at the end unless DEMO_KEEP=1)
 #   DEMO_DB         database (default tdrain; tdrain_demo with DEMO_URI)
@@ -59,7 +65,14 @@ PYTHON3=/usr/bin/python3           # Debian's python3, which has python3-pymongo
 [ -x "$PYTHON3" ] || PYTHON3=$(command -v python3)
 
 URI=${DEMO_URI:-}
-EVENTS=${DEMO_EVENTS:-200000}
+STORE=${DEMO_STORE:-documentdb}
+case $STORE in documentdb | ferretdb) ;; *) printf 'demo: DEMO_STORE must be documentdb or ferretdb\n' >&2; exit 1 ;; esac
+[ -n "$URI" ] && STORE=external
+if [ "$STORE" = documentdb ]; then
+	EVENTS=${DEMO_EVENTS:-1200000}
+else
+	EVENTS=${DEMO_EVENTS:-200000}
+fi
 BACKEND=${DEMO_BACKEND:-mongo}
 DEVICES=${DEMO_DEVICES:-5000}
 USERS=${DEMO_USERS:-1500}
@@ -71,6 +84,13 @@ if [ -n "$URI" ]; then
 	RATE=${DEMO_RATE:-0}
 	PRELOAD=${DEMO_PRELOAD:-$EVENTS}
 	DB=${DEMO_DB:-tdrain_demo}
+	DUP_RATIO=${DEMO_DUP_RATIO:-0.01}
+	MAX_BACKLOG=${DEMO_MAX_BACKLOG:-0}
+elif [ "$STORE" = documentdb ]; then
+	# Every statement is index-served: a deep pre-loaded backlog, then a steady stream on top.
+	RATE=${DEMO_RATE:-2000}
+	PRELOAD=${DEMO_PRELOAD:-1000000}
+	DB=${DEMO_DB:-tdrain}
 	DUP_RATIO=${DEMO_DUP_RATIO:-0.01}
 	MAX_BACKLOG=${DEMO_MAX_BACKLOG:-0}
 else
@@ -92,7 +112,7 @@ if [ -z "$PRELOAD" ]; then
 	{ [ "$RATE_INT" = 0 ] || [ "$PRELOAD" -gt 10000 ]; } && PRELOAD=10000
 fi
 if [ "$RATE_INT" -gt 0 ]; then
-	TIMEOUT=${DEMO_TIMEOUT:-$((EVENTS / RATE_INT + 900))}
+	TIMEOUT=${DEMO_TIMEOUT:-$(((EVENTS - PRELOAD) / RATE_INT + PRELOAD / 1000 + 900))}
 else
 	TIMEOUT=${DEMO_TIMEOUT:-$((EVENTS / 100 + 900))}
 fi
@@ -223,11 +243,13 @@ ferretdb_bin() {
 }
 need_deps=0
 [ -x "$BUILD_DIR/tdrain" ] || need_deps=1
-[ -z "$URI" ] && ! "$(ferretdb_bin)" --version >/dev/null 2>&1 && need_deps=1
+[ "$STORE" = ferretdb ] && ! "$(ferretdb_bin)" --version >/dev/null 2>&1 && need_deps=1
+[ "$STORE" = documentdb ] && [ ! -x "${DOCUMENTDB_GATEWAY:-${TDRAIN_CACHE:-$HOME/.cache/tdrain}/documentdb/current/bin/documentdb_gateway}" ] &&
+	need_deps=1
 [ "$BACKEND" = etcd ] && ! command -v etcd >/dev/null 2>&1 && need_deps=1
 "$PYTHON3" -c 'import pymongo' 2>/dev/null || need_deps=1
 if [ "$need_deps" = 1 ] && [ "${TDRAIN_SKIP_DEPS:-0}" != 1 ]; then
-	say "dependencies (scripts/deps.sh)"
+	say "dependencies (scripts/deps.sh; a first DocumentDB build takes about 5-7 minutes)"
 	FERRETDB=$(bash "$ROOT/scripts/deps.sh" | tail -n 1)
 	export FERRETDB
 	PYTHON3=/usr/bin/python3
@@ -237,10 +259,6 @@ if [ ! -x "$BUILD_DIR/tdrain" ]; then
 		say "autoreconf -fi; configure in $BUILD_DIR"
 		mkdir -p m4                  # git keeps no empty directory; aclocal wants it
 		autoreconf -fi
-		if [ ! -f build-aux/tap-driver.sh ]; then
-			cp "$(automake --print-libdir)/tap-driver.sh" build-aux/tap-driver.sh
-			chmod +x build-aux/tap-driver.sh
-		fi
 		mkdir -p "$BUILD_DIR"
 		(cd "$BUILD_DIR" && "$ROOT/configure" -q PYTHON3="$PYTHON3")
 	fi
@@ -263,7 +281,15 @@ TDRAINCTL=$BUILD_DIR/tdrainctl
 # ---- the plan ---------------------------------------------------------------------
 RATE_TXT=$(awk -v r="$RATE" 'BEGIN { if (r + 0 == 0) print "as fast as they can"; else printf "%d events/s", r }')
 say "tdrain demo: 3 replicas, partitioned mode ($PARTITIONS partitions), $(fmt "$EVENTS") events"
-if [ -z "$URI" ]; then
+if [ "$STORE" = documentdb ]; then
+	cat <<EOF
+    The store is DocumentDB (PostgreSQL 15 + the DocumentDB extensions + its MongoDB-wire
+    gateway), started here on free loopback ports: real indexes and atomic updates, the store
+    closest to MongoDB.  Two producers pre-load $(fmt "$PRELOAD") events as fast as they can; then
+    the replicas start and the producers keep inserting the other $(fmt $((EVENTS - PRELOAD))) at $RATE_TXT
+    (DEMO_RATE) while the backlog drains.  DEMO_STORE=ferretdb runs the FerretDB demo.
+EOF
+elif [ "$STORE" = ferretdb ]; then
 	cat <<EOF
     The store is FerretDB 1.24 (SQLite backend), started here on a free loopback port.
     FerretDB scans the whole collection for every keyed statement, so acknowledging a batch
@@ -293,10 +319,12 @@ info "Leases: $([ "$BACKEND" = etcd ] && echo "etcd (started here)" || echo "in 
 # ---- 2. servers -----------------------------------------------------------------
 DIR=$(mktemp -d "${TMPDIR:-/var/tmp}/tdrain-demo.XXXXXX")
 ETCD=''
+STORE_NAME=$([ "$STORE" = documentdb ] && echo DocumentDB || echo FerretDB)
 if [ -z "$URI" ] || [ "$BACKEND" = etcd ]; then
-	say "starting $([ -z "$URI" ] && printf 'FerretDB')$([ -z "$URI" ] && [ "$BACKEND" = etcd ] && printf ' and ')$([ "$BACKEND" = etcd ] && printf 'etcd') (tests/harness.py serve)"
+	say "starting $([ -z "$URI" ] && printf '%s' "$STORE_NAME")$([ -z "$URI" ] && [ "$BACKEND" = etcd ] && printf ' and ')$([ "$BACKEND" = etcd ] && printf 'etcd') (tests/harness.py serve)"
 	SERVE_ARGS=(--json)
-	[ -z "$URI" ] && SERVE_ARGS+=(--ferretdb --backend sqlite)
+	[ "$STORE" = ferretdb ] && SERVE_ARGS+=(--ferretdb --backend sqlite)
+	[ "$STORE" = documentdb ] && SERVE_ARGS+=(--documentdb)
 	[ "$BACKEND" = etcd ] && SERVE_ARGS+=(--etcd)
 	[ "$KEEP" = 1 ] && SERVE_ARGS+=(--keep)
 	mkfifo "$DIR/serve.in"
@@ -313,8 +341,10 @@ if [ -z "$URI" ] || [ "$BACKEND" = etcd ]; then
 	done
 	[ -s "$DIR/serve.json" ] || die "the servers did not start within 60 s (log: $DIR/serve.log)"
 	if [ -z "$URI" ]; then
-		URI=$("$PYTHON3" -c 'import json,sys; print(json.load(open(sys.argv[1]))["ferretdb"]["uri"])' "$DIR/serve.json")
-		info "FerretDB  $URI   log $("$PYTHON3" -c 'import json,sys; print(json.load(open(sys.argv[1]))["ferretdb"]["log"])' "$DIR/serve.json")"
+		key=$([ "$STORE" = documentdb ] && echo documentdb || echo ferretdb)
+		URI=$("$PYTHON3" -c 'import json,sys; print(json.load(open(sys.argv[1]))[sys.argv[2]]["uri"])' "$DIR/serve.json" "$key")
+		# The URI carries the test user's password: show it redacted, as tdrain logs it.
+		info "$STORE_NAME  $(printf '%s' "$URI" | sed 's|//\([^:/@]*\):[^@]*@|//\1:***@|')   log $("$PYTHON3" -c 'import json,sys; print(json.load(open(sys.argv[1]))[sys.argv[2]]["log"])' "$DIR/serve.json" "$key")"
 		LOCAL_STORE=1
 	fi
 	if [ "$BACKEND" = etcd ]; then
@@ -353,7 +383,7 @@ for r in "${REPLICAS[@]}"; do
 		printf 'metrics.file = %s/%s.prom\n' "$DIR" "$r"
 		# The file is rewritten every second; this is how often the replica also
 		# counts the FIFO for it, which FerretDB does by reading every document.
-		printf 'metrics.interval_ms = %d\n' "$([ "$LOCAL_STORE" = 1 ] && echo 60000 || echo 5000)"
+		printf 'metrics.interval_ms = %d\n' "$([ "$STORE" = ferretdb ] && echo 60000 || echo 5000)"
 		# Deltas are small while the backlog is (a batch is split by partition), and a
 		# round costs about the same however many it folds: let a round take more.
 		printf 'fold.max_deltas = %d\n' "$FOLD_MAX_DELTAS"
@@ -361,6 +391,23 @@ for r in "${REPLICAS[@]}"; do
 	} >"$DIR/$r.conf"
 	"$TDRAIN" -c "$DIR/$r.conf" -N "$r" -n >/dev/null || die "tdrain refuses $DIR/$r.conf"
 done
+
+# ---- 3b. indexes ---------------------------------------------------------------------
+# As docs/EVENTS.md ("Indexes MongoDB needs") tells a DBA: create them while the FIFO is empty.
+# On a collection that already holds a backlog, DocumentDB queues the build for a job that runs
+# once a minute and MongoDB takes minutes at millions of documents; tdrain drains meanwhile and
+# retries the build (docs/OPERATIONS.md), but a demo that pre-loads 1,000,000 events first shows
+# the steady state instead.
+if [ "$STORE" != ferretdb ]; then
+	"$PYTHON3" - "$URI" "$DB" "$LOCAL_STORE" <<'PY' || die "could not create the indexes"
+import sys, pymongo
+db = pymongo.MongoClient(sys.argv[1], serverSelectionTimeoutMS=8000, directConnection=sys.argv[3] == "1")[sys.argv[2]]
+db.events.create_index([("part", 1), ("_id", 1)], name="tdrain_part_id")
+db.tdrain_claims.create_index([("part", 1), ("epoch", 1)], name="tdrain_part_epoch")
+db.tdrain_leases.create_index([("name", 1), ("epoch", 1)], name="tdrain_name_epoch", unique=True)
+PY
+	info "indexes created on the empty collections (docs/EVENTS.md)"
+fi
 
 # ---- 4. producers ------------------------------------------------------------------
 say "producers: $(fmt "$EVENTS") events from $(fmt "$DEVICES") devices and $(fmt "$USERS") usernames, $RATE_TXT"
@@ -372,6 +419,8 @@ start_producer() {   # name seed count devices rate extra-args...
 	local args=(--uri "$URI" --db "$DB" --count "$count" --devices "$devices" --users "$USERS"
 		--dup-ratio "$DUP_RATIO" --seed "$seed" --ndjson "$DIR/$name.ndjson" "$@")
 	awk -v r="$rate" 'BEGIN { exit !(r + 0 > 0) }' && args+=(--rate "$rate")
+	# A pre-load at full speed, then the rate (DocumentDB and DEMO_URI; FerretDB waits on the backlog).
+	[ "$MAX_BACKLOG" = 0 ] && [ "$PRELOAD" -gt 0 ] && args+=(--burst $(((PRELOAD + 1) / 2)))
 	[ "$MAX_BACKLOG" -gt 0 ] && args+=(--max-backlog "$MAX_BACKLOG")
 	printf '%s\n' "${args[*]}" >"$DIR/$name.cmd"
 	setsid "$LOADGEN" "${args[@]}" </dev/null >"$DIR/$name.out" 2>"$DIR/$name.err" &

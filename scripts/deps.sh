@@ -8,7 +8,8 @@
 #
 #   Debian packages   the C toolchain and libraries, check, etcd, python3 with
 #                     pymongo, clang/llvm, valgrind, gnuplot, iproute2,
-#                     iptables, PostgreSQL 15 (FerretDB's second backend), and
+#                     iptables, PostgreSQL 15 (FerretDB's second backend),
+#                     libmicrohttpd, debhelper, lintian, prometheus, and
 #                     golang-go only when no Go toolchain is present.
 #   FerretDB v1.24.2  built from the Go module proxy into a cache OUTSIDE the
 #                     work tree: ${TDRAIN_CACHE:-$HOME/.cache/tdrain}/bin/ferretdb
@@ -48,6 +49,10 @@ APT_PACKAGES=(
 	# the extensions it requires, its C libraries, and cargo for the gateway.
 	postgresql-15 postgresql-server-dev-15 postgresql-15-rum postgresql-15-cron postgresql-15-postgis-3
 	libintelrdfpmath-dev libpcre2-dev libkrb5-dev libssl-dev openssl xz-utils
+	# metrics.listen (libmicrohttpd); the Debian package and its tests
+	# (debian/, t14_deb, t17_rules, t16_prometheus): debhelper, lintian,
+	# Prometheus and promtool (its service is kept from starting, as above).
+	libmicrohttpd-dev debhelper dh-autoreconf fakeroot lintian prometheus
 )
 
 log() { printf 'deps: %s\n' "$*" >&2; }
@@ -89,7 +94,7 @@ install_apt() {
 		return 0
 	fi
 	log "Debian packages missing: ${missing[*]}"
-	# Keep the packages' own services (etcd, postgresql) from starting on the
+	# Keep the packages' own services (etcd, postgresql, prometheus) from starting on the
 	# host: tests start private instances on free ports.
 	local policy_added=0
 	if [ ! -e /usr/sbin/policy-rc.d ]; then

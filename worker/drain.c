@@ -1,6 +1,7 @@
 /*
  * drain.c - the batch cycle.  The contract and its steps are in drain.h; the
- * argument for why each crash point is safe is in docs/DESIGN.md.
+ * argument for why each crash point is safe is in docs/DESIGN.md.  Orphan
+ * recovery, which runs orphaned events through this cycle, is in orphans.c.
  */
 #include "config.h"
 
@@ -18,7 +19,7 @@
 #include "lib/clock.h"
 #include "lib/log.h"
 #include "lib/map.h"
-#include "worker/drain.h"
+#include "worker/drain_internal.h"
 
 /* A batch never holds more than this many bytes of documents in memory. */
 #define BATCH_BYTES_MAX (64 * 1024 * 1024)
@@ -27,52 +28,12 @@
 /* Acknowledged events whose FIFO delete is unconfirmed; past this we stop claiming. */
 #define FORGET_CHUNK 1000
 
-struct item {
-	bson_t *doc;
-	bson_value_t id;
-	int32_t part;
-	int64_t attempts;
-	int group;
-	int valid;
-	tdr_cevent ev;
-	char reason[TDR_REASON_MAX];
-};
-
 struct group {
 	int32_t part;
 	int64_t epoch;
 	char id[64];
 	size_t nitems, nvalid;
 	int live; /* claim recorded and still ours */
-};
-
-struct recovered {
-	int32_t part;
-	int64_t epoch;
-	int64_t at; /* monotonic ms of the last recovery pass */
-};
-
-struct tdr_drain {
-	tdr_config cfg;
-	tdr_store *st;
-	tdr_coord *coord;
-	tdr_archive *ar;
-	mongoc_client_t *client;
-	mongoc_collection_t *events, *claims, *deltas, *dead;
-	int64_t seq;
-	struct recovered *rec;
-	size_t nrec, caprec;
-	int trace_fd;
-	/*
-	 * Acknowledged events not yet confirmed deleted from the FIFO (a delete
-	 * can time out on a slow store and still land, or not).  Claims skip
-	 * them and the delete is retried first, so a slow delete never causes a
-	 * second dispatch.  canonical _id key -> bson_value_t *.
-	 */
-	tdr_map *forget;
-	pthread_mutex_t mu;
-	struct tdr_drain_stats stats;
-	int64_t rate_t0, rate_acked0;
 };
 
 const double tdr_hist_bounds[TDR_HIST_BUCKETS - 1] = { 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
@@ -168,7 +129,7 @@ void tdr_drain_stats_get(tdr_drain *d, struct tdr_drain_stats *out)
 	pthread_mutex_unlock(&d->mu);
 }
 
-static void items_free(struct item *items, size_t n)
+void drain_items_free(struct item *items, size_t n)
 {
 	for (size_t i = 0; i < n; i++) {
 		bson_destroy(items[i].doc);
@@ -178,7 +139,7 @@ static void items_free(struct item *items, size_t n)
 }
 
 /* Take ownership of a copy of doc as the next item; -1 if its _id is unusable for a claim. */
-static int item_add(struct item *items, size_t *n, const bson_t *doc, int32_t part, int64_t attempts)
+int drain_item_add(struct item *items, size_t *n, const bson_t *doc, int32_t part, int64_t attempts)
 {
 	struct item *it = &items[*n];
 	bson_iter_t iter;
@@ -265,11 +226,9 @@ static int find_scope(const tdr_coord_view *v, int32_t part)
 	return -1;
 }
 
-/* Best effort: remove claim records of an abandoned batch, so they are not orphans later. */
-static void forget_recovered(tdr_drain *d, int32_t part, int64_t epoch);
-
 /*
- * Best effort: a record this fails to remove is found by the next orphan
+ * Best effort: remove claim records of an abandoned batch, so they are not
+ * orphans later.  A record this fails to remove is found by the next orphan
  * recovery of its scope, which is forced to run before the next claim
  * (read_orphans takes our own epoch's records too: between batches none of
  * them is in flight).
@@ -295,12 +254,12 @@ static void unclaim(tdr_drain *d, struct group *groups, size_t ng)
 	if (any && tdr_bulk_run(bulk, "unclaim", NULL, NULL, &err) < 0)
 		for (size_t g = 0; g < ng; g++)
 			if (groups[g].live)
-				forget_recovered(d, groups[g].part, groups[g].epoch);
+				drain_forget_recovered(d, groups[g].part, groups[g].epoch);
 	mongoc_bulk_operation_destroy(bulk);
 }
 
 /* Map key for any _id: its canonical key, or (unsupported types) its extended JSON. */
-static int id_map_key(const bson_value_t *id, char *key, size_t keylen)
+int drain_id_map_key(const bson_value_t *id, char *key, size_t keylen)
 {
 	int len = tdr_id_key(id, key, keylen);
 
@@ -323,7 +282,7 @@ static int id_map_key(const bson_value_t *id, char *key, size_t keylen)
 static int forget_add(tdr_drain *d, const bson_value_t *id)
 {
 	char key[512];
-	int len = id_map_key(id, key, sizeof(key));
+	int len = drain_id_map_key(id, key, sizeof(key));
 	bson_value_t *copy;
 
 	if (len < 0)
@@ -344,7 +303,7 @@ static int forget_add(tdr_drain *d, const bson_value_t *id)
 static int forgotten(tdr_drain *d, const bson_value_t *id)
 {
 	char key[512];
-	int len = id_map_key(id, key, sizeof(key));
+	int len = drain_id_map_key(id, key, sizeof(key));
 
 	return len >= 0 && tdr_map_get(d->forget, key, (size_t)len) != NULL;
 }
@@ -434,25 +393,26 @@ static int forget_flush(tdr_drain *d, tdr_err *err)
 }
 
 /*
- * Steps 2-6 for items already read.  Returns 0, TDR_ETRANSIENT or TDR_EFAIL;
- * *ret_acked counts events whose batch was acknowledged.
+ * One batch between find and forget: the items read (step 1, by the caller)
+ * and their groups, one per partition and so one claim record each.
  */
-static int process(tdr_drain *d, const tdr_coord_view *v, struct item *items, size_t n, int64_t *ret_acked,
-		   tdr_err *err)
+struct batch {
+	struct item *items;
+	size_t n;
+	struct group *groups; /* room for one per scope of the view */
+	size_t ng;
+	const bson_t **valid_docs;
+	size_t nvalid, ndead;
+};
+
+/* Group by partition; an item outside our scopes is simply not claimed. */
+static void group_items(tdr_drain *d, const tdr_coord_view *v, struct batch *b)
 {
-	struct group *groups = calloc(v->nscopes ? v->nscopes : 1, sizeof(*groups));
-	size_t ng = 0, nvalid = 0, ndead = 0;
-	mongoc_bulk_operation_t *bulk = NULL;
-	const bson_t **valid_docs = NULL;
-	int64_t t0 = tdr_mono_us(), t1, t2, acked = 0, removed;
-	int rc = 0;
+	struct item *items = b->items;
+	struct group *groups = b->groups;
+	size_t ng = 0;
 
-	*ret_acked = 0;
-	if (groups == NULL)
-		return tdr_err_set(err, TDR_ENOMEM, "out of memory");
-
-	/* Group by partition; an item outside our scopes is simply not claimed. */
-	for (size_t i = 0; i < n; i++) {
+	for (size_t i = 0; i < b->n; i++) {
 		int s = find_scope(v, items[i].part);
 		size_t g;
 
@@ -472,9 +432,18 @@ static int process(tdr_drain *d, const tdr_coord_view *v, struct item *items, si
 		items[i].group = (int)g;
 		groups[g].nitems++;
 	}
+	b->ng = ng;
+}
 
-	/* 2. claim */
-	bulk = tdr_bulk_new(d->claims, 0);
+/* 2. claim: one record {part, epoch, owner, ids, att} per group we may still write. */
+static int step_claim(tdr_drain *d, struct batch *b, tdr_err *err)
+{
+	struct item *items = b->items;
+	struct group *groups = b->groups;
+	size_t n = b->n, ng = b->ng;
+	mongoc_bulk_operation_t *bulk = tdr_bulk_new(d->claims, 0);
+	int rc;
+
 	for (size_t g = 0; g < ng; g++) {
 		bson_t doc = BSON_INITIALIZER, ids, att;
 		uint32_t k = 0;
@@ -511,10 +480,10 @@ static int process(tdr_drain *d, const tdr_coord_view *v, struct item *items, si
 		bson_destroy(&doc);
 		groups[g].live = 1;
 	}
-	if ((rc = tdr_bulk_run(bulk, "claim", NULL, NULL, err)) < 0)
-		goto abandon;
+	rc = tdr_bulk_run(bulk, "claim", NULL, NULL, err);
 	mongoc_bulk_operation_destroy(bulk);
-	bulk = NULL;
+	if (rc < 0)
+		return rc;
 	/*
 	 * We may have paused between the check above and the insert.  A claim record that
 	 * landed after our lease ended is one the next holder never sees (it recovers orphans
@@ -533,13 +502,20 @@ static int process(tdr_drain *d, const tdr_coord_view *v, struct item *items, si
 		d->stats.fenced++;
 		pthread_mutex_unlock(&d->mu);
 	}
+	return 0;
+}
 
-	/* 3. consume: validate, then archive what is valid. */
-	valid_docs = calloc(n ? n : 1, sizeof(*valid_docs));
-	if (valid_docs == NULL) {
-		rc = tdr_err_set(err, TDR_ENOMEM, "out of memory");
-		goto abandon;
-	}
+/* 3. consume: validate, then archive what is valid. */
+static int step_consume(tdr_drain *d, struct batch *b, tdr_err *err)
+{
+	struct item *items = b->items;
+	struct group *groups = b->groups;
+	size_t n = b->n;
+	int rc;
+
+	b->valid_docs = calloc(n ? n : 1, sizeof(*b->valid_docs));
+	if (b->valid_docs == NULL)
+		return tdr_err_set(err, TDR_ENOMEM, "out of memory");
 	for (size_t i = 0; i < n; i++) {
 		struct item *it = &items[i];
 
@@ -553,19 +529,28 @@ static int process(tdr_drain *d, const tdr_coord_view *v, struct item *items, si
 			it->valid = tdr_event_validate(it->doc, &d->cfg, &it->ev, it->reason, sizeof(it->reason)) == 0;
 		}
 		if (it->valid) {
-			valid_docs[nvalid++] = it->doc;
+			b->valid_docs[b->nvalid++] = it->doc;
 			groups[it->group].nvalid++;
 		} else {
-			ndead++;
+			b->ndead++;
 		}
 	}
-	if (d->ar && nvalid && (rc = tdr_archive_append(d->ar, (const bson_t *const *)valid_docs, nvalid, err)) < 0)
-		goto abandon;
+	if (d->ar && b->nvalid &&
+	    (rc = tdr_archive_append(d->ar, (const bson_t *const *)b->valid_docs, b->nvalid, err)) < 0)
+		return rc;
 	trace_batch(d, items, n, groups);
-	t1 = tdr_mono_us();
+	return 0;
+}
 
-	/* 4. commit: the delta is the unique-key fact the fold counts from. */
-	bulk = tdr_bulk_new(d->deltas, 0);
+/* 4. commit: the delta is the unique-key fact the fold counts from; then the dead letters. */
+static int step_commit(tdr_drain *d, struct batch *b, tdr_err *err)
+{
+	struct item *items = b->items;
+	struct group *groups = b->groups;
+	size_t n = b->n, ng = b->ng;
+	mongoc_bulk_operation_t *bulk = tdr_bulk_new(d->deltas, 0);
+	int rc = 0;
+
 	for (size_t g = 0; g < ng; g++) {
 		bson_t doc = BSON_INITIALIZER, ev;
 		uint32_t k = 0;
@@ -590,34 +575,44 @@ static int process(tdr_drain *d, const tdr_coord_view *v, struct item *items, si
 		tdr_bulk_insert_trusted(bulk, &doc);
 		bson_destroy(&doc);
 	}
-	if (nvalid && (rc = tdr_bulk_run(bulk, "commit delta", NULL, NULL, err)) < 0)
-		goto abandon;
+	if (b->nvalid)
+		rc = tdr_bulk_run(bulk, "commit delta", NULL, NULL, err);
 	mongoc_bulk_operation_destroy(bulk);
-	bulk = NULL;
-	if (ndead) {
-		bulk = tdr_bulk_new(d->dead, 0);
-		for (size_t i = 0; i < n; i++)
-			if (items[i].group >= 0 && groups[items[i].group].live && !items[i].valid)
-				append_deadletter(bulk, d, &items[i], &groups[items[i].group]);
-		if ((rc = tdr_bulk_run(bulk, "dead letter", NULL, NULL, err)) < 0)
-			goto abandon;
-		mongoc_bulk_operation_destroy(bulk);
-		bulk = NULL;
-		for (size_t i = 0; i < n; i++)
-			if (items[i].group >= 0 && groups[items[i].group].live && !items[i].valid) {
-				char key[160];
-				tdr_field f[2] = { { "TDRAIN_EVENT_ID", key }, { "TDRAIN_REASON", items[i].reason } };
+	if (rc < 0 || b->ndead == 0)
+		return rc;
+	bulk = tdr_bulk_new(d->dead, 0);
+	for (size_t i = 0; i < n; i++)
+		if (items[i].group >= 0 && groups[items[i].group].live && !items[i].valid)
+			append_deadletter(bulk, d, &items[i], &groups[items[i].group]);
+	rc = tdr_bulk_run(bulk, "dead letter", NULL, NULL, err);
+	mongoc_bulk_operation_destroy(bulk);
+	if (rc < 0)
+		return rc;
+	for (size_t i = 0; i < n; i++)
+		if (items[i].group >= 0 && groups[items[i].group].live && !items[i].valid) {
+			char key[160];
+			tdr_field f[2] = { { "TDRAIN_EVENT_ID", key }, { "TDRAIN_REASON", items[i].reason } };
 
-				if (tdr_id_key(&items[i].id, key, sizeof(key)) < 0)
-					snprintf(key, sizeof(key), "(unprintable)");
-				tdr_log_event(LOG_WARNING, TDR_EV_DEADLETTER, f, 2, "event %s dead-lettered: %s", key,
-					      items[i].reason);
-			}
-	}
+			if (tdr_id_key(&items[i].id, key, sizeof(key)) < 0)
+				snprintf(key, sizeof(key), "(unprintable)");
+			tdr_log_event(LOG_WARNING, TDR_EV_DEADLETTER, f, 2, "event %s dead-lettered: %s", key,
+				      items[i].reason);
+		}
+	return 0;
+}
 
-	/* 5. acknowledge: one fenced statement per claim record. */
-	bulk = tdr_bulk_new(d->claims, 0);
-	size_t nlive = 0;
+/*
+ * 5. acknowledge: one fenced statement per claim record.  A record a newer
+ * owner took over leaves every group not live: the batch's events are its now.
+ */
+static int step_acknowledge(tdr_drain *d, struct batch *b, tdr_err *err)
+{
+	struct group *groups = b->groups;
+	size_t ng = b->ng, nlive = 0;
+	mongoc_bulk_operation_t *bulk = tdr_bulk_new(d->claims, 0);
+	int64_t removed;
+	int rc;
+
 	for (size_t g = 0; g < ng; g++) {
 		bson_t f = BSON_INITIALIZER;
 
@@ -637,8 +632,10 @@ static int process(tdr_drain *d, const tdr_coord_view *v, struct item *items, si
 	if (nlive) {
 		bson_t reply;
 
-		if ((rc = tdr_bulk_run(bulk, "acknowledge", NULL, &reply, err)) < 0)
-			goto abandon;
+		if ((rc = tdr_bulk_run(bulk, "acknowledge", NULL, &reply, err)) < 0) {
+			mongoc_bulk_operation_destroy(bulk);
+			return rc;
+		}
 		removed = tdr_bson_i64(&reply, "nRemoved", 0);
 		bson_destroy(&reply);
 		if (removed != (int64_t)nlive) {
@@ -653,10 +650,22 @@ static int process(tdr_drain *d, const tdr_coord_view *v, struct item *items, si
 		}
 	}
 	mongoc_bulk_operation_destroy(bulk);
-	bulk = NULL;
+	return 0;
+}
 
-	/* 6. forget: delete the acknowledged events from the FIFO (see forget_flush). */
-	for (size_t i = 0; i < n; i++)
+/*
+ * 6. forget: delete the acknowledged events from the FIFO (see forget_flush).
+ * Never fails the batch: what is not confirmed deleted is retried before the
+ * next claim.  Returns how many events were acknowledged.
+ */
+static int64_t step_forget(tdr_drain *d, struct batch *b, tdr_err *err)
+{
+	struct item *items = b->items;
+	struct group *groups = b->groups;
+	int64_t acked = 0;
+	int rc = 0;
+
+	for (size_t i = 0; i < b->n; i++)
 		if (items[i].group >= 0 && groups[items[i].group].live) {
 			if (forget_add(d, &items[i].id) < 0) {
 				rc = tdr_err_set(err, TDR_ENOMEM, "out of memory");
@@ -666,13 +675,38 @@ static int process(tdr_drain *d, const tdr_coord_view *v, struct item *items, si
 		}
 	if (rc == 0 && forget_flush(d, err) < 0)
 		log_info("%s (%zu events; retried before the next claim)", err->msg, tdr_map_count(d->forget));
-	rc = 0;
+	return acked;
+}
+
+/*
+ * Steps 2-6 for items already read.  Returns 0, TDR_ETRANSIENT or TDR_EFAIL;
+ * *ret_acked counts events whose batch was acknowledged.  A failed step
+ * abandons the batch: nothing acknowledged, claim records removed best-effort.
+ */
+int drain_process(tdr_drain *d, const tdr_coord_view *v, struct item *items, size_t n, int64_t *ret_acked, tdr_err *err)
+{
+	struct batch b = { .items = items, .n = n };
+	int64_t t0, t1, t2, acked;
+	int rc;
+
+	*ret_acked = 0;
+	b.groups = calloc(v->nscopes ? v->nscopes : 1, sizeof(*b.groups));
+	t0 = tdr_mono_us();
+	if (b.groups == NULL)
+		return tdr_err_set(err, TDR_ENOMEM, "out of memory");
+	group_items(d, v, &b);
+	if ((rc = step_claim(d, &b, err)) < 0 || (rc = step_consume(d, &b, err)) < 0)
+		goto abandon;
+	t1 = tdr_mono_us();
+	if ((rc = step_commit(d, &b, err)) < 0 || (rc = step_acknowledge(d, &b, err)) < 0)
+		goto abandon;
+	acked = step_forget(d, &b, err);
 	t2 = tdr_mono_us();
 
 	pthread_mutex_lock(&d->mu);
 	d->stats.batches++;
 	d->stats.acked += acked;
-	d->stats.deadlettered += (int64_t)ndead;
+	d->stats.deadlettered += (int64_t)b.ndead;
 	d->stats.last_batch = (int64_t)n;
 	d->stats.consume_us = t1 - t0;
 	d->stats.ack_us = t2 - t1;
@@ -680,330 +714,23 @@ static int process(tdr_drain *d, const tdr_coord_view *v, struct item *items, si
 	tdr_hist_add(&d->stats.h_ack, t2 - t1);
 	pthread_mutex_unlock(&d->mu);
 	*ret_acked = acked;
-	free(valid_docs);
-	free(groups);
+	free(b.valid_docs);
+	free(b.groups);
 	return 0;
 
 abandon:
-	mongoc_bulk_operation_destroy(bulk);
-	unclaim(d, groups, ng);
+	unclaim(d, b.groups, b.ng);
 	pthread_mutex_lock(&d->mu);
 	d->stats.store_errors++;
 	pthread_mutex_unlock(&d->mu);
-	free(valid_docs);
-	free(groups);
-	return rc;
-}
-
-/* ------------------------------------------------------------ recovery */
-
-/*
- * Recovered in this scope recently.  The pass is repeated every lease TTL: a
- * deposed holder's claim insert, sent before its deadline, can still reach
- * the store after our first pass (retransmitted when a partition heals).
- */
-static int was_recovered(tdr_drain *d, int32_t part, int64_t epoch)
-{
-	for (size_t i = 0; i < d->nrec; i++)
-		if (d->rec[i].part == part && d->rec[i].epoch == epoch)
-			return tdr_mono_ms() - d->rec[i].at < d->cfg.lease_ttl_ms;
-	return 0;
-}
-
-/* Make the next drain step recover (part, epoch) again. */
-static void forget_recovered(tdr_drain *d, int32_t part, int64_t epoch)
-{
-	for (size_t i = 0; i < d->nrec; i++)
-		if (d->rec[i].part == part && d->rec[i].epoch == epoch)
-			d->rec[i].at = tdr_mono_ms() - d->cfg.lease_ttl_ms;
-}
-
-static int recovered_before(tdr_drain *d, int32_t part, int64_t epoch)
-{
-	for (size_t i = 0; i < d->nrec; i++)
-		if (d->rec[i].part == part && d->rec[i].epoch == epoch)
-			return 1;
-	return 0;
-}
-
-static void mark_recovered(tdr_drain *d, const tdr_coord_view *v, int32_t part, int64_t epoch)
-{
-	/* Forget scopes we no longer hold, so the table stays bounded by our partitions. */
-	for (size_t i = 0; i < d->nrec;) {
-		int held = 0;
-
-		for (size_t s = 0; s < v->nscopes; s++)
-			held |= v->scopes[s].part == d->rec[i].part && v->scopes[s].epoch == d->rec[i].epoch;
-		if (!held)
-			d->rec[i] = d->rec[--d->nrec];
-		else
-			i++;
-	}
-	for (size_t i = 0; i < d->nrec; i++)
-		if (d->rec[i].part == part && d->rec[i].epoch == epoch) {
-			d->rec[i].at = tdr_mono_ms();
-			return;
-		}
-	if (d->nrec == d->caprec) {
-		size_t ncap = d->caprec ? d->caprec * 2 : 16;
-		struct recovered *n = realloc(d->rec, ncap * sizeof(*n));
-
-		if (n == NULL)
-			return; /* recovery will simply run again: it is idempotent */
-		d->rec = n;
-		d->caprec = ncap;
-	}
-	d->rec[d->nrec++] = (struct recovered){ part, epoch, tdr_mono_ms() };
-}
-
-struct orphan_ids {
-	bson_value_t *ids;
-	int64_t *att;
-	size_t n, cap;
-	tdr_map *index; /* id key -> position + 1: one entry per event across records */
-	char **recs;   /* claim record _ids to delete afterwards */
-	int64_t *rec_epochs;
-	size_t nrecs, caprecs;
-};
-
-static void orphans_free(struct orphan_ids *o)
-{
-	tdr_map_free(o->index, NULL);
-	for (size_t i = 0; i < o->n; i++)
-		bson_value_destroy(&o->ids[i]);
-	for (size_t i = 0; i < o->nrecs; i++)
-		free(o->recs[i]);
-	free(o->ids);
-	free(o->att);
-	free(o->recs);
-	free(o->rec_epochs);
-}
-
-/*
- * An event can sit in several orphaned records (a holder that died while
- * recovering left both its predecessor's record and its own): it is one
- * orphan, and its attempts are the most any record counted.
- */
-static int orphans_add_id(struct orphan_ids *o, const bson_value_t *id, int64_t att)
-{
-	char key[512];
-	int klen = id_map_key(id, key, sizeof(key));
-	uintptr_t pos;
-
-	if (klen < 0 || (o->index == NULL && (o->index = tdr_map_new(256)) == NULL))
-		return -1;
-	pos = (uintptr_t)tdr_map_get(o->index, key, (size_t)klen);
-	if (pos) {
-		if (att > o->att[pos - 1])
-			o->att[pos - 1] = att;
-		return 0;
-	}
-	if (o->n == o->cap) {
-		size_t ncap = o->cap ? o->cap * 2 : 256;
-		bson_value_t *ni = realloc(o->ids, ncap * sizeof(*ni));
-		int64_t *na;
-
-		if (ni == NULL)
-			return -1;
-		o->ids = ni;
-		na = realloc(o->att, ncap * sizeof(*na));
-		if (na == NULL)
-			return -1;
-		o->att = na;
-		o->cap = ncap;
-	}
-	bson_value_copy(id, &o->ids[o->n]);
-	o->att[o->n++] = att;
-	if (tdr_map_put(o->index, key, (size_t)klen, (void *)(uintptr_t)o->n) < 0)
-		return -1;
-	return 0;
-}
-
-static int orphans_add_rec(struct orphan_ids *o, const char *id, int64_t epoch)
-{
-	if (o->nrecs == o->caprecs) {
-		size_t ncap = o->caprecs ? o->caprecs * 2 : 16;
-		char **nr = realloc(o->recs, ncap * sizeof(*nr));
-		int64_t *ne;
-
-		if (nr == NULL)
-			return -1;
-		o->recs = nr;
-		ne = realloc(o->rec_epochs, ncap * sizeof(*ne));
-		if (ne == NULL)
-			return -1;
-		o->rec_epochs = ne;
-		o->caprecs = ncap;
-	}
-	o->recs[o->nrecs] = strdup(id);
-	if (o->recs[o->nrecs] == NULL)
-		return -1;
-	o->rec_epochs[o->nrecs++] = epoch;
-	return 0;
-}
-
-/* Read the claim records older than our epoch in scope s. */
-static int read_orphans(tdr_drain *d, const tdr_scope *s, struct orphan_ids *o, tdr_err *err)
-{
-	bson_t filter = BSON_INITIALIZER, opts;
-	const bson_t *doc;
-	mongoc_cursor_t *cur;
-	bson_error_t be;
-	int rc = 0;
-
-	BSON_APPEND_INT32(&filter, "part", s->part);
-	tdr_store_read_opts(d->st, &opts);
-	cur = mongoc_collection_find_with_opts(d->claims, &filter, &opts, NULL);
-	while (rc == 0 && mongoc_cursor_next(cur, &doc)) {
-		int64_t epoch = tdr_bson_i64(doc, "epoch", 0);
-		const char *rid = tdr_bson_str(doc, "_id", NULL);
-		bson_iter_t ids, att, it;
-
-		/*
-		 * A newer epoch means we are already deposed.  Our own epoch's records are
-		 * stale: recovery runs between batches, when none of ours is in flight
-		 * (one is left when a failed batch could not remove it, see unclaim).
-		 */
-		if (epoch > s->epoch || rid == NULL)
-			continue;
-		if (orphans_add_rec(o, rid, epoch) < 0) {
-			rc = tdr_err_set(err, TDR_ENOMEM, "out of memory");
-			break;
-		}
-		if (!bson_iter_init_find(&it, doc, "ids") || !bson_iter_recurse(&it, &ids))
-			continue;
-		int have_att = bson_iter_init_find(&it, doc, "att") && bson_iter_recurse(&it, &att);
-		while (bson_iter_next(&ids)) {
-			int64_t a = 1;
-
-			if (have_att && bson_iter_next(&att))
-				a = bson_iter_as_int64(&att);
-			if (orphans_add_id(o, bson_iter_value(&ids), a + 1) < 0) {
-				rc = tdr_err_set(err, TDR_ENOMEM, "out of memory");
-				break;
-			}
-		}
-	}
-	if (rc == 0 && mongoc_cursor_error(cur, &be)) {
-		rc = tdr_store_error(&be, "read orphaned claims", err);
-		rc = TDR_ETRANSIENT;
-	}
-	mongoc_cursor_destroy(cur);
-	bson_destroy(&opts);
-	bson_destroy(&filter);
-	return rc;
-}
-
-static int recover_scope(tdr_drain *d, const tdr_coord_view *v, const tdr_scope *s, tdr_err *err)
-{
-	struct orphan_ids o;
-	size_t found = 0;
-	int rc, again = recovered_before(d, s->part, s->epoch);
-
-	memset(&o, 0, sizeof(o));
-	if ((rc = read_orphans(d, s, &o, err)) < 0)
-		goto out;
-
-	/* Fetch the orphans' documents in chunks and run them through the cycle first. */
-	for (size_t off = 0; off < o.n; off += 256) {
-		size_t end = off + 256 < o.n ? off + 256 : o.n, ni = 0;
-		struct item *items = calloc(end - off, sizeof(*items));
-		bson_t filter = BSON_INITIALIZER, in, arr, opts;
-		mongoc_cursor_t *cur;
-		const bson_t *doc;
-		bson_error_t be;
-		int64_t acked;
-
-		if (items == NULL) {
-			rc = tdr_err_set(err, TDR_ENOMEM, "out of memory");
-			goto out;
-		}
-		BSON_APPEND_DOCUMENT_BEGIN(&filter, "_id", &in);
-		BSON_APPEND_ARRAY_BEGIN(&in, "$in", &arr);
-		for (size_t i = off; i < end; i++) {
-			char key[16];
-			const char *kp;
-
-			bson_uint32_to_string((uint32_t)(i - off), &kp, key, sizeof(key));
-			bson_append_value(&arr, kp, -1, &o.ids[i]);
-		}
-		bson_append_array_end(&in, &arr);
-		bson_append_document_end(&filter, &in);
-		tdr_store_read_opts(d->st, &opts);
-		cur = mongoc_collection_find_with_opts(d->events, &filter, &opts, NULL);
-		while (mongoc_cursor_next(cur, &doc) && ni < end - off) {
-			bson_iter_t it;
-			int64_t att = 1;
-
-			if (!bson_iter_init_find(&it, doc, "_id"))
-				continue;
-			for (size_t i = off; i < end; i++)
-				if (tdr_bson_value_eq(&o.ids[i], bson_iter_value(&it))) {
-					att = o.att[i];
-					break;
-				}
-			(void)item_add(items, &ni, doc, s->part, att);
-		}
-		if (mongoc_cursor_error(cur, &be)) {
-			rc = tdr_store_error(&be, "fetch orphaned events", err);
-			rc = TDR_ETRANSIENT;
-		}
-		mongoc_cursor_destroy(cur);
-		bson_destroy(&opts);
-		bson_destroy(&filter);
-		if (rc == 0 && ni)
-			rc = process(d, v, items, ni, &acked, err);
-		found += ni;
-		items_free(items, ni);
-		if (rc < 0)
-			goto out;
-	}
-
-	/* The old records are spent: remove them, each fenced by its own epoch. */
-	if (o.nrecs) {
-		mongoc_bulk_operation_t *bulk = tdr_bulk_new(d->claims, 0);
-
-		for (size_t i = 0; i < o.nrecs; i++) {
-			bson_t f = BSON_INITIALIZER;
-
-			BSON_APPEND_UTF8(&f, "_id", o.recs[i]);
-			BSON_APPEND_INT64(&f, "epoch", o.rec_epochs[i]);
-			mongoc_bulk_operation_remove_one(bulk, &f);
-			bson_destroy(&f);
-		}
-		if (!tdr_coord_may_write(d->coord, s->part, s->epoch))
-			rc = tdr_err_set(err, TDR_EFENCED, "lost partition %d during recovery", s->part);
-		else
-			rc = tdr_bulk_run(bulk, "remove orphaned claims", NULL, NULL, err);
-		mongoc_bulk_operation_destroy(bulk);
-		if (rc < 0)
-			goto out;
-	}
-	if (!again || o.nrecs) {
-		char part[16], epoch[24], count[24];
-		tdr_field f[3] = { { "TDRAIN_PARTITIONS", part }, { "TDRAIN_EPOCH", epoch }, { "TDRAIN_ORPHANS", count } };
-
-		if (s->part == TDR_SCOPE_ALL)
-			snprintf(part, sizeof(part), "all");
-		else
-			snprintf(part, sizeof(part), "%d", s->part);
-		snprintf(epoch, sizeof(epoch), "%" PRId64, s->epoch);
-		snprintf(count, sizeof(count), "%zu", found);
-		tdr_log_event(o.nrecs ? LOG_NOTICE : LOG_INFO, TDR_EV_ORPHANS_RECOVERED, f, 3,
-			      "partition %s epoch %" PRId64 ": %zu orphaned events from %zu claim records recovered", part,
-			      s->epoch, found, o.nrecs);
-	}
-	pthread_mutex_lock(&d->mu);
-	d->stats.orphans += (int64_t)found;
-	pthread_mutex_unlock(&d->mu);
-	mark_recovered(d, v, s->part, s->epoch);
-out:
-	orphans_free(&o);
+	free(b.valid_docs);
+	free(b.groups);
 	return rc;
 }
 
 /* ------------------------------------------------------------ step */
 
+/* 1. find: up to drain.batch_size events at the head of the FIFO in our scopes; then steps 2-6 (process). */
 static int claim_and_process(tdr_drain *d, const tdr_coord_view *v, int *ret_full, int64_t *ret_n, tdr_err *err)
 {
 	bson_t filter = BSON_INITIALIZER, opts = BSON_INITIALIZER, in, arr, sort;
@@ -1108,7 +835,7 @@ static int claim_and_process(tdr_drain *d, const tdr_coord_view *v, int *ret_ful
 				continue; /* someone else's */
 			part = (int32_t)p;
 		}
-		if (n < (size_t)d->cfg.batch_size && item_add(items, &n, doc, part, 1) == 0)
+		if (n < (size_t)d->cfg.batch_size && drain_item_add(items, &n, doc, part, 1) == 0)
 			bytes += doc->len;
 	}
 	if (mongoc_cursor_error(cur, &be)) {
@@ -1128,10 +855,10 @@ static int claim_and_process(tdr_drain *d, const tdr_coord_view *v, int *ret_ful
 	d->stats.claimed += (int64_t)n;
 	pthread_mutex_unlock(&d->mu);
 	if (rc == 0 && n > 0)
-		rc = process(d, v, items, n, &acked, err);
+		rc = drain_process(d, v, items, n, &acked, err);
 	*ret_full = rc == 0 && n == (size_t)d->cfg.batch_size;
 	*ret_n = (int64_t)n;
-	items_free(items, n);
+	drain_items_free(items, n);
 	return rc;
 }
 
@@ -1150,8 +877,8 @@ int tdr_drain_step(tdr_drain *d, int *ret_full, int64_t *ret_n, tdr_err *err)
 			tdr_coord_scope_idle(d->coord, v.scopes[i].part, v.scopes[i].epoch);
 	/* Orphans of a newly gained scope come before any new work in it. */
 	for (size_t i = 0; i < v.nscopes && rc == 0; i++)
-		if (!v.scopes[i].draining && !was_recovered(d, v.scopes[i].part, v.scopes[i].epoch))
-			rc = recover_scope(d, &v, &v.scopes[i], err);
+		if (!v.scopes[i].draining && !drain_was_recovered(d, v.scopes[i].part, v.scopes[i].epoch))
+			rc = drain_recover_scope(d, &v, &v.scopes[i], err);
 	if (rc == 0)
 		rc = claim_and_process(d, &v, ret_full, ret_n, err);
 	if (rc == TDR_EFENCED) {

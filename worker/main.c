@@ -28,7 +28,9 @@
 #include "lib/log.h"
 #include "lib/store.h"
 #include "worker/drain.h"
+#include "worker/indexer.h"
 #include "worker/metrics.h"
+#include "worker/metrics_http.h"
 #include "worker/notify.h"
 
 static volatile sig_atomic_t got_stop, got_reload;
@@ -105,38 +107,165 @@ static int load_config(const struct args *a, tdr_config *cfg, tdr_err *err)
 	return tdr_config_validate(cfg, err);
 }
 
-/* The FIFO's size, its head's age, dead letters and unfolded deltas (for STATUS and metrics). */
-static void observe_store(tdr_store *st, struct tdr_metrics *m)
+/*
+ * What this replica knows of the leader's published counts: a follower uses
+ * them while they keep changing, judged on its own monotonic clock as leases
+ * are (no two hosts' wall clocks are compared).
+ */
+struct observer {
+	int64_t seq;           /* the leader's: counts published so far */
+	char key[200];         /* holder/epoch/seq of the last document seen */
+	int64_t changed_ms;    /* monotonic time it last changed */
+};
+
+#define STATE_BACKLOG_ID "backlog"
+
+static int64_t head_created_at(tdr_store *st, mongoc_client_t *c)
 {
-	mongoc_client_t *c = tdr_store_pop(st);
+	mongoc_collection_t *coll = tdr_store_coll(st, c, st->events);
+	bson_t filter = BSON_INITIALIZER, fo = BSON_INITIALIZER;
+	mongoc_cursor_t *cur;
+	const bson_t *doc;
+	bson_iter_t it;
+	int64_t at = -1;
+
+	BSON_APPEND_INT64(&fo, "limit", 1);
+	BSON_APPEND_INT64(&fo, "maxTimeMS", st->timeout_ms);
+	cur = mongoc_collection_find_with_opts(coll, &filter, &fo, NULL);
+	if (mongoc_cursor_next(cur, &doc) && bson_iter_init_find(&it, doc, "created_at") &&
+	    BSON_ITER_HOLDS_DATE_TIME(&it))
+		at = bson_iter_date_time(&it);
+	mongoc_cursor_destroy(cur);
+	bson_destroy(&filter);
+	bson_destroy(&fo);
+	mongoc_collection_destroy(coll);
+	return at;
+}
+
+/* Exact counts, each bounded by tdr_count_limit(): -1 for a count that failed. */
+static void count_store(tdr_store *st, mongoc_client_t *c, const tdr_config *cfg, struct tdr_metrics *m,
+			int64_t *head_at)
+{
 	const char *colls[3] = { st->events, TDR_C_DEADLETTER, TDR_C_DELTAS };
 	int64_t *outs[3] = { &m->backlog, &m->deadletter, &m->pending_deltas };
-	bson_t opts;
+	int caps[3] = { 0, 0, 0 };
 
-	tdr_store_read_opts(st, &opts);
 	for (int i = 0; i < 3; i++)
-		if (tdr_store_count_estimate(st, c, colls[i], outs[i], NULL) < 0)
+		if (tdr_store_count(st, c, colls[i], tdr_count_limit(cfg), outs[i], &caps[i], NULL) < 0)
 			*outs[i] = -1;
-	m->oldest_age_ms = -1;
-	if (m->backlog > 0) {
-		mongoc_collection_t *coll = tdr_store_coll(st, c, st->events);
-		bson_t filter = BSON_INITIALIZER, fo = BSON_INITIALIZER;
-		mongoc_cursor_t *cur;
-		const bson_t *doc;
-		bson_iter_t it;
+	m->backlog_capped = m->backlog >= 0 && caps[0];
+	*head_at = m->backlog > 0 ? head_created_at(st, c) : -1;
+}
 
-		BSON_APPEND_INT64(&fo, "limit", 1);
-		BSON_APPEND_INT64(&fo, "maxTimeMS", st->timeout_ms);
-		cur = mongoc_collection_find_with_opts(coll, &filter, &fo, NULL);
-		if (mongoc_cursor_next(cur, &doc) && bson_iter_init_find(&it, doc, "created_at") &&
-		    BSON_ITER_HOLDS_DATE_TIME(&it))
-			m->oldest_age_ms = tdr_wall_ms() - bson_iter_date_time(&it);
-		mongoc_cursor_destroy(cur);
-		bson_destroy(&filter);
-		bson_destroy(&fo);
-		mongoc_collection_destroy(coll);
-	}
+/* The leader's counts for the others: tdrain_state "backlog", of which the leader is the one writer. */
+static void publish_counts(tdr_store *st, mongoc_client_t *c, const tdr_config *cfg, int64_t epoch,
+			   struct observer *ob, const struct tdr_metrics *m, int64_t head_at)
+{
+	mongoc_collection_t *coll = tdr_store_coll(st, c, TDR_C_STATE);
+	bson_t sel = BSON_INITIALIZER, doc = BSON_INITIALIZER, opts = BSON_INITIALIZER;
+
+	BSON_APPEND_UTF8(&sel, "_id", STATE_BACKLOG_ID);
+	BSON_APPEND_UTF8(&doc, "_id", STATE_BACKLOG_ID);
+	BSON_APPEND_INT64(&doc, "fifo", m->backlog);
+	BSON_APPEND_BOOL(&doc, "fifo_capped", m->backlog_capped);
+	BSON_APPEND_INT64(&doc, "deadletters", m->deadletter);
+	BSON_APPEND_INT64(&doc, "deltas", m->pending_deltas);
+	BSON_APPEND_INT64(&doc, "limit", tdr_count_limit(cfg));
+	if (head_at >= 0)
+		BSON_APPEND_DATE_TIME(&doc, "head_created_at", head_at);
+	BSON_APPEND_UTF8(&doc, "holder", cfg->name);
+	BSON_APPEND_INT64(&doc, "epoch", epoch);
+	BSON_APPEND_INT64(&doc, "seq", ++ob->seq);
+	BSON_APPEND_DATE_TIME(&doc, "at", tdr_wall_ms());
+	BSON_APPEND_BOOL(&opts, "upsert", true);
+	/*
+	 * Best effort: a follower that finds no fresh document counts for
+	 * itself.  A deposed leader's late write is stamped with its epoch and
+	 * is superseded at the next interval.
+	 */
+	(void)mongoc_collection_replace_one(coll, &sel, &doc, &opts, NULL, NULL);
 	bson_destroy(&opts);
+	bson_destroy(&doc);
+	bson_destroy(&sel);
+	mongoc_collection_destroy(coll);
+}
+
+/* A follower: the leader's published counts if they are still being refreshed; 0 if used. */
+static int read_published(tdr_store *st, mongoc_client_t *c, const tdr_config *cfg, struct observer *ob,
+			  struct tdr_metrics *m, int64_t *head_at)
+{
+	mongoc_collection_t *coll = tdr_store_coll(st, c, TDR_C_STATE);
+	bson_t filter = BSON_INITIALIZER, fo = BSON_INITIALIZER;
+	mongoc_cursor_t *cur;
+	const bson_t *doc;
+	int rc = -1;
+
+	BSON_APPEND_UTF8(&filter, "_id", STATE_BACKLOG_ID);
+	BSON_APPEND_INT64(&fo, "limit", 1);
+	BSON_APPEND_INT64(&fo, "maxTimeMS", st->timeout_ms);
+	cur = mongoc_collection_find_with_opts(coll, &filter, &fo, NULL);
+	if (mongoc_cursor_next(cur, &doc)) {
+		bson_iter_t it;
+		char key[200];
+		const char *holder = "";
+		int64_t epoch = 0, seq = 0, now = tdr_mono_ms();
+
+		if (bson_iter_init_find(&it, doc, "holder") && BSON_ITER_HOLDS_UTF8(&it))
+			holder = bson_iter_utf8(&it, NULL);
+		if (bson_iter_init_find(&it, doc, "epoch") && BSON_ITER_HOLDS_NUMBER(&it))
+			epoch = bson_iter_as_int64(&it);
+		if (bson_iter_init_find(&it, doc, "seq") && BSON_ITER_HOLDS_NUMBER(&it))
+			seq = bson_iter_as_int64(&it);
+		snprintf(key, sizeof(key), "%s/%" PRId64 "/%" PRId64, holder, epoch, seq);
+		if (strcmp(key, ob->key) != 0) {
+			snprintf(ob->key, sizeof(ob->key), "%s", key);
+			ob->changed_ms = now;
+		}
+		/* The leader writes every metrics.interval_ms: three missed intervals and we count ourselves. */
+		if (now - ob->changed_ms <= 3 * cfg->metrics_interval_ms + 1000 &&
+		    bson_iter_init_find(&it, doc, "fifo") && BSON_ITER_HOLDS_NUMBER(&it)) {
+			m->backlog = bson_iter_as_int64(&it);
+			m->backlog_capped = bson_iter_init_find(&it, doc, "fifo_capped") && bson_iter_as_bool(&it);
+			m->deadletter = bson_iter_init_find(&it, doc, "deadletters") && BSON_ITER_HOLDS_NUMBER(&it)
+						? bson_iter_as_int64(&it)
+						: -1;
+			m->pending_deltas = bson_iter_init_find(&it, doc, "deltas") && BSON_ITER_HOLDS_NUMBER(&it)
+						    ? bson_iter_as_int64(&it)
+						    : -1;
+			*head_at = bson_iter_init_find(&it, doc, "head_created_at") && BSON_ITER_HOLDS_DATE_TIME(&it)
+					   ? bson_iter_date_time(&it)
+					   : -1;
+			rc = 0;
+		}
+	}
+	mongoc_cursor_destroy(cur);
+	bson_destroy(&filter);
+	bson_destroy(&fo);
+	mongoc_collection_destroy(coll);
+	return rc;
+}
+
+/*
+ * The FIFO's size, its head's age, dead letters and unfolded deltas (for
+ * STATUS, metrics and backlog_alert), exact (never the store's statistics:
+ * DocumentDB's say 85,000 for an empty FIFO).  A count costs up to
+ * metrics.count_limit documents read, so only the leader counts, once per
+ * metrics.interval_ms, and publishes; the others read one small document.
+ */
+static void observe_store(tdr_store *st, const tdr_config *cfg, int is_leader, int64_t leader_epoch,
+			  struct observer *ob, struct tdr_metrics *m)
+{
+	mongoc_client_t *c = tdr_store_pop(st);
+	int64_t head_at = -1;
+
+	m->backlog_capped = 0;
+	if (is_leader) {
+		count_store(st, c, cfg, m, &head_at);
+		publish_counts(st, c, cfg, leader_epoch, ob, m, head_at);
+	} else if (read_published(st, c, cfg, ob, m, &head_at) < 0) {
+		count_store(st, c, cfg, m, &head_at);
+	}
+	m->oldest_age_ms = m->backlog > 0 && head_at >= 0 ? tdr_wall_ms() - head_at : -1;
 	tdr_store_push(st, c);
 }
 
@@ -146,10 +275,11 @@ static void status_line(char *buf, size_t len, const tdr_config *cfg, const tdr_
 	char parts[256];
 
 	tdr_parts_format(v->scopes, v->nscopes, parts, sizeof(parts));
-	snprintf(buf, len, "%s%s, %s: partitions [%s], backlog %lld, %.0f events/s, fold lag %.1fs",
+	snprintf(buf, len, "%s%s, %s: partitions [%s], backlog %s%lld, %.0f events/s, fold lag %.1fs%s",
 		 v->is_leader ? "leader" : "follower",
 		 cfg->mode == TDR_MODE_PARTITIONED ? "" : (v->is_leader ? " (draining)" : " (standby)"),
-		 tdr_mode_name(cfg->mode), parts, (long long)m->backlog, m->drain.rate, (double)m->fold.lag_ms / 1000.0);
+		 tdr_mode_name(cfg->mode), parts, m->backlog_capped ? ">=" : "", (long long)m->backlog, m->drain.rate,
+		 (double)m->fold.lag_ms / 1000.0, m->indexes_pending ? ", indexes pending (claims scan until built)" : "");
 }
 
 int main(int argc, char **argv)
@@ -170,6 +300,9 @@ int main(int argc, char **argv)
 	tdr_archive *ar = NULL;
 	tdr_drain *drain = NULL;
 	tdr_fold *fold = NULL;
+	tdr_indexer *ix = NULL;
+	int ix_abandoned = 0;
+	tdr_metrics_http *mh = NULL;
 	static sigset_t sigs;
 	pthread_t sigthr;
 	int opt, status = EX_OK;
@@ -259,10 +392,38 @@ int main(int argc, char **argv)
 		status = EX_UNAVAILABLE;
 		goto out;
 	}
-	if (tdr_store_ensure_indexes(st, &err) < 0) {
-		log_err("store %s: cannot create indexes: %s", redacted, err.msg);
-		status = err.code == TDR_ETRANSIENT ? EX_UNAVAILABLE : EX_SOFTWARE;
-		goto out;
+	{
+		/*
+		 * One attempt within store.timeout_ms.  Indexes make claims fast but
+		 * no rule depends on them, so if the build is slow (a populated FIFO:
+		 * minutes on MongoDB, the next minute's job on DocumentDB) or fails,
+		 * we drain without them and retry in the background (indexer.h).
+		 */
+		mongoc_client_t *c = tdr_store_pop(st);
+		unsigned missing = 0;
+		int rc = tdr_store_create_indexes(st, c, TDR_INDEXES_ALL, &missing, &err);
+
+		/* Also replaces a "pending" left by this replica's previous incarnation. */
+		(void)tdr_indexes_publish(st, c, cfg.name, rc < 0 ? missing : 0, 1, rc < 0 ? err.msg : "", NULL);
+		tdr_store_push(st, c);
+		if (rc < 0) {
+			char names[128], retry[24];
+			tdr_field f[3] = { { "TDRAIN_INDEXES", names },
+					   { "TDRAIN_RETRY_S", retry },
+					   { "TDRAIN_ERROR", err.msg } };
+			tdr_err e2;
+
+			tdr_store_index_names(missing, names, sizeof(names));
+			snprintf(retry, sizeof(retry), "%d", TDR_INDEX_RETRY_FIRST_MS / 1000);
+			tdr_log_event(LOG_WARNING, TDR_EV_INDEXES_PENDING, f, 3,
+				      "indexes pending: %s not built yet (%s); draining without them, retrying in %s s",
+				      names, err.msg, retry);
+			if (tdr_indexer_start(&ix, &cfg, st, missing, err.msg, &e2) < 0) {
+				log_err("%s", e2.msg);
+				status = EX_OSERR;
+				goto out;
+			}
+		}
 	}
 	if (tdr_coord_new(&coord, &cfg, st, &err) < 0) {
 		log_err("coordinator: %s", err.msg);
@@ -314,6 +475,12 @@ int main(int argc, char **argv)
 		status = EX_OSERR;
 		goto out;
 	}
+	/* Before READY=1, so that a replica that says it runs can be scraped. */
+	if (cfg.metrics_listen[0] && tdr_metrics_http_start(&mh, cfg.metrics_listen, &err) < 0) {
+		log_err("%s", err.msg);
+		status = err.code == TDR_ECONFIG ? EX_CONFIG : EX_UNAVAILABLE;
+		goto out;
+	}
 	{
 		tdr_field f[3] = { { "TDRAIN_MODE", tdr_mode_name(cfg.mode) },
 				   { "TDRAIN_BACKEND", tdr_backend_name(cfg.backend) },
@@ -325,10 +492,12 @@ int main(int argc, char **argv)
 
 	{
 		struct tdr_metrics m;
+		struct observer ob;
 		int64_t backoff = 0, last_status = 0, last_observe = 0, last_err_log = 0, errors = 0;
 		int ready = 0, alerted = 0;
 
 		memset(&m, 0, sizeof(m));
+		memset(&ob, 0, sizeof(ob));
 		m.backlog = m.oldest_age_ms = m.deadletter = m.pending_deltas = -1;
 		while (!got_stop) {
 			int full = 0, rc;
@@ -348,7 +517,21 @@ int main(int argc, char **argv)
 					cfg.poll_max_ms = nc.poll_max_ms;
 					cfg.metrics_interval_ms = nc.metrics_interval_ms;
 					cfg.backlog_alert = nc.backlog_alert;
+					cfg.count_limit = nc.count_limit;
 					memcpy(cfg.metrics_file, nc.metrics_file, sizeof(cfg.metrics_file));
+					if (strcmp(cfg.metrics_listen, nc.metrics_listen) != 0) {
+						/* The old address is let go first: the new one may be the same port. */
+						tdr_metrics_http_stop(mh);
+						mh = NULL;
+						memcpy(cfg.metrics_listen, nc.metrics_listen, sizeof(cfg.metrics_listen));
+						if (cfg.metrics_listen[0] &&
+						    tdr_metrics_http_start(&mh, cfg.metrics_listen, &err) < 0)
+							log_err("reload: %s; the endpoint stays off until the next reload",
+								err.msg);
+						else
+							log_info("metrics.listen: %s", cfg.metrics_listen[0] ? cfg.metrics_listen
+													    : "off");
+					}
 					memcpy(cfg.log_level, nc.log_level, sizeof(cfg.log_level));
 					log_info("configuration reloaded (keys needing a restart are unchanged)");
 				}
@@ -389,10 +572,18 @@ int main(int argc, char **argv)
 
 			if (!ready || now - last_status >= 1000) {
 				tdr_coord_view v;
+				int have_view = tdr_coord_view_get(coord, &v) == 0;
 
 				if (now - last_observe >= cfg.metrics_interval_ms || !ready) {
-					observe_store(st, &m);
+					observe_store(st, &cfg, have_view && v.is_leader, have_view ? v.leader_epoch : 0,
+						      &ob, &m);
 					last_observe = now;
+				}
+				if (ix) {
+					struct tdr_indexer_state is;
+
+					tdr_indexer_get(ix, &is);
+					m.indexes_pending = is.missing != 0;
 				}
 				tdr_drain_stats_get(drain, &m.drain);
 				tdr_fold_stats_get(fold, &m.fold);
@@ -400,7 +591,7 @@ int main(int argc, char **argv)
 					tdr_archive_stats_get(ar, &m.archive);
 					m.has_archive = 1;
 				}
-				if (tdr_coord_view_get(coord, &v) == 0) {
+				if (have_view) {
 					char line[512];
 
 					m.replica = cfg.name;
@@ -418,15 +609,29 @@ int main(int argc, char **argv)
 					}
 					tdr_coord_view_free(&v);
 				}
-				if (cfg.metrics_file[0] && tdr_metrics_write(cfg.metrics_file, &m, &err) < 0)
-					log_warn("%s", err.msg);
+				if (cfg.metrics_file[0] || mh) {
+					char *text;
+					size_t len;
+
+					if (tdr_metrics_render(&m, &text, &len, &err) < 0) {
+						log_warn("%s", err.msg);
+					} else {
+						if (cfg.metrics_file[0] &&
+						    tdr_metrics_write_file(cfg.metrics_file, text, len, &err) < 0)
+							log_warn("%s", err.msg);
+						if (mh)
+							tdr_metrics_http_publish(mh, text, len); /* takes text */
+						else
+							free(text);
+					}
+				}
 				if (cfg.backlog_alert > 0 && m.is_leader && m.backlog > cfg.backlog_alert && !alerted) {
 					char b[24];
 					tdr_field f[1] = { { "TDRAIN_BACKLOG", b } };
 
-					snprintf(b, sizeof(b), "%lld", (long long)m.backlog);
+					snprintf(b, sizeof(b), "%s%lld", m.backlog_capped ? ">=" : "", (long long)m.backlog);
 					tdr_log_event(LOG_WARNING, TDR_EV_BACKLOG_ALERT, f, 1,
-						      "backlog %lld exceeds metrics.backlog_alert %lld", (long long)m.backlog,
+						      "backlog %s exceeds metrics.backlog_alert %lld", b,
 						      (long long)cfg.backlog_alert);
 					alerted = 1;
 				} else if (m.backlog >= 0 && m.backlog < cfg.backlog_alert / 2) {
@@ -455,7 +660,17 @@ int main(int argc, char **argv)
 			 (long long)cfg.store_timeout_ms);
 		fold_abandoned = 1;
 	}
+	/*
+	 * A pending build is not worth a slower stop: createIndexes is
+	 * idempotent and whoever starts next tries again.
+	 */
+	if (tdr_indexer_stop_within(ix, 100) < 0) {
+		log_info("indexes: a build request is still pending in the store; exiting without waiting for it");
+		ix_abandoned = 1;
+	}
 out:
+	tdr_indexer_free(ix);
+	tdr_metrics_http_stop(mh);
 	tdr_fold_free(fold);
 	tdr_drain_free(drain);
 	tdr_archive_close(ar);
@@ -463,7 +678,7 @@ out:
 	if (!fold_abandoned)
 		tdr_store_close(fold_st); /* else the fold thread is still using it */
 	tdr_store_close(st);
-	if (!fold_abandoned)
+	if (!fold_abandoned && !ix_abandoned)
 		mongoc_cleanup();
 	/* sigwait() is a cancellation point: end the signal thread so nothing outlives main. */
 	pthread_cancel(sigthr);

@@ -2,6 +2,7 @@
 
 #include <errno.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 
@@ -34,19 +35,32 @@ static void histogram(FILE *f, const char *name, const char *help, const char *l
 		(unsigned long long)h->count);
 }
 
-int tdr_metrics_write(const char *path, const struct tdr_metrics *m, tdr_err *err)
+/*
+ * Render into memory, once per refresh: the same bytes go to metrics.file and
+ * to the HTTP endpoint's snapshot, and neither a disk nor a client is ever
+ * waited for while the text is produced.
+ */
+int tdr_metrics_render(const struct tdr_metrics *m, char **out, size_t *len, tdr_err *err)
 {
-	char tmp[600], labels[200];
+	char labels[200];
+	char *buf = NULL;
+	size_t n = 0;
 	FILE *f;
-	int rc = 0;
 
-	snprintf(tmp, sizeof(tmp), "%s.tmp", path);
-	snprintf(labels, sizeof(labels), "replica=\"%s\"", m->replica);
-	f = fopen(tmp, "we");
+	*out = NULL;
+	*len = 0;
+	snprintf(labels, sizeof(labels), "replica=\"%s\"", m->replica ? m->replica : "");
+	f = open_memstream(&buf, &n);
 	if (f == NULL)
-		return tdr_err_set(err, TDR_EFAIL, "metrics %s: %s", tmp, strerror(errno));
+		return tdr_err_set(err, TDR_ENOMEM, "metrics: open_memstream: %s", strerror(errno));
 	if (m->backlog >= 0)
-		gauge(f, "tdrain_backlog_events", "Events in the FIFO, pending or in flight.", labels, (double)m->backlog);
+		gauge(f, "tdrain_backlog_events", "Events in the FIFO, pending or in flight (an exact count).", labels, (double)m->backlog);
+	if (m->backlog >= 0)
+		gauge(f, "tdrain_backlog_capped",
+		      "1 if the backlog count stopped at metrics.count_limit (tdrain_backlog_events is a lower bound).",
+		      labels, m->backlog_capped);
+	gauge(f, "tdrain_indexes_pending", "1 while an index build this replica asked for is pending (it drains meanwhile).",
+	      labels, m->indexes_pending);
 	if (m->oldest_age_ms >= 0)
 		gauge(f, "tdrain_oldest_pending_age_seconds", "Age (created_at) of the oldest event in the FIFO.", labels,
 		      (double)m->oldest_age_ms / 1000.0);
@@ -101,7 +115,35 @@ int tdr_metrics_write(const char *path, const struct tdr_metrics *m, tdr_err *er
 		counter(f, "tdrain_archive_send_failures_total", "Failed HTTP sink deliveries (retried).", labels,
 			m->archive.send_failures);
 	}
-	if (fflush(f) != 0 || ferror(f))
+	/* A memstream fails only for memory; fclose sets buf and n for the last time. */
+	if (ferror(f)) {
+		fclose(f);
+		free(buf);
+		return tdr_err_set(err, TDR_ENOMEM, "metrics: out of memory while rendering");
+	}
+	if (fclose(f) != 0 || buf == NULL) {
+		free(buf);
+		return tdr_err_set(err, TDR_ENOMEM, "metrics: out of memory while rendering");
+	}
+	*out = buf;
+	*len = n;
+	return 0;
+}
+
+int tdr_metrics_write_file(const char *path, const char *buf, size_t len, tdr_err *err)
+{
+	char tmp[600];
+	FILE *f;
+	int rc = 0;
+
+	if ((size_t)snprintf(tmp, sizeof(tmp), "%s.tmp", path) >= sizeof(tmp))
+		return tdr_err_set(err, TDR_EFAIL, "metrics %s: path too long", path);
+	f = fopen(tmp, "we");
+	if (f == NULL)
+		return tdr_err_set(err, TDR_EFAIL, "metrics %s: %s", tmp, strerror(errno));
+	if (len > 0 && fwrite(buf, 1, len, f) != len)
+		rc = tdr_err_set(err, TDR_EFAIL, "metrics %s: %s", tmp, strerror(errno));
+	if (rc == 0 && (fflush(f) != 0 || ferror(f)))
 		rc = tdr_err_set(err, TDR_EFAIL, "metrics %s: %s", tmp, strerror(errno));
 	if (fclose(f) != 0 && rc == 0)
 		rc = tdr_err_set(err, TDR_EFAIL, "metrics %s: %s", tmp, strerror(errno));
@@ -109,5 +151,18 @@ int tdr_metrics_write(const char *path, const struct tdr_metrics *m, tdr_err *er
 		rc = tdr_err_set(err, TDR_EFAIL, "metrics %s: %s", path, strerror(errno));
 	if (rc < 0)
 		unlink(tmp);
+	return rc;
+}
+
+int tdr_metrics_write(const char *path, const struct tdr_metrics *m, tdr_err *err)
+{
+	char *buf;
+	size_t len;
+	int rc;
+
+	if (tdr_metrics_render(m, &buf, &len, err) < 0)
+		return TDR_ENOMEM;
+	rc = tdr_metrics_write_file(path, buf, len, err);
+	free(buf);
 	return rc;
 }

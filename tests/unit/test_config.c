@@ -316,6 +316,20 @@ static void test_validate(void)
 	   "store.timeout_ms == renew deadline refused (%s)", err.msg);
 	ok(validate_with(&err, "store.timeout_ms=9999", NULL) == 0, "store.timeout_ms just below renew deadline accepted");
 
+	/* metrics.listen: numeric HOST:PORT, [IPv6]:PORT or :PORT; empty is off */
+	ok(validate_with(&err, "metrics.listen=127.0.0.1:9464", NULL) == 0 &&
+		   validate_with(&err, "metrics.listen=[::1]:9464", NULL) == 0 &&
+		   validate_with(&err, "metrics.listen=:9464", NULL) == 0 && validate_with(&err, "metrics.listen=", NULL) == 0,
+	   "metrics.listen: 127.0.0.1:9464, [::1]:9464, :9464 and empty accepted%s%s", err.msg[0] ? ": " : "", err.msg);
+	ok(validate_with(&err, "metrics.listen=localhost:9464", NULL) == TDR_ECONFIG && has(err.msg, "metrics.listen") &&
+		   has(err.msg, "numeric"),
+	   "metrics.listen: a host name refused (%s)", err.msg);
+	ok(validate_with(&err, "metrics.listen=127.0.0.1", NULL) < 0 && validate_with(&err, "metrics.listen=::1:9464", NULL) < 0 &&
+		   validate_with(&err, "metrics.listen=127.0.0.1:0", NULL) < 0 &&
+		   validate_with(&err, "metrics.listen=127.0.0.1:65536", NULL) < 0 &&
+		   validate_with(&err, "metrics.listen=127.0.0.1:94x", NULL) < 0 && validate_with(&err, "metrics.listen=[::1]9464", NULL) < 0,
+	   "metrics.listen: no port, unbracketed IPv6, port 0, 65536, 94x and [::1]9464 refused (%s)", err.msg);
+
 	/* URIs */
 	ok(validate_with(&err, "store.uri=http://127.0.0.1:27017", NULL) < 0 && has(err.msg, "store.uri"),
 	   "uri: http:// store.uri refused (%s)", err.msg);
@@ -389,7 +403,7 @@ static void test_print(void)
 		"drain.batch_size", "drain.poll_max_ms", "drain.max_attempts", "drain.max_event_bytes",
 		"drain.allow_events", "fold.interval_ms", "fold.max_deltas", "fold.cache_mb", "fold.timeout_ms", "archive.dir", "archive.max_bytes",
 		"archive.max_age_s", "archive.http_url", "archive.http_timeout_ms", "archive.max_backlog_bytes",
-		"metrics.file", "metrics.interval_ms", "metrics.backlog_alert", "log.level", "test.trace_file",
+		"metrics.file", "metrics.listen", "metrics.interval_ms", "metrics.backlog_alert", "log.level", "test.trace_file",
 	};
 	tdr_config cfg;
 	tdr_err err;
