@@ -197,8 +197,14 @@ def lost_events(m, dbname, files, allow=None):
                 bad.add(checker.id_key(doc['_id']))
     db = m.client()[dbname]
     ledger = set(d['_id'] for d in db.tdrain_ledger.find({}, {'_id': 1}))
-    dead = set(checker.id_key(d['_id']) for d in db.tdrain_deadletter.find({}, {'_id': 1}))
+    dead = set(checker.id_key(d['_id']) for d in deadletter(db).find({}, {'_id': 1}))
     return len(want - ledger) + len(bad - dead)
+
+
+def deadletter(db):
+    """tdrain_deadletter, decoded as the checker does: dead letters keep the original document, and on a
+    store that holds invalid UTF-8 (DocumentDB; FerretDB refuses it) the strict default decoder fails."""
+    return db.get_collection('tdrain_deadletter', codec_options=checker.CODEC)
 
 
 def drained(db):
@@ -270,7 +276,7 @@ def corpus_run(h, m, label, dbname, mode, names, allow=None):
     else:
         h.is_(ndead, len(kinds), '[%s] dead-letter count equals the corpus size (%d)' % (label, len(kinds)))
         # Every reason prefix the manifest names, by kind, is in the store.
-        by_reason = collections.Counter(d['reason'].split(' (')[0] for d in db.tdrain_deadletter.find({}))
+        by_reason = collections.Counter(d['reason'].split(' (')[0] for d in deadletter(db).find({}, {'reason': 1}))
         h.diag('[%s] dead-letter reasons: %s' % (label, dict(sorted(by_reason.items()))))
     check_deadletter_docs(h, m, dbname, files, label)
 
@@ -512,7 +518,7 @@ def poison_run(h, m):
             p.kill9()
         proxy.close()
 
-    dead = {checker.id_key(d['_id']): d for d in db.tdrain_deadletter.find({})}
+    dead = {checker.id_key(d['_id']): d for d in deadletter(db).find({})}
     poisoned = set(crash_ids or [])
     att_dead = {k: d for k, d in dead.items() if str(d.get('reason', '')).startswith('attempts: ')}
     h.diag('[%s] %d events in the crashing batch; dead letters: %d, with "attempts:": %d'
