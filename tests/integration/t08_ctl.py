@@ -221,7 +221,7 @@ class Scenario:
         h.ok(elapsed < 15, self.t('status with the 1 s rate interval took %.1f s' % elapsed))
         h.is_((s['mode'], s['backend'], s['partitions']), ('partitioned', self.backend, P),
               self.t('mode, backend and partition count'))
-        h.is_(s.get('ferretdb'), self.ferretdb, self.t('the store is recognised as %s (hello/buildInfo)'
+        h.is_((s.get('store') or {}).get('ferretdb'), self.ferretdb, self.t('the store is recognised as %s (hello/buildInfo)'
                                                        % ('FerretDB' if self.ferretdb else 'MongoDB')))
         h.is_(sorted(mb['name'] for mb in s['members']), sorted(MEMBERS), self.t('2 members: a and b'))
         h.ok(all(mb['epoch'] > 0 and (mb['expires_in_ms'] or 0) > 0 for mb in s['members']),
