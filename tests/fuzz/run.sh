@@ -41,8 +41,8 @@ esac
 # Sources each target needs besides its own file.
 sources_for() {
 	case $1 in
-	fuzz_event) echo consumers/event.c lib/bsonx.c lib/hash.c lib/conf.c lib/log.c lib/err.c ;;
-	fuzz_config) echo lib/conf.c lib/log.c lib/err.c ;;
+	fuzz_event) echo consumers/event.c lib/bsonx.c lib/hash.c lib/conf.c lib/hostport.c lib/log.c lib/err.c ;;
+	fuzz_config) echo lib/conf.c lib/hostport.c lib/log.c lib/err.c ;;
 	fuzz_etcd_json) echo coord/etcd_json.c lib/err.c ;;
 	*) return 1 ;;
 	esac
