@@ -87,69 +87,17 @@ def sha256(path):
         return None
 
 
-def pid_alive(pid):
-    try:
-        with open('/proc/%d/stat' % pid) as f:
-            return f.read().rsplit(')', 1)[1].split()[0] != 'Z'
-    except (OSError, IndexError):
-        return False
-
-
-class Namespace:
-    """A systemd booted by scripts/systemd-ns.sh, known by its own state file."""
-
-    def __init__(self, h, state):
-        self.h = h
-        self.script = os.path.join(h.srcdir, 'scripts', 'systemd-ns.sh')
-        self.state = state
-        self.pid = None
-
-    def _env(self):
-        return {'SYSTEMD_NS_STATE': self.state}
-
-    def start(self):
-        """Boot; return '' or the reason it failed."""
-        r = self.h.run(['sh', self.script, 'start'], timeout=120, env=self._env())
-        words = (r.stdout or '').split()
-        if r.returncode != 0 or not words or not words[-1].isdigit():
-            return ('scripts/systemd-ns.sh start failed (status %s): %s'
-                    % (r.returncode, ' '.join(((r.stderr or '') + (r.stdout or '')).split())[:300]))
-        self.pid = int(words[-1])
-        return ''
-
-    @property
-    def root(self):
-        """The namespace's / seen from the host (its /run differs from the host's)."""
-        return '/proc/%d/root' % self.pid
-
-    def run(self, *argv, timeout=60):
-        return self.h.run(['sh', self.script, 'exec'] + [str(a) for a in argv], timeout=timeout, env=self._env())
-
-    def stop(self):
-        if self.pid is None and not os.path.exists(self.state):
-            return
-        self.h.run(['sh', self.script, 'stop'], timeout=90, env=self._env())
-        if self.pid is not None and pid_alive(self.pid):
-            try:
-                with open('/proc/%d/cmdline' % self.pid, 'rb') as f:
-                    ours = b'--unit=basic.target' in f.read()
-                if ours:
-                    os.kill(self.pid, signal.SIGKILL)
-            except OSError:
-                pass
-
-
 def reap_stale(h):
     """Stop a namespace systemd left by a t11 run that died (its PID is in the state file's name)."""
     for state in glob.glob(STATE_FMT.replace('%d', '*')):
         m = re.search(r'-(\d+)\.pid$', state)
-        if not m or pid_alive(int(m.group(1))):
+        if not m or harness.pid_alive(int(m.group(1))):
             continue
         h.diag('stopping the namespace systemd of a dead run (%s)' % state)
-        Namespace(h, state).stop()
+        harness.SystemdNamespace(h, state).stop()
     for c in glob.glob('/tmp/tdrain-t11-canary-*') + glob.glob('/var/tmp/tdrain-t11-canary-*'):
         m = re.search(r'-(\d+)$', c)
-        if m and not pid_alive(int(m.group(1))):
+        if m and not harness.pid_alive(int(m.group(1))):
             os.unlink(c)
     if os.path.exists(os.path.join(VARLIB, MARKER)):
         h.diag('removing %s left by a dead run' % VARLIB)
@@ -186,7 +134,7 @@ def main(h):
             time.sleep(1)
     reap_stale(h)
 
-    ns = Namespace(h, STATE_FMT % os.getpid())
+    ns = harness.SystemdNamespace(h, STATE_FMT % os.getpid())
     state = {'torn_down': False, 'varlib_created': False, 'canaries': []}
 
     def teardown():
@@ -194,7 +142,7 @@ def main(h):
             return
         state['torn_down'] = True
         try:
-            if ns.pid is not None and pid_alive(ns.pid):
+            if ns.pid is not None and harness.pid_alive(ns.pid):
                 ns.run('systemctl', 'stop', 'tdrain@a.service', 'tdrain@b.service', 'tdrain@bad.service',
                        timeout=60)
         except Exception:
@@ -227,13 +175,13 @@ def main(h):
         crashed = True
         raise
     finally:
-        if (crashed or h.failed) and state.get('t0') and ns.pid is not None and pid_alive(ns.pid):
+        if (crashed or h.failed) and state.get('t0') and ns.pid is not None and harness.pid_alive(ns.pid):
             r = ns.run('journalctl', '--no-pager', '-o', 'short-precise', '--since', '@%.6f' % state['t0'],
                        '-u', 'tdrain@*', '-n', '60')
             h.diag('---- journalctl -u tdrain@* (last 60 lines of this run) ----\n' + r.stdout.rstrip())
         teardown()
 
-    h.ok(ns.pid is None or not pid_alive(ns.pid), 'the namespace systemd (PID %s) is gone' % ns.pid)
+    h.ok(ns.pid is None or not harness.pid_alive(ns.pid), 'the namespace systemd (PID %s) is gone' % ns.pid)
     mine = [ns.state, '/usr/lib/systemd/catalog/tdrain.catalog'] + state['canaries']
     if state['varlib_created']:
         mine.append(VARLIB)

@@ -42,7 +42,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import stat
 import subprocess
 import sys
@@ -59,67 +58,6 @@ LOCK = '/run/lock/tdrain-t11.lock'       # shared with t11_systemd
 STATE_FMT = '/run/tdrain-t14-%d.pid'     # systemd-ns.sh state file; %d = this test's PID
 PRIV = '/run/tdrain-t14'                 # inside the namespace (its own /run)
 MSGID_ACQUIRED = '724d891925b54df2b184781b9e84e662'
-IN_CI = os.environ.get('CI', '') == 'true'
-
-
-def pid_alive(pid):
-    try:
-        with open('/proc/%d/stat' % pid) as f:
-            return f.read().rsplit(')', 1)[1].split()[0] != 'Z'
-    except (OSError, IndexError):
-        return False
-
-
-def unavailable(h, reason):
-    """A missing tool or an unsuitable host: skip outside CI, fail under CI=true."""
-    if IN_CI:
-        h.ok(False, 'CI=true, but: %s' % reason)
-        h.done()
-    h.skip_all(reason)
-
-
-class Namespace:
-    """A systemd booted by scripts/systemd-ns.sh (the same use as t11_systemd's)."""
-
-    def __init__(self, h, state):
-        self.h = h
-        self.script = os.path.join(h.srcdir, 'scripts', 'systemd-ns.sh')
-        self.state = state
-        self.pid = None
-
-    def _env(self):
-        return {'SYSTEMD_NS_STATE': self.state}
-
-    def start(self):
-        r = self.h.run(['sh', self.script, 'start'], timeout=120, env=self._env())
-        words = (r.stdout or '').split()
-        if r.returncode != 0 or not words or not words[-1].isdigit():
-            return ('scripts/systemd-ns.sh start failed (status %s): %s'
-                    % (r.returncode, ' '.join(((r.stderr or '') + (r.stdout or '')).split())[:300]))
-        self.pid = int(words[-1])
-        return ''
-
-    @property
-    def root(self):
-        return '/proc/%d/root' % self.pid
-
-    def run(self, *argv, timeout=60, env=None):
-        e = self._env()
-        e.update(env or {})
-        return self.h.run(['sh', self.script, 'exec'] + [str(a) for a in argv], timeout=timeout, env=e)
-
-    def stop(self):
-        if self.pid is None and not os.path.exists(self.state):
-            return
-        self.h.run(['sh', self.script, 'stop'], timeout=90, env=self._env())
-        if self.pid is not None and pid_alive(self.pid):
-            try:
-                with open('/proc/%d/cmdline' % self.pid, 'rb') as f:
-                    ours = b'--unit=basic.target' in f.read()
-                if ours:
-                    os.kill(self.pid, signal.SIGKILL)
-            except OSError:
-                pass
 
 
 def dpkg_status(h):
@@ -205,15 +143,15 @@ def build_deb(h):
 
 def main(h):
     if os.geteuid() != 0:
-        unavailable(h, 'needs root (installs a package, boots a systemd in a PID + mount namespace)')
+        h.skip_all('needs root (installs a package, boots a systemd in a PID + mount namespace)')
     tools = ['apt-get', 'dpkg', 'dpkg-query', 'lintian', 'unshare', 'nsenter', 'setsid', 'userdel']
     if not os.environ.get('TDRAIN_DEB'):
         tools += ['dpkg-buildpackage', 'dh', 'fakeroot']
     for tool in tools:
         if shutil.which(tool) is None:
-            unavailable(h, '%s not found (scripts/deps.sh installs it)' % tool)
+            h.skip_all('%s not found (scripts/deps.sh installs it)' % tool)
     if not os.access('/lib/systemd/systemd', os.X_OK):
-        unavailable(h, '/lib/systemd/systemd not found (apt-get install systemd)')
+        h.skip_all('/lib/systemd/systemd not found (apt-get install systemd)')
 
     os.makedirs(os.path.dirname(LOCK), exist_ok=True)
     lockfd = os.open(LOCK, os.O_CREAT | os.O_RDWR, 0o644)
@@ -224,19 +162,19 @@ def main(h):
             break
         except OSError:
             if time.monotonic() > deadline:
-                unavailable(h, 'another systemd test held %s for 300 s' % LOCK)
+                h.skip_all('another systemd test held %s for 300 s' % LOCK)
             time.sleep(1)
     for state in glob.glob(STATE_FMT.replace('%d', '*')):
         m = re.search(r'-(\d+)\.pid$', state)
-        if m and not pid_alive(int(m.group(1))):
+        if m and not harness.pid_alive(int(m.group(1))):
             h.diag('stopping the namespace systemd of a dead run (%s)' % state)
-            Namespace(h, state).stop()
+            harness.SystemdNamespace(h, state).stop()
     st = dpkg_status(h)
     if st and not st.startswith('un') and not st.startswith('pn'):
-        unavailable(h, 'the host has a tdrain package (dpkg status %r): this test would purge it' % st)
+        h.skip_all('the host has a tdrain package (dpkg status %r): this test would purge it' % st)
     for p in ('/etc/tdrain', '/var/lib/tdrain', '/lib/systemd/system/tdrain@.service'):
         if os.path.lexists(p):
-            unavailable(h, 'the host has %s: purging the test package would delete it' % p)
+            h.skip_all('the host has %s: purging the test package would delete it' % p)
 
     deb, changes = build_deb(h)
     r = h.run(['lintian', '--pedantic', '--show-overrides', changes or deb], timeout=600)
@@ -247,7 +185,7 @@ def main(h):
 
     had_user = any(l.startswith('tdrain:') for l in open('/etc/passwd'))
     had_group = any(l.startswith('tdrain:') for l in open('/etc/group'))
-    ns = Namespace(h, STATE_FMT % os.getpid())
+    ns = harness.SystemdNamespace(h, STATE_FMT % os.getpid())
     state = {'torn_down': False}
 
     def teardown():
@@ -255,7 +193,7 @@ def main(h):
             return
         state['torn_down'] = True
         try:
-            if ns.pid is not None and pid_alive(ns.pid):
+            if ns.pid is not None and harness.pid_alive(ns.pid):
                 ns.run('systemctl', 'stop', 'tdrain@a.service', 'tdrain@b.service', timeout=60)
         except Exception:
             pass
@@ -287,12 +225,12 @@ def main(h):
         crashed = True
         raise
     finally:
-        if (crashed or h.failed) and ns.pid is not None and pid_alive(ns.pid):
+        if (crashed or h.failed) and ns.pid is not None and harness.pid_alive(ns.pid):
             r = ns.run('journalctl', '--no-pager', '-o', 'short-precise', '--since', '@%.6f' % state.get('t0', 0),
                        '-u', 'tdrain@*', '-n', '60')
             h.diag('---- journalctl -u tdrain@* (last 60 lines) ----\n' + r.stdout.rstrip())
         teardown()
-    h.ok(ns.pid is None or not pid_alive(ns.pid), 'the namespace systemd (PID %s) is gone' % ns.pid)
+    h.ok(ns.pid is None or not harness.pid_alive(ns.pid), 'the namespace systemd (PID %s) is gone' % ns.pid)
     left = [p for p in ('/etc/tdrain', '/var/lib/tdrain', '/usr/sbin/tdrain', ns.state) if os.path.lexists(p)]
     h.ok(not left and (had_user or not any(l.startswith('tdrain:') for l in open('/etc/passwd'))),
          'the host is as before the test (nothing of %s left; the user deleted by the test)' % left)
@@ -301,10 +239,10 @@ def main(h):
 def run_checks(h, ns, deb, had_user):
     why = ns.start()
     if why:
-        unavailable(h, 'cannot boot systemd in a PID + mount namespace here: ' + why)
+        h.skip_all('cannot boot systemd in a PID + mount namespace here: ' + why)
     r = ns.run('findmnt', '-n', '-o', 'FSTYPE', '/run')
     if r.stdout.strip() != 'tmpfs':
-        unavailable(h, 'the namespace has no private /run (findmnt: %r)' % r.stdout.strip())
+        h.skip_all('the namespace has no private /run (findmnt: %r)' % r.stdout.strip())
     priv = ns.root + PRIV
     os.makedirs(priv, exist_ok=True)
     if os.path.exists('/usr/sbin/policy-rc.d'):

@@ -27,9 +27,6 @@ def main(h):
     promtool = shutil.which('promtool')
     if promtool is None:
         reason = 'promtool not found (Debian package prometheus; scripts/deps.sh installs it)'
-        if os.environ.get('CI', '') == 'true':
-            h.ok(False, 'CI=true, but ' + reason)
-            return
         h.skip_all(reason)
     rules = os.path.join(h.srcdir, 'contrib', 'prometheus', 'tdrain.rules.yml')
     tests = os.path.join(h.srcdir, 'tests', 'prometheus', 'tdrain.rules.test.yml')
