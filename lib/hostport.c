@@ -1,3 +1,5 @@
+/* hostport.c - parsing of "HOST:PORT" listen addresses; the accepted forms are in hostport.h. */
+
 #include "config.h"
 
 #include <arpa/inet.h>

@@ -1,3 +1,5 @@
+/* indexer.c - the index-build retry thread; the contract and the reasons are in indexer.h. */
+
 #include "config.h"
 
 #include <errno.h>

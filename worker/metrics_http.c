@@ -1,3 +1,5 @@
+/* metrics_http.c - the metrics.listen endpoint over libmicrohttpd; its bounds are argued in metrics_http.h. */
+
 #include "config.h"
 
 #include <errno.h>
