@@ -73,7 +73,7 @@ os.environ['MONGOC_DISABLE_SHM'] = '1'
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-__all__ = ['Harness', 'Store', 'Etcd', 'Postgres', 'Proc', 'SlowProxy', 'free_port', 'REPO']
+__all__ = ['Harness', 'StoreRun', 'Store', 'Etcd', 'Postgres', 'Proc', 'SlowProxy', 'free_port', 'REPO']
 
 
 # --------------------------------------------------------------------------
@@ -590,7 +590,12 @@ class Store(_MongoWire, _Managed):
     @property
     def uri(self):
         """mongodb://127.0.0.1:PORT/"""
-        return 'mongodb://127.0.0.1:%d/' % self.port
+        return self.uri_via(self.port)
+
+    def uri_via(self, port, host='127.0.0.1'):
+        """The URI of this store reached at host:port instead (a proxy in front of it, another address):
+        the same credentials and options as uri."""
+        return 'mongodb://%s:%d/' % (host, port)
 
     def _argv(self):
         argv = [self.binary, '--listen-addr=127.0.0.1:%d' % self.port, '--state-dir=' + self.dir,
@@ -713,7 +718,12 @@ class DocumentDB(_MongoWire, _Managed):
     @property
     def uri(self):
         """mongodb://USER:PASS@127.0.0.1:PORT/?authMechanism=SCRAM-SHA-256"""
-        return 'mongodb://%s:%s@127.0.0.1:%d/?authMechanism=SCRAM-SHA-256' % (self.USER, self.PASSWORD, self.port)
+        return self.uri_via(self.port)
+
+    def uri_via(self, port, host='127.0.0.1'):
+        """The URI of this store reached at host:port instead (a proxy in front of it, another address):
+        the same credentials and options as uri."""
+        return 'mongodb://%s:%s@%s:%d/?authMechanism=SCRAM-SHA-256' % (self.USER, self.PASSWORD, host, port)
 
     def _argv(self):
         return [self.binary, self.config]
@@ -1102,6 +1112,55 @@ class SkipAll(SystemExit):
     pass
 
 
+class StoreRun:
+    """The harness as one store's run of a test sees it (h.for_store(store)).
+
+    A test that runs its scenarios once per store kind (h.store_kinds()) passes this view instead of h:
+    every test point (ok, is_, skip) and diagnostic starts with "[<store label>] ", and tmp is a directory
+    of its own (h.tmp/<label>), so replica logs and configurations, trace files, NDJSON and metric files
+    of one store's run never collide with another's.  "FIGURES scenario=S" diagnostics (summed by
+    tests/fault_suite.sh) become "FIGURES scenario=<label>/S".  Everything else is the harness itself
+    (the same TAP stream, the same cleanup)."""
+
+    def __init__(self, h, store):
+        self._h = h
+        self.store = store
+        self.label = store.label
+        self.tmp = os.path.join(h.tmp, self.label)
+        os.makedirs(self.tmp, exist_ok=True)
+
+    def __getattr__(self, name):
+        return getattr(self._h, name)
+
+    def _desc(self, desc):
+        return '[%s] %s' % (self.label, desc)
+
+    def ok(self, cond, desc='', todo=None):
+        return self._h.ok(cond, self._desc(desc), todo)
+
+    def is_(self, got, expected, desc=''):
+        return self._h.is_(got, expected, self._desc(desc))
+
+    def skip(self, reason, desc=''):
+        return self._h.skip(reason, self._desc(desc))
+
+    def diag(self, msg):
+        self._h.diag('\n'.join(self._diag_line(l) for l in (str(msg).splitlines() or [''])))
+
+    def _diag_line(self, line):
+        # tests/fault_suite.sh sums "# FIGURES scenario=S ..." lines: they keep their form, one row per store.
+        if line.startswith('FIGURES scenario='):
+            return line.replace('FIGURES scenario=', 'FIGURES scenario=%s/' % self.label, 1)
+        return self._desc(line)
+
+    # Defined on Harness in terms of self.tmp / self.diag: run them on this view.
+    def start_tdrain(self, name, config, args=None, env=None):
+        return Harness.start_tdrain(self, name, config, args, env)
+
+    def wait_until(self, pred, timeout, interval=0.1, desc=''):
+        return Harness.wait_until(self, pred, timeout, interval, desc)
+
+
 class Harness:
     """One test: a temp dir, the processes it started, and the TAP stream.
 
@@ -1236,7 +1295,7 @@ class Harness:
             logs = [m.log] + (m.valgrind_logs() if isinstance(m, Proc) else [])
             for log in logs:
                 if log and os.path.exists(log):
-                    self.diag('---- last lines of %s (%s) ----' % (os.path.basename(log), m.kind))
+                    self.diag('---- last lines of %s (%s) ----' % (os.path.relpath(log, self.tmp), m.kind))
                     self.diag(_tail(log, 25))
 
     # ---- lifecycle ----
@@ -1310,6 +1369,10 @@ class Harness:
 
     # ---- servers and daemons ----
     STORE_KINDS = ('ferretdb', 'documentdb')
+
+    def for_store(self, store):
+        """A StoreRun: this harness with test points labelled by store.label and a tmp of that store's own."""
+        return StoreRun(self, store)
 
     def store_kinds(self, default=None):
         """The stores a test runs against: TDRAIN_TEST_STORES (space- or comma-separated, from

@@ -1,8 +1,11 @@
 #!/usr/bin/env python3
 """Partitioned mode, three replicas, on both coordination backends.
 
-Half the events carry a producer-written `part`, half none (the leader
-triages them).  Checks: every partition converges to exactly one owner;
+Half the events carry a producer-written `part`, half none (the claimers
+compute it; on DocumentDB the leader also triages them: with one replica
+frozen, the events waiting for its partitions carry part = fnv1a32(_id) % P,
+and on FerretDB, where triage is off, none).  Runs on every store of
+h.store_kinds() (FerretDB and DocumentDB by default).  Checks: every partition converges to exactly one owner;
 every event is dispatched exactly once; per partition the epochs in the
 dispatch trace never go backwards (no write from a deposed epoch); derived
 state equals an independent recomputation.  Then a fourth replica joins and
@@ -17,7 +20,7 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
 import harness  # noqa: E402
-from harness import hrw_owner  # noqa: E402
+from harness import fnv1a32, hrw_owner  # noqa: E402
 import checker  # noqa: E402
 
 P = 8
@@ -52,10 +55,14 @@ def owners(h, backend):
 
 
 def main(h):
-    m = h.start_ferretdb()
-    e = h.start_etcd()
-    for backend in ('mongo', 'etcd'):
-        run(h, m, e, backend)
+    for kind in h.store_kinds():
+        m = h.start_store(kind)
+        e = h.start_etcd()
+        hs = h.for_store(m)          # points labelled [<store>], a tmp of the store's own
+        for backend in ('mongo', 'etcd'):
+            run(hs, m, e, backend)
+        e.stop()
+        m.stop()
 
 
 def lease_owners(m, e, backend):
@@ -105,6 +112,83 @@ def check_once(h, backend, per_id, procs, what):
         h.ok(dup == 0, '[%s] %s: each exactly once (max %d)' % (backend, what, max(per_id.values() or [0])))
 
 
+def leader_of(m, e, backend):
+    """Holder of the leader lease, read straight from the backend (None if nobody holds it)."""
+    if backend == 'mongo':
+        docs = list(m.db().tdrain_leases.find({'name': 'leader'}))
+        d = max(docs, key=lambda x: x['epoch']) if docs else None
+        return None if d is None or d.get('released') else d.get('holder')
+    import base64
+    import json
+    r = e.post('/v3/kv/range', {'key': base64.b64encode(b'/t04/lease/leader').decode()})
+    for kv in r.get('kvs', []):
+        return json.loads(base64.b64decode(kv['value']).decode()).get('holder')
+    return None
+
+
+def check_triage(h, m, e, backend, procs, files):
+    """Events a producer wrote without `part` (docs/DESIGN.md, "Modes and partitions").  With MongoDB's
+    semantics (DocumentDB) the leader triages them: it sets part = fnv1a32(canonical _id) % P.  On FerretDB
+    triage is off (a keyed update scans the collection) and they keep no part.  Made observable by freezing
+    a replica that does not lead (well within its renew deadline): the events of its partitions wait in the
+    FIFO while the others drain theirs and the leader keeps folding and triaging."""
+    db = m.db()
+    lead = leader_of(m, e, backend)
+    own = lease_owners(m, e, backend)
+    victims = [n for n in sorted(procs) if n != lead and any(v == n for v in own.values())]
+    if not h.ok(lead in procs and victims, '[%s] triage: a leader (%s) and a replica holding partitions that '
+                'does not lead (%s)' % (backend, lead, victims)):
+        return
+    victim = victims[0]
+    parts = sorted(p for p, v in own.items() if v == victim)
+    f = os.path.join(h.tmp, 'ev-%s-triage.ndjson' % backend)
+    procs[victim].sigstop()
+    t0 = time.monotonic()
+    try:
+        r = h.run([h.tool('tdrain-loadgen'), '--uri', m.uri, '--count', '400', '--devices', '300', '--users', '100',
+                   '--seed', '17', '--ndjson', f, '--quiet'], timeout=60)
+        h.ok(r.returncode == 0, '[%s] triage: 400 events without part inserted while %s (partitions %s) is frozen'
+             % (backend, victim, parts))
+        files.append(f)
+        expect = {}
+        for line in open(f):
+            if line.strip():
+                _id = checker.parse_line(line)[0]['_id']
+                expect[_id] = fnv1a32(str(_id).encode()) % P
+        waiting = [k for k, p in expect.items() if p in parts]
+
+        def settled():
+            docs = list(db.events.find({'_id': {'$in': list(expect)}}, {'part': 1}))
+            if {d['_id'] for d in docs} != set(waiting):
+                return None                   # the live replicas are still draining theirs
+            if m.atomic_updates and any('part' not in d for d in docs):
+                return None                   # the leader has not triaged them all yet
+            return docs
+        seen = [None]
+
+        def sample():
+            seen[0] = settled()
+            return seen[0] is not None
+        # Within the renew deadline (10 s) of the frozen replica, loadgen included.
+        h.wait_until(sample, max(1.0, 8.0 - (time.monotonic() - t0)), interval=0.2,
+                     desc='[%s] triage settled' % backend)
+        docs = seen[0] or list(db.events.find({'_id': {'$in': list(expect)}}, {'part': 1}))
+        frozen_s = time.monotonic() - t0
+    finally:
+        procs[victim].sigcont()
+    h.ok(waiting and {d['_id'] for d in docs} == set(waiting),
+         '[%s] triage: exactly the %d events of %s\'s partitions wait in the FIFO (%d found, %d rows returned: '
+         'a find can return a document twice while it is updated; frozen %.1f s)'
+         % (backend, len(waiting), victim, len({d['_id'] for d in docs}), len(docs), frozen_s))
+    wrong = [(str(d['_id']), d.get('part'), expect[d['_id']]) for d in docs if d.get('part') != expect[d['_id']]]
+    if m.atomic_updates:
+        h.ok(docs and not wrong, '[%s] triage (MongoDB semantics): the leader set part = fnv1a32(_id) %% %d on '
+             'every waiting event (%d wrong, e.g. %s)' % (backend, P, len(wrong), wrong[:3]))
+    else:
+        h.ok(docs and all('part' not in d for d in docs), '[%s] triage is off on FerretDB: no waiting event got a '
+             'part (%d did)' % (backend, sum(1 for d in docs if 'part' in d)))
+
+
 def converged(m, e, backend, members):
     o = lease_owners(m, e, backend)
     return len(o) == P and all(o[p] == hrw_owner(members, p) for p in range(P))
@@ -150,6 +234,7 @@ def run(h, m, e, backend):
     check_once(h, backend, per_id, procs, 'first drain')
     workers = collections.Counter(l[2] for l in lines)
     h.diag('[%s] events dispatched per replica: %s' % (backend, dict(workers)))
+    check_triage(h, m, e, backend, procs, files)
 
     # Join: d arrives; only the partitions d wins may move.
     before = lease_owners(m, e, backend)

@@ -25,7 +25,12 @@ recomputation from the raw events, each insert_id counted once, the FIFO and tdr
    both replicas stay alive, give their leases up (lease_lost) and dispatch nothing once the renew
    deadline (+ store timeout) has passed; after the restart ownership reconverges to the rendezvous
    owners at newer epochs; nothing lost or duplicated.
-5. FerretDB stopped for 10 s and restarted (mongo backend, partitioned, a and b): the same checks.
+5. The store stopped for 10 s and restarted (mongo backend, partitioned, a and b): the same checks.
+
+Every part runs on each store of h.store_kinds() (FerretDB and DocumentDB by default, TDRAIN_TEST_STORES),
+with an etcd of its own per store.  On DocumentDB (MongoDB semantics: conditional writes are atomic) 2b
+also pauses the leader just before its acknowledgement: the deposed, {_id, owner, epoch}-fenced delete
+must remove nothing once the new holder recovered the record.
 
 Each part uses its own database (store.database) and etcd prefix.  The gaps are printed as a table.
 T05_ONLY=kill,single,pause,etcd,store selects parts; T05_BACKENDS=mongo,etcd selects backends for 1-3.
@@ -489,36 +494,43 @@ def part_single(h, m, e, backend):
 
 # ------------------------------------------------------------------ 2b. paused inside the claim step
 
-def part_pause_in_claim(h, m, e, backend):
+def part_pause_in_claim(h, m, e, backend, step='claim'):
     """The SIGSTOP of part 2 lands wherever it lands.  Here the leader is paused (by gdb, which stops every
     thread as SIGSTOP does) exactly between its last tdr_coord_may_write() check and the claim insert
-    (tdr_bulk_run(..., "claim", ...)), held past the TTL, and resumed once the standby has taken over."""
-    tag = '[claim pause %s]' % backend
+    (tdr_bulk_run(..., "claim", ...)), held past the TTL, and resumed once the standby has taken over.
+
+    step='acknowledge': paused instead between the check and the acknowledgement (the claim-record delete
+    filtered by {_id, owner, epoch}), resumed once the standby has recovered that claim record: the deposed
+    acknowledgement must match nothing, so the deposed holder forgets nothing from the FIFO ("0 of N claim
+    records were ours").  Asserted where the store applies the filter atomically (DocumentDB: MongoDB
+    semantics); on FerretDB the outcome is reported and derived state must be exact regardless."""
+    tag = '[%s pause %s]' % ('claim' if step == 'claim' else 'ack', backend)
     gdb = shutil.which('gdb')
     if gdb is None or h.valgrind or os.uname().machine != 'x86_64':
         h.diag('%s skipped: needs gdb on x86_64, without valgrind' % tag)
         return
-    dbn = 't05_pause_' + backend
+    dbn = 't05_pause_' + backend + ('' if step == 'claim' else '_ack')
     db = m.db(dbn)
-    prefix = '/t05p/'
-    trace = os.path.join(h.tmp, 'trace-pause-' + backend)
+    prefix = '/t05p/' if step == 'claim' else '/t05pa/'
+    trace = os.path.join(h.tmp, 'trace-pause-' + backend + ('' if step == 'claim' else '-ack'))
     L = Leases(m, e, backend, dbn, prefix)
-    files = [os.path.join(h.tmp, 'pause-%s.ndjson' % backend)]
+    files = [os.path.join(h.tmp, 'pause-%s%s.ndjson' % (backend, '' if step == 'claim' else '-ack'))]
     r = load(h, m, dbn, files[0], N_PAUSE, 51)
     h.ok(r.returncode == 0, '%s loadgen inserted the backlog' % tag)
     procs = {}
-    procs['a'] = h.start_tdrain('pause-%s-a' % backend, conf(m, e, backend, 'single', dbn, trace, prefix),
+    pname = 'pause-%s%s' % (backend, '' if step == 'claim' else '-ack')
+    procs['a'] = h.start_tdrain(pname + '-a', conf(m, e, backend, 'single', dbn, trace, prefix),
                                 args=['-N', 'a'])
     h.ok(h.wait_until(lambda: (L.leader() or ('',))[0] == 'a', 20, desc='a leads'), '%s a leads' % tag)
-    procs['b'] = h.start_tdrain('pause-%s-b' % backend, conf(m, e, backend, 'single', dbn, trace, prefix),
+    procs['b'] = h.start_tdrain(pname + '-b', conf(m, e, backend, 'single', dbn, trace, prefix),
                                 args=['-N', 'b'])
     h.ok(h.wait_until(lambda: sum(1 for l in trace_lines(trace) if l[2] == 'a') >= 500, 60, interval=0.2,
                       desc='a dispatching'), '%s the leader is draining' % tag)
     old_epoch = L.leader()[1]
-    hit, go = os.path.join(h.tmp, 'gdb-hit'), os.path.join(h.tmp, 'gdb-go')
+    hit, go = os.path.join(h.tmp, pname + '-gdb-hit'), os.path.join(h.tmp, pname + '-gdb-go')
     # x86-64: the second argument (what) is in %rsi at the breakpoint.
     argv = [gdb, '-nx', '-p', procs['a'].pid, '-batch', '-ex', 'set pagination off',
-            '-ex', 'break tdr_bulk_run if $_streq((char *)$rsi, "claim")', '-ex', 'continue',
+            '-ex', 'break tdr_bulk_run if $_streq((char *)$rsi, "%s")' % step, '-ex', 'continue',
             '-ex', 'printf "paused in %s\\n", (char *)$rsi', '-ex', 'shell touch ' + hit,
             '-ex', 'shell while [ ! -e %s ]; do sleep 0.05; done' % go, '-ex', 'detach', '-ex', 'quit']
     res = {}
@@ -526,7 +538,8 @@ def part_pause_in_claim(h, m, e, backend):
     th.start()
     paused = h.wait_until(lambda: os.path.exists(hit), 60, interval=0.02, desc='gdb breakpoint')
     t_pause = time.monotonic()
-    h.ok(paused, '%s a paused between its write check and the claim insert' % tag)
+    h.ok(paused, '%s a paused between its write check and the %s' % (tag, 'claim insert' if step == 'claim'
+                                                                      else 'acknowledgement'))
     if not paused:
         open(go, 'w').close()
         th.join(130)
@@ -537,15 +550,28 @@ def part_pause_in_claim(h, m, e, backend):
          % (tag, '%.0f' % ((t_take - t_pause) * 1000) if t_take else 'never'))
     # Let b recover the scope (it looks for orphaned claims as it starts) before a resumes.
     h.wait_until(lambda: any(l[2] == 'b' for l in trace_lines(trace)), 30, interval=0.2)
+    if step != 'claim':
+        # The record a's acknowledgement would delete: b recovered its events and removed it.
+        h.ok(h.wait_until(lambda: db.tdrain_claims.count_documents({'owner': 'a', 'epoch': old_epoch}) == 0,
+                          30, interval=0.2, desc='b recovers a\'s claim record'),
+             '%s b recovered a\'s claim record of epoch %d before a resumes' % (tag, old_epoch))
     trace_off = trace_size(trace)
     log_off = len(procs['a'].log_text())
     open(go, 'w').close()
     th.join(130)
     out = res['r'].stdout if res.get('r') is not None else ''
-    h.ok('paused in claim' in out and res['r'].returncode == 0,
-         '%s gdb held a at tdr_bulk_run(..., "claim"), then detached' % tag)
+    h.ok(('paused in %s' % step) in out and res['r'].returncode == 0,
+         '%s gdb held a at tdr_bulk_run(..., "%s"), then detached' % (tag, step))
     h.ok(h.wait_until(lambda: log_events(procs['a'].log_text()[log_off:], 'lease_lost'), 15, interval=0.2),
          '%s a logs lease_lost after it resumes' % tag)
+    if step != 'claim':
+        acks = [l for l in procs['a'].log_text()[log_off:].splitlines() if 'claim records were ours' in l]
+        removed = [int(x) for x in re.findall(r'acknowledge: (\d+) of \d+ claim records were ours', '\n'.join(acks))]
+        h.diag('%s the deposed acknowledgement: %s' % (tag, acks[:1] or 'no "claim records were ours" line'))
+        if m.atomic_updates:
+            h.ok(removed and all(r == 0 for r in removed),
+                 '%s the deposed acknowledgement, fenced by {_id, owner, epoch}, removed 0 claim records and a '
+                 'forgot nothing from the FIFO: %s' % (tag, acks[:1]))
     time.sleep((4 * RETRY + STORE_TIMEOUT) / 1000)
     stale = [(c['_id'], len(c.get('ids', []))) for c in db.tdrain_claims.find({'owner': 'a', 'epoch': old_epoch})]
     later = [l for l in trace_lines(trace, trace_off) if l[2] == 'a' and l[4] == str(old_epoch)]
@@ -652,9 +678,17 @@ def part_outage(h, m, e, which):
 
 
 def main(h):
+    for kind in h.store_kinds():
+        m = h.start_store(kind)
+        e = h.start_etcd()
+        run(h.for_store(m), m, e)     # points labelled [<store>], a tmp of the store's own
+        e.stop()
+        m.stop()
+
+
+def run(h, m, e):
     t0 = time.monotonic()
-    m = h.start_ferretdb()
-    e = h.start_etcd()
+    GAPS.clear()
     parts = []
     if 'kill' in ONLY:
         parts += [('kill -9', b, lambda b=b: part_kill(h, m, e, b)) for b in BACKENDS]
@@ -662,6 +696,8 @@ def main(h):
         parts += [('single', b, lambda b=b: part_single(h, m, e, b)) for b in BACKENDS]
     if 'pause' in ONLY:
         parts += [('claim pause', b, lambda b=b: part_pause_in_claim(h, m, e, b)) for b in PAUSE_BACKENDS]
+        parts += [('ack pause', b, lambda b=b: part_pause_in_claim(h, m, e, b, 'acknowledge'))
+                  for b in PAUSE_BACKENDS]
     if 'etcd' in ONLY:
         parts.append(('etcd outage', 'etcd', lambda: part_outage(h, m, e, 'etcd')))
     if 'store' in ONLY:

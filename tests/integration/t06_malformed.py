@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
 """t06: the malformed-event corpus, the allow-list, and poison events (max_attempts).
 
-On one real FerretDB (a database per scenario):
+On each store of h.store_kinds() (a real FerretDB and a real DocumentDB by default, TDRAIN_TEST_STORES;
+a database per scenario):
 
 1. single mode, one replica: tdrain-loadgen --count N --malformed-corpus --manifest M
-   mixes every malformed kind it has (>= 25 on FerretDB, which cannot hold the
+   mixes every malformed kind it has (>= 25; FerretDB cannot hold the
    invalid-UTF-8 kinds) into normal events (2% duplicate insert_ids).  The FIFO
    drains, every malformed document is in tdrain_deadletter under its _id with
    the manifest's reason prefix and its original document (byte for byte; or
@@ -12,8 +13,8 @@ On one real FerretDB (a database per scenario):
    corpus size, each good event was dispatched once, derived state is exact
    (tests/checker.py with the manifest), the daemon never crashed and exits 0;
 2. the same with two replicas in partitioned mode (8 partitions; events carry
-   no `part`, so the claimers compute it, and the unhashable _ids go to
-   partition 0's owner);
+   no `part`, so the claimers compute it (on DocumentDB the leader also
+   triages them), and the unhashable _ids go to partition 0's owner);
 3. drain.allow_events = "cli_invocation,daily_sign_in": other well-formed names
    are dead-lettered with "event: not in allow-list" (malformed ones keep
    their own reasons) and the checker run with allow=[...] agrees;
@@ -21,7 +22,7 @@ On one real FerretDB (a database per scenario):
    whole into a dead letter) behind 200 events: dead-lettered as
    "document: too large" with doc_head (<= 4 KiB) + doc_bytes;
 4. poison: drain.max_attempts = 2.  A TCP proxy between the only replica and
-   FerretDB holds the batch's delta insert (step 4 of the cycle), so the
+   the store holds the batch's delta insert (step 4 of the cycle), so the
    replica is killed with SIGKILL at a known point: right after its claim
    record is written, before anything is committed.  Restarted under the same
    name it recovers the orphaned claim (attempts + 1) and is killed at the
@@ -196,8 +197,14 @@ def lost_events(m, dbname, files, allow=None):
                 bad.add(checker.id_key(doc['_id']))
     db = m.client()[dbname]
     ledger = set(d['_id'] for d in db.tdrain_ledger.find({}, {'_id': 1}))
-    dead = set(checker.id_key(d['_id']) for d in db.tdrain_deadletter.find({}, {'_id': 1}))
+    dead = set(checker.id_key(d['_id']) for d in deadletter(db).find({}, {'_id': 1}))
     return len(want - ledger) + len(bad - dead)
+
+
+def deadletter(db):
+    """tdrain_deadletter, decoded as the checker does: dead letters keep the original document, and on a
+    store that holds invalid UTF-8 (DocumentDB; FerretDB refuses it) the strict default decoder fails."""
+    return db.get_collection('tdrain_deadletter', codec_options=checker.CODEC)
 
 
 def drained(db):
@@ -269,7 +276,7 @@ def corpus_run(h, m, label, dbname, mode, names, allow=None):
     else:
         h.is_(ndead, len(kinds), '[%s] dead-letter count equals the corpus size (%d)' % (label, len(kinds)))
         # Every reason prefix the manifest names, by kind, is in the store.
-        by_reason = collections.Counter(d['reason'].split(' (')[0] for d in db.tdrain_deadletter.find({}))
+        by_reason = collections.Counter(d['reason'].split(' (')[0] for d in deadletter(db).find({}, {'reason': 1}))
         h.diag('[%s] dead-letter reasons: %s' % (label, dict(sorted(by_reason.items()))))
     check_deadletter_docs(h, m, dbname, files, label)
 
@@ -345,10 +352,6 @@ class HoldProxy:
         self.ls.listen(64)
         self.closed = False
         threading.Thread(target=self._accept, daemon=True).start()
-
-    @property
-    def uri(self):
-        return 'mongodb://127.0.0.1:%d/' % self.port
 
     def arm(self):
         with self.lock:
@@ -469,7 +472,7 @@ def poison_run(h, m):
     h.ok(r.returncode == 0, '[%s] loadgen inserted 600 events' % label)
     proxy = HoldProxy(h, m.port, 'tdrain_deltas')
     cfg = base_conf(h, m, dbname, 'p', 'single', {
-        'store.uri': proxy.uri,
+        'store.uri': m.uri_via(proxy.port),
         'drain.batch_size': 40,
         'drain.max_attempts': max_attempts,
         'coord.lease_ttl_ms': 15000,
@@ -515,7 +518,7 @@ def poison_run(h, m):
             p.kill9()
         proxy.close()
 
-    dead = {checker.id_key(d['_id']): d for d in db.tdrain_deadletter.find({})}
+    dead = {checker.id_key(d['_id']): d for d in deadletter(db).find({})}
     poisoned = set(crash_ids or [])
     att_dead = {k: d for k, d in dead.items() if str(d.get('reason', '')).startswith('attempts: ')}
     h.diag('[%s] %d events in the crashing batch; dead letters: %d, with "attempts:": %d'
@@ -559,7 +562,14 @@ def poison_run(h, m):
 
 
 def main(h):
-    m = h.start_ferretdb()
+    for kind in h.store_kinds():
+        m = h.start_store(kind)
+        run(h.for_store(m), m)
+        m.stop()
+
+
+def run(h, m):
+    """Every scenario on one store: h labels every point with the store and has a tmp of its own."""
     t0 = time.monotonic()
     only = os.environ.get('T06_SCENARIOS', 'single,partitioned,allow,huge,poison').split(',')
     if 'single' in only:

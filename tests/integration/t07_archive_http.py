@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """t07: the archive, its HTTP sender, backpressure, and tdrainctl replay.
 
-Against a real FerretDB and this test's own HTTP sink on 127.0.0.1:
+Against each store of h.store_kinds() (a real FerretDB and a real DocumentDB by default,
+TDRAIN_TEST_STORES) and this test's own HTTP sink on 127.0.0.1; wherever a scenario drains,
+derived state must equal an independent recomputation (tests/checker.py):
 
 1. Delivery through failures.  The sink answers 500 to the first requests,
    then stalls longer than archive.http_timeout_ms on a few, then accepts
@@ -34,6 +36,7 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
 import harness  # noqa: E402
+import checker  # noqa: E402
 
 EX_OK, EX_USAGE = 0, 64
 SECRET = 'sinkpw-7c1e'
@@ -208,6 +211,16 @@ def base_config(m, db, adir):
     }
 
 
+def check_exact(h, m, db, files):
+    """Every delta folded, then derived state equals an independent recomputation from the NDJSON files."""
+    h.wait_until(lambda: m.db(db).tdrain_deltas.count_documents({}) == 0, 60, interval=0.5, desc='%s folded' % db)
+    n, mism = checker.check(m.uri, db, files)
+    for x in mism[:10]:
+        h.diag('  ' + str(x))
+    h.ok(n > 0 and not mism, 'derived state of %s equals an independent recomputation (%d documents, %d mismatches)'
+         % (db, n, len(mism)))
+
+
 def ms_of(dt):
     if dt.tzinfo is None:
         dt = dt.replace(tzinfo=datetime.timezone.utc)
@@ -259,6 +272,7 @@ def scenario_delivery(h, m):
     log = p.log_text()
     h.ok(re.search(r'archive: sending .* failed', log) is not None, 'tdrain logged the failed sends')
     h.ok(SECRET not in log, 'the sink password never appears in the log')
+    check_exact(h, m, 'tdrain', [nd])
     h.is_(p.stop(), 0, 'tdrain exits 0')
     sink.close()
 
@@ -288,6 +302,7 @@ def scenario_rejected(h, m):
     h.ok(want <= got | in_failed, 'every event was delivered or is kept in failed/ (%d delivered, %d in failed/)'
          % (len(got & want), len(in_failed)))
     h.ok(re.search(r'permanently rejected .*HTTP 400', p.log_text()) is not None, 'the rejection is logged as an error')
+    check_exact(h, m, 'rej', [nd])
     h.is_(p.stop(), 0, 'tdrain exits 0')
     sink.close()
 
@@ -330,6 +345,7 @@ def scenario_backpressure(h, m):
     dead = m.db('bp').tdrain_deadletter.count_documents({})
     h.is_(dead, 0, 'backpressure dead-letters nothing')
     h.ok('draining resumes' in p.log_text(), 'tdrain logs the resumption')
+    check_exact(h, m, 'bp', [nd])
     h.is_(p.stop(), 0, 'tdrain exits 0')
     sink.close()
 
@@ -447,17 +463,21 @@ def scenario_replay(h, m):
     h.ok(h.wait_until(lambda: db.tdrain_deltas.count_documents({}) == 0, 60, interval=0.5, desc='re-folded'),
          'and folded')
     h.is_(counts(), before, 'event_counters unchanged: a replay never double counts')
+    check_exact(h, m, 'rp', [nd])
     h.is_(p2.stop(), 0, 'tdrain exits 0')
 
 
 def main(h):
     # T07_ONLY=delivery,replay runs a subset (while debugging one scenario).
     only = [s for s in os.environ.get('T07_ONLY', '').split(',') if s]
-    m = h.start_ferretdb()
-    for name, fn in (('delivery', scenario_delivery), ('rejected', scenario_rejected),
-                     ('backpressure', scenario_backpressure), ('replay', scenario_replay)):
-        if not only or name in only:
-            fn(h, m)
+    for kind in h.store_kinds():
+        m = h.start_store(kind)
+        hs = h.for_store(m)          # points labelled [<store>], a tmp of the store's own
+        for name, fn in (('delivery', scenario_delivery), ('rejected', scenario_rejected),
+                         ('backpressure', scenario_backpressure), ('replay', scenario_replay)):
+            if not only or name in only:
+                fn(hs, m)
+        m.stop()
 
 
 if __name__ == '__main__':

@@ -1,24 +1,30 @@
 #!/usr/bin/env python3
 """t08: tdrainctl, the operator CLI, against two live partitioned replicas.
 
-For each coordination backend (mongo, then etcd), on one real FerretDB (a
-database per backend) and a real etcd:
+On each store of h.store_kinds() (a real FerretDB and a real DocumentDB by
+default, TDRAIN_TEST_STORES), for each coordination backend (mongo, then etcd;
+a database per backend) with a real etcd:
 
-- two replicas a and b in partitioned mode (8 partitions) converge; the
-  loadgen inserts 2000 events plus the malformed corpus; they drain it;
+- two replicas a and b in partitioned mode (8 partitions) converge, on an
+  empty FIFO; listIndexes shows the indexes they created (tdrain_part_id on
+  events, tdrain_part_epoch on tdrain_claims, tdrain_name_epoch, unique, on
+  tdrain_leases); the loadgen inserts 2000 events plus the malformed corpus;
+  they drain it;
 - `status --json` parses and reports version 1, both members, 8 partitions
   each with exactly one holder, matching what the leases say when read
   directly (tdrain_leases, or etcd's keys), a leader, and numbers that agree
   with the collections (FIFO, dead letters, deltas, fold); the text form names
   both replicas;
 - `dlq list` (text and --json) shows every malformed document of the
-  manifest with its reason;
+  manifest with its reason, in natural order on FerretDB (which sorts by
+  reading everything) and newest first on DocumentDB (MongoDB semantics);
 - `dlq requeue --all --dry-run` writes nothing and predicts, per dead letter,
   whether it would be dead-lettered again (with the recorded reason);
   `dlq requeue --all` puts the documents back into the FIFO and exactly the
   predicted ones come back to the dead-letter collection (with a later `at`),
   the others are drained (a document dead-lettered as too large can fit once
-  the `part` it carried is gone: nothing writes it back on FerretDB);
+  the `part` it carried is gone; on DocumentDB the leader's triage writes a
+  `part` into the requeued documents, which the prediction must allow for);
 - `recover --all` deletes an injected claim record of a deposed epoch (fenced,
   reported), and keeps one of the current epoch; `recover --partition 0`
   with nobody holding partition 0 deletes even current-epoch records;
@@ -68,6 +74,7 @@ def show(h, r):
 class Scenario:
     def __init__(self, h, m, backend, e=None):
         self.h, self.m, self.backend, self.e = h, m, backend, e
+        self.ferretdb = not m.atomic_updates        # store.c: FerretDB is detected, anything else is MongoDB
         self.dbname = 'tdrain_' + backend
         self.db = m.db(self.dbname)
         self.cfg = {
@@ -84,7 +91,7 @@ class Scenario:
         }
         if e is not None:
             self.cfg['coord.etcd_endpoint'] = e.endpoint
-            self.cfg['coord.etcd_prefix'] = '/t08-%s/' % backend
+            self.cfg['coord.etcd_prefix'] = '/t08-%s-%s/' % (m.label, backend)
         self.conf = os.path.join(h.tmp, 'ctl-%s.conf' % backend)
         with open(self.conf, 'w') as f:
             f.write(h.config_text(self.cfg))
@@ -156,6 +163,7 @@ class Scenario:
             self.procs[n] = h.start_tdrain('%s-%s' % (self.backend, n), dict(self.cfg, name=n), args=['-N', n])
         h.ok(h.wait_until(lambda: self.stable(MEMBERS), 60, interval=0.5, desc='a and b converge'),
              self.t('a and b converged: every partition has a holder, both hold some'))
+        self.check_indexes()
 
         manifest = os.path.join(h.tmp, 'manifest-%s.ndjson' % self.backend)
         r = h.run([h.tool('tdrain-loadgen'), '--uri', self.m.uri, '--db', self.dbname, '--count', N,
@@ -181,6 +189,22 @@ class Scenario:
         self.check_fifo_probe()
         self.check_failover()
 
+    def check_indexes(self):
+        """Started on an empty FIFO, the replicas created their indexes (lib/store.c, docs/EVENTS.md): the
+        claim and triage index on events, the recovery index on tdrain_claims, the election's unique key
+        on tdrain_leases.  DocumentDB serves keyed statements from them; FerretDB has them but scans."""
+        h, db = self.h, self.db
+        want = {'events': ('tdrain_part_id', [('part', 1), ('_id', 1)], False),
+                'tdrain_claims': ('tdrain_part_epoch', [('part', 1), ('epoch', 1)], False),
+                'tdrain_leases': ('tdrain_name_epoch', [('name', 1), ('epoch', 1)], True)}
+        for coll, (name, keys, unique) in want.items():
+            got = {ix['name']: ix for ix in db[coll].list_indexes()}
+            ix = got.get(name)
+            h.ok(ix is not None and [(k, int(v)) for k, v in ix['key'].items()] == keys
+                 and bool(ix.get('unique')) == unique,
+                 self.t('listIndexes: %s.%s on %s%s' % (coll, name, keys, ', unique' if unique else ''))) \
+                or h.diag(repr(sorted(got)))
+
     def check_status(self, bad):
         h, db = self.h, self.db
         t0 = time.monotonic()
@@ -197,6 +221,8 @@ class Scenario:
         h.ok(elapsed < 15, self.t('status with the 1 s rate interval took %.1f s' % elapsed))
         h.is_((s['mode'], s['backend'], s['partitions']), ('partitioned', self.backend, P),
               self.t('mode, backend and partition count'))
+        h.is_((s.get('store') or {}).get('ferretdb'), self.ferretdb, self.t('the store is recognised as %s (hello/buildInfo)'
+                                                       % ('FerretDB' if self.ferretdb else 'MongoDB')))
         h.is_(sorted(mb['name'] for mb in s['members']), sorted(MEMBERS), self.t('2 members: a and b'))
         h.ok(all(mb['epoch'] > 0 and (mb['expires_in_ms'] or 0) > 0 for mb in s['members']),
              self.t('each member has an epoch and a positive expires-in'))
@@ -247,8 +273,12 @@ class Scenario:
         r = self.ctl('dlq', 'list', '--limit', 1000, '--json')
         h.is_(r.returncode, EX_OK, self.t('dlq list --json exits 0')) or show(h, r)
         d = json.loads(r.stdout)
-        h.ok(d['total'] == len(bad) and d['shown'] == len(bad) and d['order'] == 'natural',
-             self.t('dlq list: all %d shown, natural order on FerretDB' % len(bad)))
+        order = 'natural' if self.ferretdb else 'newest_first'
+        h.ok(d['total'] == len(bad) and d['shown'] == len(bad) and d['order'] == order,
+             self.t('dlq list: all %d shown, order %s (%s)' % (len(bad), order, d.get('order'))))
+        if not self.ferretdb:
+            ats = [e['at'] for e in d['entries']]
+            h.ok(ats == sorted(ats, reverse=True), self.t('dlq list: entries newest first by "at"'))
         got = {e['id']: e for e in d['entries'] if e['id_type'] == 'string'}
         h.is_(sorted(got), sorted(bad_str), self.t('dlq list: every malformed document of the manifest'))
         wrong = [(i, got[i]['reason'], why) for i, why in bad_str.items()
@@ -260,7 +290,8 @@ class Scenario:
         h.is_(r.returncode, EX_OK, self.t('dlq list (text) exits 0'))
         shown = [i for i in bad_str if len(i) <= 60 and i in r.stdout]
         h.ok(len(shown) == len([i for i in bad_str if len(i) <= 60]) and 'insert_id: missing' in r.stdout
-             and 'natural order' in r.stdout, self.t('dlq list (text): ids, reasons, and the order it used')) \
+             and ('natural order' if self.ferretdb else 'newest first') in r.stdout,
+             self.t('dlq list (text): ids, reasons, and the order it used')) \
             or show(h, r)
         r = self.ctl('dlq', 'list', '--limit', 3, '--json')
         h.ok(r.returncode == 0 and len(json.loads(r.stdout)['entries']) == 3, self.t('dlq list --limit 3: 3 entries'))
@@ -465,11 +496,15 @@ def check_cli_errors(h, m):
 
 
 def main(h):
-    m = h.start_ferretdb()
-    check_cli_errors(h, m)
-    Scenario(h, m, 'mongo').run()
-    e = h.start_etcd()
-    Scenario(h, m, 'etcd', e).run()
+    e = None
+    for kind in h.store_kinds():
+        m = h.start_store(kind)
+        hs = h.for_store(m)          # points labelled [<store>], a tmp of the store's own
+        check_cli_errors(hs, m)
+        Scenario(hs, m, 'mongo').run()
+        e = e or h.start_etcd()
+        Scenario(hs, m, 'etcd', e).run()
+        m.stop()
 
 
 harness.Harness().main(main)

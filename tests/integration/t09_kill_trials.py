@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """t09: randomized kill -9 trials at random points of the batch cycle (issue 4).
 
-Three scenarios on one real FerretDB (a database each) and a real etcd:
+Three scenarios on each store of h.store_kinds() (a real FerretDB and a real
+DocumentDB by default, TDRAIN_TEST_STORES; a database each) and a real etcd:
 
   part-mongo  two replicas, partitioned mode (8 partitions), mongo leases
   part-etcd   two replicas, partitioned mode (8 partitions), etcd leases
@@ -75,13 +76,13 @@ def b64(s):
 
 
 class Scenario:
-    def __init__(self, h, m, e, label, mode, backend, trials, rng):
+    def __init__(self, h, m, e, label, mode, backend, trials, rng, store=''):
         self.h, self.m, self.e = h, m, e
         self.label, self.mode, self.backend, self.trials, self.rng = label, mode, backend, trials, rng
         self.dbname = 't09_' + label.replace('-', '_')
         self.db = m.db(self.dbname)
         self.trace = os.path.join(h.tmp, 'trace-' + label)
-        self.prefix = '/t09-%s/' % label
+        self.prefix = '/t09-%s%s/' % (store + '-' if store else '', label)
         self.files = []
         self.procs = {}
         self.unexpected_exits = 0
@@ -323,20 +324,24 @@ class Scenario:
 def main(h):
     h.diag('T09_TRIALS=%d T09_SEED=%d (rerun with the same seed to replay the choices)' % (TRIALS, SEED))
     rng = random.Random(SEED)
-    m = h.start_ferretdb()
     e = h.start_etcd()
     n_pm = max(1, round(TRIALS * 0.4))
     n_pe = max(1, round(TRIALS * 0.3))
     n_s = max(1, TRIALS - n_pm - n_pe)
-    t0 = time.monotonic()
-    total = [0, 0, 0]
-    for label, mode, backend, n in (('part-mongo', 'partitioned', 'mongo', n_pm),
-                                    ('part-etcd', 'partitioned', 'etcd', n_pe),
-                                    ('single', 'single', 'mongo', n_s)):
-        r = Scenario(h, m, e, label, mode, backend, n, rng).run()
-        total = [a + b for a, b in zip(total, r)]
-    h.diag('t09: %d trials, %d derived documents compared, %d mismatches, %.1f s'
-           % (total[0], total[1], total[2], time.monotonic() - t0))
+    for kind in h.store_kinds():
+        m = h.start_store(kind)
+        hs = h.for_store(m)          # points labelled [<store>], a tmp of the store's own
+        t0 = time.monotonic()
+        total = [0, 0, 0]
+        for label, mode, backend, n in (('part-mongo', 'partitioned', 'mongo', n_pm),
+                                        ('part-etcd', 'partitioned', 'etcd', n_pe),
+                                        ('single', 'single', 'mongo', n_s)):
+            # Each store's etcd scenario gets prefixes of its own.
+            r = Scenario(hs, m, e, label, mode, backend, n, rng, store=m.label).run()
+            total = [a + b for a, b in zip(total, r)]
+        hs.diag('t09: %d trials, %d derived documents compared, %d mismatches, %.1f s'
+                % (total[0], total[1], total[2], time.monotonic() - t0))
+        m.stop()
 
 
 harness.Harness().main(main)

@@ -2,7 +2,7 @@
 """t10: a network partition between real hosts (issue 7).
 
 The test builds its own small network: a bridge in the root namespace holding
-the service address (10.X.Y.1) on which FerretDB and etcd listen, and one
+the service address (10.X.Y.1) on which the store and etcd listen, and one
 network namespace per replica (a, b, c), each joined to the bridge by a veth
 pair (10.X.Y.11-13).  Everything is created by the test and removed at exit,
 even on failure or SIGTERM (stale leftovers of a killed run are removed at
@@ -46,13 +46,16 @@ then delivers the held requests:
   delayed-claim  a claim record insert, landing after the rejoined replica's
                  orphan recovery of that partition: it must not stay in
                  tdrain_claims for good;
-  delayed-fold   the leader's first apply statement of a fold round on FerretDB
-                 (delete_many of event_counters by _id), landing after the new
+  delayed-fold   the leader's first apply statement of a fold round (on FerretDB
+                 delete_many of event_counters by _id; on DocumentDB the first
+                 fenced replace_one upsert of an image), landing after the new
                  leader redid the round and folded more: derived state exact;
   delayed-state  the leader's update advancing tdrain_state.fold, landing after
                  the new leader advanced it further: the fold sequence never
                  goes backwards.
 
+Everything runs on each store of h.store_kinds() (FerretDB, SQLite backend, and DocumentDB
+by default, TDRAIN_TEST_STORES), with an etcd of its own per store.
 If network namespaces cannot be created here, the test skips with the reason.
 Prints "# FIGURES ..." lines that tests/fault_suite.sh sums up.
 Environment: T10_BACKENDS (default "etcd,mongo,delayed-claim,delayed-fold,
@@ -210,6 +213,41 @@ class SvcStore(harness.Store):
         if not harness._tcp_open(self.port, host=self.host):
             return False
         return self.client().admin.command('ping').get('ok') == 1
+
+
+class SvcDocumentDB(harness.DocumentDB):
+    """DocumentDB whose gateway the replica namespaces reach on the bridge's service address.
+
+    The gateway binds either 127.0.0.1 or every address ([::], UseLocalHost false): it listens on every
+    address for the length of the test (password authentication as always), and clients use the service
+    address."""
+
+    def __init__(self, h, name, host):
+        self.host = host
+        super().__init__(h, name)
+        with open(self.config) as f:
+            cfg = json.load(f)
+        cfg['UseLocalHost'] = False
+        with open(self.config, 'w') as f:
+            json.dump(cfg, f, indent=2)
+
+    @property
+    def uri(self):
+        return self.uri_via(self.port, self.host)
+
+    def _ready(self):
+        if not harness._tcp_open(self.port, host=self.host):
+            return False
+        return self.client().admin.command('ping').get('ok') == 1
+
+
+def start_svc_store(h, kind, host):
+    """The store of the given kind (h.store_kinds()) on the service address."""
+    if kind in ('ferretdb', 'ferretdb-sqlite'):
+        return h._start_with_retry(lambda: SvcStore(h, h._next('ferretdb'), host))
+    if kind == 'documentdb':
+        return h._start_with_retry(lambda: SvcDocumentDB(h, h._next('documentdb'), host))
+    raise ValueError('t10 runs on ferretdb (SQLite backend) and documentdb, not %r' % kind)
 
 
 class SvcEtcd(harness.Etcd):
@@ -666,7 +704,13 @@ class DelayProxy:
 
     @property
     def uri(self):
-        return 'mongodb://127.0.0.1:%d/' % self.port
+        return self._uri or 'mongodb://127.0.0.1:%d/' % self.port
+
+    @uri.setter
+    def uri(self, value):
+        self._uri = value
+
+    _uri = None
 
     def arm(self, command='insert', coll='tdrain_claims'):
         with self.lock:
@@ -860,6 +904,7 @@ def delayed_run(h, net, m, kind):
                '--users', '80', '--dup-ratio', '0.02', '--seed', '103', '--ndjson', nd, '--quiet'], timeout=300)
     h.ok(r.returncode == 0, '[%s] 1500 events inserted' % label)
     proxy = DelayProxy(net.svc, m.port)
+    proxy.uri = m.uri_via(proxy.port)        # the store's credentials, through the proxy
     trace = os.path.join(h.tmp, 'trace-' + label)
 
     def conf(uri):
@@ -913,7 +958,10 @@ def delayed_run(h, net, m, kind):
                                                             for p in range(P)), 30, interval=0.25)
         h.ok(ok, '[%s] %s and %s own their rendezvous partitions; %s leads' % (label, X, Y,
                                                                             owners().get('leader', ('?',))[0]))
-        proxy.arm(*{'claim': ('insert', 'tdrain_claims'), 'fold': ('delete', 'event_counters'),
+        # The fold's first apply statement: FerretDB deletes the round's keys, then inserts the images; on
+        # MongoDB semantics (DocumentDB) each image is a replace_one upsert fenced by {_id, _f: {$lt: f+1}}.
+        proxy.arm(*{'claim': ('insert', 'tdrain_claims'),
+                    'fold': ('delete' if not m.atomic_updates else 'update', 'event_counters'),
                     'state': ('update', 'tdrain_state')}[kind])
         held = proxy.held.wait(60)
         cid = proxy.held_claim_id
@@ -1042,19 +1090,24 @@ def main(h):
     h.diag('network %s.0/24: service %s on bridge %s; namespaces %s'
            % (net.net, net.svc, net.bridge, ', '.join(v[0] for v in net.hosts.values())))
 
-    m = h._start_with_retry(lambda: SvcStore(h, h._next('ferretdb'), net.svc))
-    e = h._start_with_retry(lambda: SvcEtcd(h, h._next('etcd'), net.svc))
-    h.ok(all(net.reachable(n, m.port) and net.reachable(n, e.port) for n in NAMES),
-         'FerretDB (%s) and etcd (%s) are reachable from every replica namespace' % (m.uri, e.endpoint))
-    t0 = time.monotonic()
-    for backend in os.environ.get('T10_BACKENDS',
-                                  'etcd,mongo,delayed-claim,delayed-fold,delayed-state').split(','):
-        backend = backend.strip()
-        if backend in ('etcd', 'mongo'):
-            Run(h, net, m, e, backend).run()
-        elif backend in ('delayed-claim', 'delayed-fold', 'delayed-state'):
-            delayed_run(h, net, m, backend.split('-')[1])
-    h.diag('t10 total %.1f s' % (time.monotonic() - t0))
+    for kind in h.store_kinds():
+        m = start_svc_store(h, kind, net.svc)
+        e = h._start_with_retry(lambda: SvcEtcd(h, h._next('etcd'), net.svc))
+        hs = h.for_store(m)      # points labelled [<store>], a tmp of the store's own
+        hs.ok(all(net.reachable(n, m.port) and net.reachable(n, e.port) for n in NAMES),
+              'the store (%s:%d) and etcd (%s) are reachable from every replica namespace'
+              % (net.svc, m.port, e.endpoint))
+        t0 = time.monotonic()
+        for backend in os.environ.get('T10_BACKENDS',
+                                      'etcd,mongo,delayed-claim,delayed-fold,delayed-state').split(','):
+            backend = backend.strip()
+            if backend in ('etcd', 'mongo'):
+                Run(hs, net, m, e, backend).run()
+            elif backend in ('delayed-claim', 'delayed-fold', 'delayed-state'):
+                delayed_run(hs, net, m, backend.split('-')[1])
+        hs.diag('t10 total %.1f s' % (time.monotonic() - t0))
+        e.stop()
+        m.stop()
 
 
 harness.Harness().main(main)

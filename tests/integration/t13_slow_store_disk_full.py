@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """t13: a store that answers slowly, and a full archive disk (issue 7).
 
-Two fault scenarios on one real FerretDB (a database per run), real tdrain
-processes, mongo leases, 8 partitions.
+Two fault scenarios on each store of h.store_kinds() (a real FerretDB and a
+real DocumentDB by default, TDRAIN_TEST_STORES; a database per run), real
+tdrain processes, mongo leases, 8 partitions.
 
 1. slow store.  Replica s1 talks to the store through harness.SlowProxy, s2
    directly; s1 starts first, so it leads (and runs the fold).  While
@@ -423,7 +424,7 @@ def slow_run(h, m, mode, slow_s, over_ratio, seed):
     mon = Monitor(m, dbname, trace, extra.get('coord.renew_deadline_ms', DEADLINE_MS))
     try:
         procs[SLOW] = h.start_tdrain('%s-%s' % (label, SLOW), conf(m, dbname, trace, dict(extra, **{
-            'store.uri': proxy.uri})), args=['-N', SLOW])
+            'store.uri': m.uri_via(proxy.port)})), args=['-N', SLOW])
         h.wait_until(lambda: leases(db).get('leader', (None,))[0] == SLOW, 20, interval=0.2)
         procs[FAST] = h.start_tdrain('%s-%s' % (label, FAST), conf(m, dbname, trace, extra), args=['-N', FAST])
         mon.start()
@@ -600,7 +601,7 @@ def unclaim_run(h, m):
         # A deadline the few failed renewals of the held moment cannot reach: u1 keeps its epoch (a new
         # epoch's orphan recovery would remove the record and hide what this run is about).
         p = h.start_tdrain(label + '-u1', conf(m, dbname, trace, {
-            'store.uri': proxy.uri, 'coord.mode': 'single', 'coord.lease_ttl_ms': 20000,
+            'store.uri': m.uri_via(proxy.port), 'coord.mode': 'single', 'coord.lease_ttl_ms': 20000,
             'coord.renew_deadline_ms': 15000}), args=['-N', 'u1'])
         ok = h.wait_until(lambda: db.events.count_documents({}) == 0 and db.tdrain_deltas.count_documents({}) == 0,
                           120, interval=0.5, desc='[%s] drain' % label)
@@ -892,7 +893,13 @@ def keep_logs(h, label):
 def main(h):
     only = [s for s in os.environ.get('T13_ONLY', '').split(',') if s]
     h.diag('T13_SEED=%d (rerun with the same seed to replay the latency choices)' % SEED)
-    m = h.start_ferretdb()
+    for kind in h.store_kinds():
+        m = h.start_store(kind)
+        run(h.for_store(m), m, only)      # points labelled [<store>], a tmp of the store's own
+        m.stop()
+
+
+def run(h, m, only):
     t0 = time.monotonic()
     if 'unclaim' in only:
         unclaim_run(h, m)
