@@ -37,6 +37,7 @@ struct status {
 	int64_t count_limit;
 	int64_t oldest_delta_ms; /* INT64_MIN: none or no date */
 	unsigned idx_present;             /* bits of tdr_index_specs listed by listIndexes */
+	unsigned idx_wanted;              /* bits of tdr_index_specs this store needs */
 	struct idx_wait *idx_waits;       /* tdrain_state "indexes/<replica>" documents with pending: true */
 	size_t nidx_waits;
 	int has_fold;
@@ -127,7 +128,7 @@ static int read_index_waits(struct ctl *c, struct status *s, tdr_err *err)
 /* Ready: every index listed, and no running replica still waiting for a build (a store may list one while building). */
 static int indexes_ready(const struct status *s)
 {
-	if (s->idx_present != TDR_INDEXES_ALL)
+	if (s->idx_present != s->idx_wanted)
 		return 0;
 	for (size_t i = 0; i < s->nidx_waits; i++)
 		if (s->idx_waits[i].live)
@@ -292,6 +293,8 @@ static int gather_status(struct ctl *c, struct status *s, int rate, int64_t inte
 		return rc;
 	if ((rc = tdr_store_list_indexes(c->st, c->client, &s->idx_present, err)) < 0)
 		return rc;
+	s->idx_wanted = tdr_store_indexes_wanted(c->st);
+	s->idx_present &= s->idx_wanted;
 	if ((rc = read_index_waits(c, s, err)) < 0)
 		return rc;
 	{
@@ -503,7 +506,7 @@ static int status_json(const struct ctl *c, const struct status *s, tdr_err *err
 	jput(o, "present", a, &oom);
 	a = json_array();
 	for (int i = 0; i < TDR_NINDEXES; i++)
-		if (!(s->idx_present & (1u << i)))
+		if ((s->idx_wanted & ~s->idx_present) & (1u << i))
 			jappend(a, jstr(tdr_index_specs[i].name), &oom);
 	jput(o, "missing", a, &oom);
 	a = json_array();
@@ -661,10 +664,10 @@ static int status_text(const struct ctl *c, const struct status *s, tdr_err *err
 		for (size_t i = 0; i < s->nidx_waits; i++)
 			live += s->idx_waits[i].live != 0;
 		if (indexes_ready(s)) {
-			tdr_store_index_names(TDR_INDEXES_ALL, names, sizeof(names));
+			tdr_store_index_names(s->idx_wanted, names, sizeof(names));
 			printf("indexes      ready (%s)\n", names);
 		} else {
-			tdr_store_index_names(TDR_INDEXES_ALL & ~s->idx_present, names, sizeof(names));
+			tdr_store_index_names(s->idx_wanted & ~s->idx_present, names, sizeof(names));
 			printf("indexes      build pending: %s%s; %zu running replica(s) waiting for it (claims scan "
 			       "meanwhile)\n",
 			       names[0] ? "missing " : "every index listed (a store may list one still building)",

@@ -37,6 +37,7 @@ typedef struct tdr_store {
 	char events[64];
 	int64_t timeout_ms;
 	int is_ferretdb;   /* informational: decides nothing about correctness */
+	int is_documentdb; /* statement shapes only (lib/keyed.h, the claim's order); never correctness */
 	int32_t max_bson;  /* server's maxBsonObjectSize */
 } tdr_store;
 
@@ -57,10 +58,13 @@ struct tdr_index_spec {
 	const char *name;
 	const char *k1, *k2;
 	int unique;
+	int documentdb_only; /* a statement shape DocumentDB serves only with it (lib/store.c) */
 };
-#define TDR_NINDEXES 3
-#define TDR_INDEXES_ALL ((1u << TDR_NINDEXES) - 1)
+#define TDR_NINDEXES 5
 extern const struct tdr_index_spec tdr_index_specs[TDR_NINDEXES];
+
+/* The bits of tdr_index_specs this store needs (after tdr_store_ping: it depends on is_documentdb). */
+unsigned tdr_store_indexes_wanted(const tdr_store *st);
 
 /* Create every index tdrain's queries need. Idempotent. */
 int tdr_store_ensure_indexes(tdr_store *st, tdr_err *err);

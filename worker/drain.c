@@ -310,10 +310,12 @@ static int forgotten(tdr_drain *d, const bson_value_t *id)
 
 /*
  * Delete every acknowledged-but-unconfirmed event from the FIFO in ONE
- * statement.  MongoDB serves {_id: {$in}} from the _id index; FerretDB 1.24
- * scans the collection for any keyed statement (its _id index is not used by
- * its own queries: docs/DESIGN.md), so one scan per batch is the least it
- * allows, where per-_id statements would cost a scan each.
+ * statement.  MongoDB serves {_id: {$in}} from the _id index.  DocumentDB
+ * serves it only from an index of its own kind whose first key is _id
+ * ("tdrain_id", created on DocumentDB only: lib/store.c); its built-in _id
+ * index serves single-_id writes, and a bulk of 1,000 of those costs 0.2-0.5 s
+ * against 60 ms.  FerretDB 1.24 scans the collection for any keyed statement
+ * (docs/DESIGN.md), so one scan per batch is the least it allows.
  */
 struct forget_entry {
 	const char *key;
@@ -800,10 +802,12 @@ static int claim_and_process(tdr_drain *d, const tdr_coord_view *v, int *ret_ful
 	BSON_APPEND_INT64(&opts, "maxTimeMS", d->st->timeout_ms);
 	/*
 	 * FIFO order.  MongoDB serves {_id: 1} from an index.  FerretDB sorts
-	 * anything but $natural by reading the whole match set, so there we rely
-	 * on its insertion-order scan instead (docs/DESIGN.md, "Store access paths").
+	 * anything but $natural by reading the whole match set, and DocumentDB
+	 * does too (2 s per claim at 1M events, measured, against 10-25 ms
+	 * unsorted), so there we rely on their insertion-order scan instead
+	 * (docs/DESIGN.md, "Store access paths").
 	 */
-	if (!d->st->is_ferretdb) {
+	if (!d->st->is_ferretdb && !d->st->is_documentdb) {
 		BSON_APPEND_DOCUMENT_BEGIN(&opts, "sort", &sort);
 		BSON_APPEND_INT32(&sort, "_id", 1);
 		bson_append_document_end(&opts, &sort);

@@ -401,7 +401,7 @@ int main(int argc, char **argv)
 		 */
 		mongoc_client_t *c = tdr_store_pop(st);
 		unsigned missing = 0;
-		int rc = tdr_store_create_indexes(st, c, TDR_INDEXES_ALL, &missing, &err);
+		int rc = tdr_store_create_indexes(st, c, tdr_store_indexes_wanted(st), &missing, &err);
 
 		/* Also replaces a "pending" left by this replica's previous incarnation. */
 		(void)tdr_indexes_publish(st, c, cfg.name, rc < 0 ? missing : 0, 1, rc < 0 ? err.msg : "", NULL);
