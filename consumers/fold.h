@@ -31,6 +31,19 @@
 
 typedef struct tdr_fold tdr_fold;
 
+/* The phases of a round, for tdr_fold_stats.phase_us (where a round's time goes). */
+enum tdr_fold_phase {
+	TDR_FOLD_READ,    /* step 1: the deltas, the fold state, a redo record */
+	TDR_FOLD_LEDGER,  /* step 2: the ledger insert (and the duplicates' read) */
+	TDR_FOLD_READS,   /* step 3: derived documents the cache does not hold (and a cache reset) */
+	TDR_FOLD_BUILD,   /* step 3: aggregation and after-images, in memory */
+	TDR_FOLD_RECORD,  /* step 4: the redo record */
+	TDR_FOLD_APPLY,   /* step 5: the images' writes */
+	TDR_FOLD_FINISH,  /* step 6: deltas' delete, state advance, record delete */
+	TDR_FOLD_NPHASES
+};
+extern const char *const tdr_fold_phase_names[TDR_FOLD_NPHASES];
+
 struct tdr_fold_stats {
 	int active;            /* we are the leader and folding */
 	int64_t rounds;
@@ -45,6 +58,9 @@ struct tdr_fold_stats {
 	int64_t cache_bytes;   /* the leader's copy of derived documents */
 	int64_t cache_loads;   /* times it started over from the store */
 	int64_t cache_hits, cache_misses; /* keys found in it / read from the store */
+	int64_t phase_us[TDR_FOLD_NPHASES]; /* time spent in each phase, committed rounds, cumulative */
+	int64_t images;        /* derived documents written (one per touched key per round), cumulative */
+	int64_t last_events, last_images, last_image_bytes; /* of the last committed round */
 };
 
 int tdr_fold_new(tdr_fold **ret, const tdr_config *cfg, tdr_store *st, tdr_coord *coord, tdr_err *err);
