@@ -5,13 +5,16 @@
  * every derived document has exactly one writer, off the FIFO's critical
  * path.  A round (docs/DESIGN.md, "The fold"):
  *   0. if redo record f+1 exists (a predecessor crashed mid-apply): redo it;
- *   1. read up to fold.max_deltas deltas;
+ *   1. read up to fold.max_deltas deltas (at most 100,000 events, fewer
+ *      when the images of step 3 would not fit in one redo record);
  *   2. insert {_id: insert_id, d: delta} into tdrain_ledger for every event;
  *      a duplicate key whose d is one of THIS round's deltas is ours (an
  *      attempt that never committed), any other duplicate was counted before;
  *   3. aggregate the new events; build one update per derived document;
  *   4. insert redo record f+1 {deltas, writes} (unique key: the commit point);
- *   5. apply the writes (lone-_id upserts, each setting _f = f+1);
+ *   5. apply the images, each with _f = f+1 (MongoDB: fenced lone-_id
+ *      upserts; FerretDB, DocumentDB: delete_many + insert_many per
+ *      collection, fenced by _f);
  *      the leader keeps what it wrote (the cache), so step 3 reads only
  *      keys it has not seen;
  *   6. delete the deltas, advance tdrain_state.fold to f+1, drop the record.
