@@ -45,7 +45,18 @@ pid=$!
 for _ in $(seq 1 100); do grep -q 'started:' "$OUT/r0.log" && break; sleep 0.1; done
 sleep 1
 kill -TERM $pid; wait $pid || true
-grep -q 'indexes pending' "$OUT/r0.log" && echo "foldrate: warning: indexes pending at the first start" >&2
+# A createIndexes that timed out stays queued in DocumentDB (docs/DESIGN.md, "Index builds"): wait for it.
+if grep -q 'indexes pending' "$OUT/r0.log"; then
+	/usr/bin/python3 - "$URI" "$DB" <<'PY' || echo "foldrate: warning: tdrain_id still pending; the drain runs without it" >&2
+import sys, time, pymongo
+db = pymongo.MongoClient(sys.argv[1])[sys.argv[2]]
+for _ in range(90):
+    if 'tdrain_id' in db.events.index_information() and 'tdrain_delta_id' in db.tdrain_deltas.index_information():
+        sys.exit(0)
+    time.sleep(1)
+sys.exit(1)
+PY
+fi
 "$B/tdrain-loadgen" --uri "$URI" --db "$DB" --count "$N" --quiet "${parts[@]}" >"$OUT/loadgen.log" 2>&1
 "$TDRAIN" -c "$OUT/r1.conf" -N r1 >"$OUT/r1.log" 2>&1 &
 pid=$!
