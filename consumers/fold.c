@@ -313,8 +313,10 @@ int tdr_fold_round(tdr_fold *f, int64_t epoch, int64_t *ret_n, tdr_err *err)
 	 * one of them recognises its entries), and take half the events next time.
 	 */
 	if (images.len > REDO_IMAGES_MAX) {
-		if (r.nev <= 1) {
-			rc = tdr_err_set(err, TDR_EFAIL, "fold: the images of one event exceed %d bytes", REDO_IMAGES_MAX);
+		/* A round takes at least one delta: one whose images do not fit cannot be folded by halving. */
+		if (r.ndeltas <= 1) {
+			rc = tdr_err_set(err, TDR_EFAIL, "fold: the images of one delta (%zu events) take %" PRIu32
+					 " bytes, more than a redo record holds (%d)", r.nev, images.len, REDO_IMAGES_MAX);
 			goto out;
 		}
 		log_info("fold: %zu events make %" PRIu32 " bytes of images, more than a redo record holds; folding %zu at a time",
