@@ -35,7 +35,7 @@ rm -f "$OUT/r1.prom" "$OUT/r1.log" "$OUT/lag.txt"
 pid=$!
 trap 'kill -TERM $pid $spid 2>/dev/null || true' EXIT
 sleep 2 # the leader lease, the indexes (empty collections: built at once) and the first claim
-( while sleep 1; do sed -n 's/^tdrain_fold_lag_seconds{[^}]*} //p' "$OUT/r1.prom" 2>/dev/null >>"$OUT/lag.txt"; done ) &
+( while sleep 1; do sed -n 's/^tdrain_fold_lag_seconds{[^}]*} //p' "$OUT/r1.prom" 2>/dev/null >>"$OUT/lag.txt" || true; done ) &
 spid=$!
 res=$("$B/tdrain-bench-refs" watch --uri "$URI" --db "$DB" --total "$N" --interval-ms 100 --metrics "$OUT/r1.prom" \
 	--dat "$OUT/watch.dat" --timeout $(( SECS * 3 + 60 )) --rate "$RATE" --producer-batch "$SUB" \
