@@ -138,6 +138,13 @@ int tdr_store_ping(tdr_store *st, tdr_err *err)
 			rc = TDR_ETRANSIENT;
 	} else {
 		st->is_ferretdb = bson_iter_init_find(&it, &reply, "ferretdbVersion");
+		/*
+		 * DocumentDB's gateway answers buildInfo with a version and no
+		 * gitVersion, which every mongod and mongos sends.  Only statement
+		 * shapes depend on it (the claim's order, the tdrain_id indexes): a
+		 * MongoDB taken for DocumentDB would still be correct, just slower.
+		 */
+		st->is_documentdb = !st->is_ferretdb && !bson_iter_init_find(&it, &reply, "gitVersion");
 		if (bson_iter_init_find(&it, &reply, "maxBsonObjectSize") && BSON_ITER_HOLDS_INT32(&it))
 			st->max_bson = bson_iter_int32(&it);
 	}
