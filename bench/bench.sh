@@ -529,6 +529,9 @@ run_documentdb() {
 	if want raw; then
 		# The proxy's own ceiling: the raw reference through it, nothing added.
 		STORE_LABEL=documentdb+proxy
+		FORCE_PROXY=1 run_begin
+		RTT_NOTES="${RTT_NOTES:+$RTT_NOTES; }proxy +0 ms: $("$REFS" rtt --uri "$RUN_URI" | sed -n 's/.*p50_us=\([0-9]*\).*/\1/p') us"
+		run_end
 		FORCE_PROXY=1 run_ref raw "raw-$n1" "$STORE_LABEL" "$n1"
 	fi
 	if want steady; then
