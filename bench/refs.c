@@ -1,12 +1,27 @@
 /*
  * refs.c - tdrain-bench-refs: the benchmark's references and its stopwatch.
  *
- *   tdrain-bench-refs raw   --uri URI --db DB [--batch B]
+ *   tdrain-bench-refs raw   --uri URI --db DB [--batch B] [--shape in|one]
  *       The RAW CEILING: claim and acknowledge with bulk statements and
- *       nothing else.  Per batch: find the FIFO head (limit B; sorted by _id
- *       on MongoDB, insertion order on FerretDB, as tdrain does), insert ONE
- *       claim document listing the ids, delete_many {_id: {$in: ids}}.  No
- *       validation, no delta, no fold: what the store allows at best.
+ *       nothing else.  Per batch: find the FIFO head (limit B, the whole batch
+ *       in the first reply; sorted by _id on MongoDB, insertion order on
+ *       FerretDB and DocumentDB, as tdrain does), insert ONE claim document
+ *       listing the ids, delete_many {_id: {$in: ids}} (--shape one: B
+ *       DeleteOne in one unordered bulk instead; slower on DocumentDB, 118 ms
+ *       against 12 ms per 1,000 at 100k, so `in` is the default).  No
+ *       validation, no delta, no fold: what the store allows at best.  Prints
+ *       the mean time per batch of each of the three phases.  --read after
+ *       reads each batch as {_id: {$gt: previous batch's last _id}} instead of
+ *       the head (read_after says when that is the same thing).
+ *
+ *   tdrain-bench-refs prepare --uri URI --db DB
+ *       Create the FIFO's indexes as tdrain would (the same names and keys),
+ *       and return when they are built (run_prepare says why bench.sh calls it
+ *       after the load on DocumentDB).
+ *
+ *   tdrain-bench-refs rtt --uri URI [--total N]
+ *       The round trip of N `ping` commands, p50 and p90: what a store (or
+ *       tdrain-latproxy in front of it) really costs per statement.
  *
  *   tdrain-bench-refs old   --uri URI --db DB [--batch B]
  *       The OLD ALGORITHM of seed 000 (issue #819, services/telemetry
@@ -75,7 +90,7 @@ static void on_signal(int sig)
 }
 
 struct opts {
-	const char *mode, *uri, *db, *coll, *dat, *metrics, *shape;
+	const char *mode, *uri, *db, *coll, *dat, *metrics, *shape, *read;
 	int64_t batch, total, interval_ms, timeout_s, producer_batch;
 	double rate;
 	char **producer;
@@ -111,7 +126,7 @@ static void die(const char *fmt, ...)
 
 static void usage(FILE *out)
 {
-	fprintf(out, "usage: " PROG " raw|old --uri URI --db DB [--batch B] [--coll events] [--timeout S] [--shape in|one]\n"
+	fprintf(out, "usage: " PROG " raw|old --uri URI --db DB [--batch B] [--coll events] [--timeout S] [--shape in|one] [--read head|after]\n"
 		     "       " PROG " drop|prepare --uri URI --db DB\n"
 		     "       " PROG " rtt --uri URI [--total N]\n"
 		     "       " PROG " watch --uri URI --db DB --total N [--interval-ms MS] [--metrics F1,F2,...]\n"
@@ -242,6 +257,42 @@ static size_t read_head(mongoc_collection_t *events, int64_t limit, int ferretdb
 	return n;
 }
 
+/*
+ * Read the next batch past the previous one's last _id, {_id: {$gt: last}}
+ * with no sort (--read after): an index range instead of a heap scan from the
+ * FIFO's start, which on DocumentDB wades through the rows deleted by earlier
+ * batches until PostgreSQL prunes them.  The same FIFO head only where _id
+ * grows with insertion order (one loadgen process's ObjectIds do), so it is a
+ * reference shape, not one tdrain may use.
+ */
+static size_t read_after(mongoc_collection_t *events, int64_t limit, const bson_value_t *last, bson_t ***ret)
+{
+	bson_t filter = BSON_INITIALIZER, opts = BSON_INITIALIZER, gt;
+	bson_t **docs = calloc((size_t)limit, sizeof(*docs));
+	mongoc_cursor_t *cur;
+	const bson_t *doc;
+	bson_error_t be;
+	size_t n = 0;
+
+	if (docs == NULL)
+		die("out of memory");
+	BSON_APPEND_DOCUMENT_BEGIN(&filter, "_id", &gt);
+	bson_append_value(&gt, "$gt", 3, last);
+	bson_append_document_end(&filter, &gt);
+	BSON_APPEND_INT64(&opts, "limit", limit);
+	BSON_APPEND_INT64(&opts, "batchSize", limit);
+	cur = mongoc_collection_find_with_opts(events, &filter, &opts, NULL);
+	while (n < (size_t)limit && mongoc_cursor_next(cur, &doc))
+		docs[n++] = bson_copy(doc);
+	if (mongoc_cursor_error(cur, &be))
+		die("read after: %s", be.message);
+	mongoc_cursor_destroy(cur);
+	bson_destroy(&filter);
+	bson_destroy(&opts);
+	*ret = docs;
+	return n;
+}
+
 static void docs_free(bson_t **docs, size_t n)
 {
 	for (size_t i = 0; i < n; i++)
@@ -358,15 +409,20 @@ static int run_raw(const struct opts *o)
 	/* Per phase, summed over batches: reading the head, inserting the claim, deleting the batch. */
 	int64_t us_read = 0, us_claim = 0, us_ack = 0;
 	int one_by_one = o->shape && strcmp(o->shape, "one") == 0;
+	int after = o->read && strcmp(o->read, "after") == 0, have_last = 0;
+	bson_value_t last;
 	double cpu0 = cpu_s();
 	char extra[256];
 
 	if (o->shape && !one_by_one && strcmp(o->shape, "in") != 0)
 		die("--shape: expected in or one");
+	if (o->read && !after && strcmp(o->read, "head") != 0)
+		die("--read: expected head or after");
 	while (!stop_flag && !timed_out(o, t0)) {
 		bson_t **docs;
 		int64_t ta = tdr_mono_us(), tb, tc;
-		size_t n = read_head(events, o->batch, ferretdb, &docs);
+		size_t n = after && have_last ? read_after(events, o->batch, &last, &docs)
+					      : read_head(events, o->batch, ferretdb, &docs);
 		bson_value_t *ids;
 		bson_t claim = BSON_INITIALIZER, arr;
 		bson_error_t be;
@@ -380,6 +436,12 @@ static int run_raw(const struct opts *o)
 		if (ids == NULL)
 			die("out of memory");
 		ids_of(docs, n, ids);
+		if (after) {
+			if (have_last)
+				bson_value_destroy(&last);
+			bson_value_copy(&ids[n - 1], &last);
+			have_last = 1;
+		}
 		tb = tdr_mono_us();
 		us_read += tb - ta;
 		/* One claim document per batch, as tdrain's claim record. */
@@ -411,8 +473,10 @@ static int run_raw(const struct opts *o)
 		docs_free(docs, n);
 	}
 	/* Per batch: 3 statements (find the head, insert the claim, delete), or 2 + n with --shape one. */
-	snprintf(extra, sizeof(extra), "shape=%s statements_per_batch=%s read_ms=%.1f claim_ms=%.1f ack_ms=%.1f%s",
-		 one_by_one ? "one" : "in", one_by_one ? "2+n" : "3", batches ? (double)us_read / 1e3 / (double)batches : 0.0,
+	if (have_last)
+		bson_value_destroy(&last);
+	snprintf(extra, sizeof(extra), "read=%s shape=%s statements_per_batch=%s read_ms=%.1f claim_ms=%.1f ack_ms=%.1f%s",
+		 after ? "after" : "head", one_by_one ? "one" : "in", one_by_one ? "2+n" : "3", batches ? (double)us_read / 1e3 / (double)batches : 0.0,
 		 batches ? (double)us_claim / 1e3 / (double)batches : 0.0,
 		 batches ? (double)us_ack / 1e3 / (double)batches : 0.0, timed_out(o, t0) ? " timeout=1" : "");
 	report("raw", total, batches, t0, cpu0, extra);
@@ -1245,7 +1309,7 @@ static int parse_i64(const char *s, int64_t *ret)
 int main(int argc, char **argv)
 {
 	enum { O_URI = 256, O_DB, O_COLL, O_BATCH, O_TOTAL, O_INTERVAL, O_METRICS, O_DAT, O_TIMEOUT, O_RATE, O_PBATCH,
-	       O_SHAPE, O_HELP };
+	       O_SHAPE, O_READ, O_HELP };
 	static const struct option lo[] = {
 		{ "uri", required_argument, NULL, O_URI },
 		{ "db", required_argument, NULL, O_DB },
@@ -1259,6 +1323,7 @@ int main(int argc, char **argv)
 		{ "rate", required_argument, NULL, O_RATE },
 		{ "producer-batch", required_argument, NULL, O_PBATCH },
 		{ "shape", required_argument, NULL, O_SHAPE },
+		{ "read", required_argument, NULL, O_READ },
 		{ "help", no_argument, NULL, O_HELP },
 		{ NULL, 0, NULL, 0 },
 	};
@@ -1287,6 +1352,7 @@ int main(int argc, char **argv)
 		case O_METRICS: o.metrics = optarg; break;
 		case O_DAT: o.dat = optarg; break;
 		case O_SHAPE: o.shape = optarg; break;
+		case O_READ: o.read = optarg; break;
 		case O_BATCH: bad = parse_i64(optarg, &o.batch) || o.batch < 1; break;
 		case O_TOTAL: bad = parse_i64(optarg, &o.total) || o.total < 0; break;
 		case O_INTERVAL: bad = parse_i64(optarg, &o.interval_ms) || o.interval_ms < 1; break;
