@@ -265,7 +265,7 @@ static size_t read_head(mongoc_collection_t *events, int64_t limit, int ferretdb
  * batches until PostgreSQL prunes them.  The same FIFO head only where _id
  * grows with insertion order (one loadgen process's ObjectIds do), so it is a
  * reference shape, not one tdrain may use.  Measured on DocumentDB at 1M: 1.3 s
- * per read against 7-147 ms for the head (its $gt on _id is not served by an
+ * per read against 7-147 ms for the head (four runs) (its $gt on _id is not served by an
  * index either), so `head` stays the default; kept for re-measuring.
  */
 static size_t read_after(mongoc_collection_t *events, int64_t limit, const bson_value_t *last, bson_t ***ret)
