@@ -264,7 +264,7 @@ static size_t read_head(mongoc_collection_t *events, int64_t limit, int ferretdb
  * FIFO's start, which on DocumentDB wades through the rows deleted by earlier
  * batches until PostgreSQL prunes them.  The same FIFO head only where _id
  * grows with insertion order (one loadgen process's ObjectIds do), so it is a
- * reference shape, not one tdrain may use.  Measured on DocumentDB at 1M: 1.3 s
+ * reference shape, not one tdrain may use.  Measured on DocumentDB at 1M: 1.0-1.3 s
  * per read against 7-147 ms for the head (four runs) (its $gt on _id is not served by an
  * index either), so `head` stays the default; kept for re-measuring.
  */
