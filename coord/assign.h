@@ -1,11 +1,16 @@
 /*
  * assign.h - which live replica owns which partition (pure functions).
  *
- * Rendezvous hashing (highest random weight): partition p belongs to the
- * member with the greatest tdr_hrw_score(member, p).  Every replica computes
- * the same answer from the same member set, without talking to the others,
- * and when a member joins or leaves only the partitions it wins or held move
- * (about P/n of them: the minimum).
+ * Sticky balanced assignment (docs/DESIGN.md, "Who owns what"): from the
+ * live member set and the current live owner of every partition, every
+ * replica computes the same target, in which each member owns
+ * floor(P/n) or ceil(P/n) partitions and the fewest partitions change owner
+ * that any such balanced target allows from the current one.  Rendezvous
+ * scores (lib/hash.h, tdr_hrw_score) break every choice deterministically:
+ * which partitions an overloaded member keeps, and who receives a free one.
+ *
+ * The rendezvous owner (tdr_assign_owner) is kept for tools and tests that
+ * compare against plain highest-random-weight hashing.
  */
 #ifndef TDRAIN_ASSIGN_H
 #define TDRAIN_ASSIGN_H
@@ -13,13 +18,26 @@
 #include <stddef.h>
 #include <stdint.h>
 
-/* Index into members[] of p's owner, or -1 if n == 0. */
+#include "lib/err.h"
+
+/* Index into members[] of p's rendezvous (highest score) owner, or -1 if n == 0. */
 int tdr_assign_owner(const char *const *members, size_t n, uint32_t p);
 
-/* Fill mine[] with the partitions of [0, P) that member "me" owns; returns how many. */
-size_t tdr_assign_mine(const char *const *members, size_t n, const char *me, uint32_t P, uint32_t *mine);
+/*
+ * The sticky balanced target.  members[0..n) are distinct names in any order;
+ * cur[p] is the index in members[] of p's current live owner, or -1 when p is
+ * free (unowned, or owned by a replica that is not a live member).  Fills
+ * target[p] (an index into members[], or -1 only when n == 0).  cur and
+ * target may not overlap.  Returns 0, or TDR_ENOMEM.
+ */
+int tdr_assign_balanced(const char *const *members, size_t n, uint32_t P, const int32_t *cur, int32_t *target,
+			tdr_err *err);
 
-/* How many of P partitions change owner between two member sets. */
-size_t tdr_assign_moves(const char *const *a, size_t na, const char *const *b, size_t nb, uint32_t P);
+/*
+ * The fewest partitions that must change owner to go from cur (owners as
+ * above, -1 for free) to any assignment where each member owns floor(P/n) or
+ * ceil(P/n).  Free partitions always count.  SIZE_MAX if n == 0.
+ */
+size_t tdr_assign_min_moves(size_t n, uint32_t P, const int32_t *cur);
 
 #endif

@@ -1,17 +1,17 @@
 /*
  * coord.h - what this replica may touch, and until when.
  *
- * The coordinator runs in its own thread.  Every coord.retry_period_ms it
- * renews the leases it holds, observes the others, and acquires or hands back
- * leases so that:
- *   single mode:      one replica holds "leader" and drains everything
- *                     (scope TDR_SCOPE_ALL);
- *   partitioned mode: each live replica holds "member/<name>"; partition p is
- *                     held by the rendezvous winner among live members
- *                     ("part/<p>"); one replica also holds "leader" for the
- *                     fold and triage.
- * A scope is writable only until valid_until: the monotonic time its last
- * successful renewal was SENT plus coord.renew_deadline_ms.  The worker asks
+ * A heartbeat thread renews one lease per coord.retry_period_ms, the
+ * replica's session; the coordinator thread observes every lease once per
+ * period and acquires or hands back leases in bulk so that:
+ *   single mode:      one replica holds "leader" (its session) and drains
+ *                     everything (scope TDR_SCOPE_ALL);
+ *   partitioned mode: each live replica holds "member/<name>" (its session);
+ *                     partitions "part/<p>" follow the sticky balanced
+ *                     assignment (coord/assign.h) and are attached to the
+ *                     session, as is "leader" (fold and triage) on one replica.
+ * A scope is writable only until the session's valid_until: the monotonic
+ * time its last successful renewal was SENT plus coord.renew_deadline_ms.  The worker asks
  * tdr_coord_may_write() before every claim and acknowledgement.
  */
 #ifndef TDRAIN_COORD_H
@@ -40,6 +40,8 @@ typedef struct tdr_coord_view {
 	tdr_scope *scopes; /* owned by the view; tdr_coord_view_free() */
 	size_t nmembers;   /* live members seen (partitioned), 1 in single mode when leader */
 	int64_t failovers; /* leases this replica acquired from a previous holder */
+	int64_t share_min, share_max; /* partitions per live member at the last tick (partitioned) */
+	int64_t coord_requests;       /* coordination requests so far (statements / etcd calls) */
 } tdr_coord_view;
 
 typedef struct tdr_coord tdr_coord;
@@ -50,7 +52,17 @@ void tdr_coord_free(tdr_coord *c);
 /* One synchronous round (so startup knows its role), then the thread. */
 int tdr_coord_start(tdr_coord *c, tdr_err *err);
 
-/* Graceful stop: end the thread, release every lease we hold. */
+/* Stop acquiring (SIGTERM): the session stays renewed until tdr_coord_stop*. */
+void tdr_coord_request_stop(tdr_coord *c);
+/*
+ * Graceful stop once nothing is in flight: release every lease we hold (in
+ * bulk) and end the threads, waiting until the monotonic deadline_ms at most.
+ * TDR_ETRANSIENT if a thread is still in a store call then: the caller must
+ * exit without freeing the coordinator or the store it uses (what was not
+ * released expires as after a crash).
+ */
+int tdr_coord_stop_within(tdr_coord *c, int64_t deadline_ms);
+/* The same without a deadline (every store call is bounded by store.timeout_ms). */
 void tdr_coord_stop(tdr_coord *c);
 
 /* Snapshot of scopes and role. */

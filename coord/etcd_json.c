@@ -775,6 +775,141 @@ char *tdr_etcd_req_delete_txn(const char *key, int64_t create_rev, int64_t lease
 	return s;
 }
 
+/* Parse a single-key txn body back into a json object (the builders above are the one source of truth). */
+static json_t *reparse(char *body)
+{
+	json_t *j = body ? json_loads(body, 0, NULL) : NULL;
+
+	free(body);
+	return j;
+}
+
+/* {"success": [{"request_txn": <one-key txn>}, ...]}: each nested txn succeeds or fails on its own. */
+static char *many_txn(json_t *inner[], size_t n, tdr_err *err)
+{
+	json_t *root = json_object(), *ops = json_array();
+
+	/* jansson's *_new and "o" steal their reference even when they fail. */
+	if (root == NULL || ops == NULL) {
+		json_decref(root);
+		json_decref(ops);
+		ops = NULL;
+	} else if (json_object_set_new(root, "success", ops) < 0) {
+		ops = NULL;
+	}
+	if (ops == NULL) {
+		json_decref(root);
+		for (size_t i = 0; i < n; i++)
+			json_decref(inner[i]);
+		return dump(NULL, err);
+	}
+	for (size_t i = 0; i < n; i++) {
+		json_t *op = inner[i] ? json_pack("{s:o}", "request_txn", inner[i]) : NULL;
+
+		if (op == NULL || json_array_append_new(ops, op) < 0) {
+			for (size_t j = i + 1; j < n; j++)
+				json_decref(inner[j]);
+			json_decref(root);
+			return dump(NULL, err);
+		}
+	}
+	return dump(root, err);
+}
+
+char *tdr_etcd_req_create_many_txn(const char *const *keys, const char *value, size_t n, int64_t lease,
+				   tdr_err *err)
+{
+	json_t **inner;
+	char *s;
+
+	if (n == 0 || n > TDR_ETCD_TXN_MAX) {
+		tdr_err_set(err, TDR_EFAIL, "etcd bulk txn: %zu keys (1 to %d)", n, TDR_ETCD_TXN_MAX);
+		return NULL;
+	}
+	if ((inner = calloc(n, sizeof(*inner))) == NULL) {
+		tdr_err_set(err, TDR_ENOMEM, "out of memory");
+		return NULL;
+	}
+	for (size_t i = 0; i < n; i++) {
+		json_t *t = reparse(tdr_etcd_req_create_txn(keys[i], value, lease, err));
+
+		/* Nested txns carry no failure branch: a lost race is told by "succeeded" alone. */
+		if (t)
+			json_object_del(t, "failure");
+		inner[i] = t;
+		if (t == NULL) {
+			for (size_t j = 0; j < i; j++)
+				json_decref(inner[j]);
+			free(inner);
+			return NULL;
+		}
+	}
+	s = many_txn(inner, n, err);
+	free(inner);
+	return s;
+}
+
+char *tdr_etcd_req_delete_many_txn(const char *const *keys, const int64_t *create_revs, size_t n, int64_t lease,
+				   tdr_err *err)
+{
+	json_t **inner;
+	char *s;
+
+	if (n == 0 || n > TDR_ETCD_TXN_MAX) {
+		tdr_err_set(err, TDR_EFAIL, "etcd bulk txn: %zu keys (1 to %d)", n, TDR_ETCD_TXN_MAX);
+		return NULL;
+	}
+	if ((inner = calloc(n, sizeof(*inner))) == NULL) {
+		tdr_err_set(err, TDR_ENOMEM, "out of memory");
+		return NULL;
+	}
+	for (size_t i = 0; i < n; i++) {
+		inner[i] = reparse(tdr_etcd_req_delete_txn(keys[i], create_revs[i], lease, err));
+		if (inner[i] == NULL) {
+			for (size_t j = 0; j < i; j++)
+				json_decref(inner[j]);
+			free(inner);
+			return NULL;
+		}
+	}
+	s = many_txn(inner, n, err);
+	free(inner);
+	return s;
+}
+
+int tdr_etcd_parse_txn_many(const char *body, size_t len, size_t n, int *succeeded, int64_t *revision, tdr_err *err)
+{
+	json_t *root = load(body, len, 0, "bulk txn", 0, err);
+	const json_t *resps;
+	int64_t rev = 0;
+	int s = 0, rc;
+
+	if (root == NULL)
+		return TDR_EFAIL;
+	rc = header_revision(root, "bulk txn", &rev, err);
+	if (rc == 0 && get_bool(root, "succeeded", &s) < 0)
+		rc = tdr_err_set(err, TDR_EFAIL, "etcd bulk txn: \"succeeded\" is not a boolean");
+	resps = json_object_get(root, "responses");
+	/* The outer txn has no compare, so it always succeeds with one response per nested txn. */
+	if (rc == 0 && (!s || !json_is_array(resps) || json_array_size(resps) != n))
+		rc = tdr_err_set(err, TDR_EFAIL, "etcd bulk txn: expected %zu nested responses", n);
+	for (size_t i = 0; rc == 0 && i < n; i++) {
+		const json_t *r = json_array_get(resps, i), *t = json_is_object(r) ? json_object_get(r, "response_txn")
+										    : NULL;
+		int ok = 0;
+
+		if (!json_is_object(t) || get_bool(t, "succeeded", &ok) < 0)
+			rc = tdr_err_set(err, TDR_EFAIL, "etcd bulk txn: nested response %zu is not a txn response", i);
+		else
+			succeeded[i] = ok;
+	}
+	json_decref(root);
+	if (rc < 0)
+		return rc;
+	*revision = rev;
+	return 0;
+}
+
 char *tdr_etcd_req_auth(const char *user, const char *password, tdr_err *err)
 {
 	return dump(json_pack("{s:s,s:s}", "name", user, "password", password), err);

@@ -98,6 +98,17 @@ char *tdr_etcd_req_create_txn(const char *key, const char *value, int64_t lease,
  * when lease is not 0, still attached to lease.
  */
 char *tdr_etcd_req_delete_txn(const char *key, int64_t create_rev, int64_t lease, tdr_err *err);
+/*
+ * Bulk: one txn of n nested txns, each the single-key create (without its
+ * failure read) or delete above.  etcd refuses a txn of more than
+ * --max-txn-ops operations (128 by default), nested ones included, so n is at
+ * most TDR_ETCD_TXN_MAX; the caller chunks.
+ */
+#define TDR_ETCD_TXN_MAX 100
+char *tdr_etcd_req_create_many_txn(const char *const *keys, const char *value, size_t n, int64_t lease,
+				   tdr_err *err);
+char *tdr_etcd_req_delete_many_txn(const char *const *keys, const int64_t *create_revs, size_t n, int64_t lease,
+				   tdr_err *err);
 /* The body carries the password: the caller wipes and frees it. */
 char *tdr_etcd_req_auth(const char *user, const char *password, tdr_err *err);
 /* The value stored under a lease key: {"holder":..., "inst":..., "ttl_ms":...}. */
@@ -145,6 +156,9 @@ int tdr_etcd_parse_timetolive(const char *body, size_t len, int64_t *ttl, int64_
  */
 int tdr_etcd_parse_txn(const char *body, size_t len, int *succeeded, int64_t *revision, tdr_etcd_kv *first_kv,
 		       tdr_err *err);
+
+/* Bulk txn: succeeded[0..n) of the nested txns (n must match), *revision = header.revision. */
+int tdr_etcd_parse_txn_many(const char *body, size_t len, size_t n, int *succeeded, int64_t *revision, tdr_err *err);
 
 /* Range: a malloc'd array of *n kvs (NULL when empty); *more = the "more" flag. */
 int tdr_etcd_parse_range(const char *body, size_t len, tdr_etcd_kv **kvs, size_t *n, int *more, tdr_err *err);

@@ -38,7 +38,22 @@ typedef struct tdr_lease_info {
 	int64_t ttl_ms;
 	int64_t expires_in_ms; /* as this observer judges it; <= 0 means expired or released */
 	int released;
+	/* Attached leases (acquire_many): the session lease they live by, and its epoch; "" / 0 otherwise. */
+	char session[TDR_LEASE_NAME_MAX];
+	int64_t session_epoch;
+	int mine; /* created by this very backend instance (this process), under its current session */
 } tdr_lease_info;
+
+/*
+ * One lease of a bulk operation.  acquire_many: name and epoch (the newest
+ * epoch of name the caller has seen, 0 if none) in; epoch (ours) and rc out.
+ * release_many: name and epoch (ours) in; rc out.
+ */
+typedef struct tdr_lease_req {
+	char name[TDR_LEASE_NAME_MAX];
+	int64_t epoch;
+	int rc; /* 0, TDR_EDUP (someone else holds it), TDR_ETRANSIENT (outcome unknown) */
+} tdr_lease_req;
 
 typedef struct tdr_lease_backend tdr_lease_backend;
 
@@ -51,13 +66,45 @@ struct tdr_lease_ops {
 	int (*release)(tdr_lease_backend *be, const char *name, int64_t epoch, tdr_err *err);
 	/* Current (latest-epoch) lease of every name starting with prefix; caller frees *ret. */
 	int (*list)(tdr_lease_backend *be, const char *prefix, tdr_lease_info **ret, size_t *ret_n, tdr_err *err);
+	/*
+	 * Attached leases (docs/DESIGN.md, "Sessions"): acquire every name of reqs
+	 * that the caller judged free, attached to session (a lease this backend
+	 * holds at session_epoch, e.g. "member/<replica>").  An attached lease is
+	 * never renewed by itself: it is live exactly while its session is.  A
+	 * constant number of store requests for any n (etcd: one per 100 names).
+	 * Returns 0 when every req has its rc, or a negative code with every rc set.
+	 */
+	int (*acquire_many)(tdr_lease_backend *be, const char *session, int64_t session_epoch, int64_t ttl_ms,
+			    tdr_lease_req *reqs, size_t n, tdr_err *err);
+	/* Give back attached leases we hold (a constant number of requests). */
+	int (*release_many)(tdr_lease_backend *be, tdr_lease_req *reqs, size_t n, tdr_err *err);
+	/*
+	 * list("") for the coordinator, once per tick: the same answer, without
+	 * what only tools need (etcd: the remaining TTL of each etcd lease).
+	 * Partition leases ("part/<p>") only if with_parts: without them it is
+	 * the sessions and the leader, a few leases whatever P (one request);
+	 * with them one more request.
+	 */
+	int (*observe)(tdr_lease_backend *be, int with_parts, tdr_lease_info **ret, size_t *ret_n, tdr_err *err);
 	void (*destroy)(tdr_lease_backend *be);
 };
 
 struct tdr_lease_backend {
 	const struct tdr_lease_ops *ops;
 	char holder[TDR_HOLDER_MAX];
+	/* Store requests made so far (statements, or etcd HTTP calls): the coordination cost, for metrics. */
+	int64_t requests; /* updated with __atomic builtins */
 };
+
+static inline void tdr_lease_count(tdr_lease_backend *be, int64_t n)
+{
+	__atomic_add_fetch(&be->requests, n, __ATOMIC_RELAXED);
+}
+
+static inline int64_t tdr_lease_requests(tdr_lease_backend *be)
+{
+	return __atomic_load_n(&be->requests, __ATOMIC_RELAXED);
+}
 
 struct tdr_store;
 struct tdr_config;

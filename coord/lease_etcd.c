@@ -26,6 +26,13 @@
  * incarnation ("inst") is taken over at once: holder names are unique per
  * replica, so that incarnation is a dead predecessor of ours.
  *
+ * Attached leases (acquire_many: "leader" and "part/<p>" in partitioned
+ * mode) are keys created with the etcd lease of their session (the
+ * "member/<replica>" key), as etcd's concurrency sessions do: one keepalive
+ * keeps them all, and when it lapses the server deletes them all at once.
+ * Bulk creation and deletion are txns of nested one-key txns, 100 to a
+ * request (etcd refuses more than 128 operations in one txn by default).
+ *
  * The backend keeps name -> (etcd lease ID, epoch) for what it acquired; an
  * epoch it did not acquire itself is never ours (TDR_EFENCED).  One mutex
  * serialises use of the curl handle and that table: the coordinator thread
@@ -76,6 +83,9 @@ struct etcd_backend {
 	int64_t timeout_ms;
 	struct held *held;
 	size_t nheld, capheld;
+	/* The session attached leases were last acquired under (acquire_many). */
+	char sess_name[TDR_LEASE_NAME_MAX];
+	int64_t sess_epoch, sess_lease;
 	char *resp;
 	size_t resp_len, resp_cap;
 	int resp_overflow;
@@ -244,6 +254,7 @@ static int call(struct etcd_backend *eb, const char *path, const char *body, int
 again:
 	if (eb->user[0] && eb->token[0] == '\0' && (rc = authenticate(eb, deadline, err)) < 0)
 		return rc;
+	tdr_lease_count(&eb->base, 1);
 	if ((rc = http_post(eb, path, body, deadline, &status, err)) < 0)
 		return rc;
 	if (status == 200)
@@ -636,14 +647,25 @@ out:
 	return rc;
 }
 
-static int e_list(tdr_lease_backend *be, const char *prefix, tdr_lease_info **ret, size_t *ret_n, tdr_err *err)
+struct ttl_seen {
+	int64_t lease, ttl, granted;
+};
+
+/*
+ * fast: for the coordinator (no timetolive).  no_parts: stop before
+ * "lease/part/": keys sort "leader" < "member/..." < "part/...", so the range
+ * [lease/, lease/part/) is the sessions and the leader alone, whatever P.
+ */
+static int list_keys(struct etcd_backend *eb, const char *prefix, int fast, int no_parts, tdr_lease_info **ret,
+		     size_t *ret_n, tdr_err *err)
 {
-	struct etcd_backend *eb = (struct etcd_backend *)be;
 	int64_t deadline = tdr_mono_ms() + eb->timeout_ms;
 	char base[KEY_MAX], end[KEY_MAX], *body;
 	size_t baselen, blen, endlen, n = 0, k = 0;
 	tdr_etcd_kv *kvs = NULL;
 	tdr_lease_info *out = NULL;
+	struct ttl_seen *ttls = NULL;
+	size_t nttl = 0;
 	int rc;
 
 	if (prefix == NULL)
@@ -654,6 +676,8 @@ static int e_list(tdr_lease_backend *be, const char *prefix, tdr_lease_info **re
 	blen = (size_t)snprintf(base, sizeof(base), "%slease/%s", eb->prefix, prefix);
 	if (tdr_etcd_prefix_end(base, blen, end, sizeof(end), &endlen) < 0)
 		return tdr_err_set(err, TDR_EFAIL, "lease list: prefix too long");
+	if (no_parts && prefix[0] == '\0')
+		endlen = (size_t)snprintf(end, sizeof(end), "%slease/part/", eb->prefix);
 	body = tdr_etcd_req_range(base, blen, end, endlen, 0, err);
 	if (body == NULL)
 		return TDR_EFAIL;
@@ -662,7 +686,8 @@ static int e_list(tdr_lease_backend *be, const char *prefix, tdr_lease_info **re
 	free(body);
 	if (rc == 0)
 		rc = tdr_etcd_parse_range(eb->resp, eb->resp_len, &kvs, &n, NULL, err);
-	if (rc == 0 && (out = calloc(n ? n : 1, sizeof(*out))) == NULL)
+	if (rc == 0 && ((out = calloc(n ? n : 1, sizeof(*out))) == NULL ||
+			(ttls = calloc(n ? n : 1, sizeof(*ttls))) == NULL))
 		rc = tdr_err_set(err, TDR_ENOMEM, "out of memory");
 	for (size_t i = 0; rc == 0 && i < n; i++) {
 		tdr_lease_info *li = &out[k];
@@ -684,23 +709,44 @@ static int e_list(tdr_lease_backend *be, const char *prefix, tdr_lease_info **re
 			/* Written without a lease (not by tdrain): it never expires. */
 			li->ttl_ms = vttl;
 			li->expires_in_ms = INT64_MAX;
+		} else if (fast) {
+			/* The key exists, so its etcd lease is alive: the server deletes a lapsed lease's keys. */
+			li->ttl_ms = vttl;
+			li->expires_in_ms = vttl > 0 ? vttl : 1;
 		} else {
-			char *tb = tdr_etcd_req_lease_id(kvs[i].lease, err);
+			size_t j;
 
-			rc = tb ? call(eb, "/v3/lease/timetolive", tb, deadline, NULL, err) : TDR_EFAIL;
-			free(tb);
-			if (rc == 0)
-				rc = tdr_etcd_parse_timetolive(eb->resp, eb->resp_len, &ttl, &granted, err);
-			if (rc < 0)
-				break;
+			/* One timetolive per etcd lease, not per key: a session's keys share it. */
+			for (j = 0; j < nttl; j++)
+				if (ttls[j].lease == kvs[i].lease)
+					break;
+			if (j == nttl) {
+				char *tb = tdr_etcd_req_lease_id(kvs[i].lease, err);
+
+				rc = tb ? call(eb, "/v3/lease/timetolive", tb, deadline, NULL, err) : TDR_EFAIL;
+				free(tb);
+				if (rc == 0)
+					rc = tdr_etcd_parse_timetolive(eb->resp, eb->resp_len, &ttl, &granted, err);
+				if (rc < 0)
+					break;
+				ttls[nttl++] = (struct ttl_seen){ kvs[i].lease, ttl, granted };
+			}
+			ttl = ttls[j].ttl;
+			granted = ttls[j].granted;
 			li->ttl_ms = vttl > 0 ? vttl : granted * 1000;
 			/* TTL is truncated to whole seconds: 0 means alive for less than a second. */
 			li->expires_in_ms = ttl > 0 ? ttl * 1000 : ttl == 0 ? 1 : 0;
+		}
+		if (kvs[i].lease != 0 && kvs[i].lease == eb->sess_lease) {
+			li->mine = 1;
+			snprintf(li->session, sizeof(li->session), "%s", eb->sess_name);
+			li->session_epoch = eb->sess_epoch;
 		}
 		k++;
 	}
 	pthread_mutex_unlock(&eb->lock);
 	tdr_etcd_kvs_free(kvs, n);
+	free(ttls);
 	if (rc < 0) {
 		free(out);
 		return rc;
@@ -708,6 +754,136 @@ static int e_list(tdr_lease_backend *be, const char *prefix, tdr_lease_info **re
 	*ret = out;
 	*ret_n = k;
 	return 0;
+}
+
+static int e_list(tdr_lease_backend *be, const char *prefix, tdr_lease_info **ret, size_t *ret_n, tdr_err *err)
+{
+	return list_keys((struct etcd_backend *)be, prefix, 0, 0, ret, ret_n, err);
+}
+
+/* One range request: existence is liveness for attached keys. */
+static int e_observe(tdr_lease_backend *be, int with_parts, tdr_lease_info **ret, size_t *ret_n, tdr_err *err)
+{
+	return list_keys((struct etcd_backend *)be, "", 1, !with_parts, ret, ret_n, err);
+}
+
+static int e_acquire_many(tdr_lease_backend *be, const char *session, int64_t session_epoch, int64_t ttl_ms,
+			  tdr_lease_req *reqs, size_t n, tdr_err *err)
+{
+	struct etcd_backend *eb = (struct etcd_backend *)be;
+	int64_t deadline = tdr_mono_ms() + eb->timeout_ms, lease;
+	char (*keys)[KEY_MAX] = NULL;
+	const char *kp[TDR_ETCD_TXN_MAX];
+	int ok[TDR_ETCD_TXN_MAX];
+	char *value = NULL;
+	struct held *s;
+	int rc = 0;
+
+	for (size_t i = 0; i < n; i++)
+		reqs[i].rc = TDR_ETRANSIENT;
+	if (n == 0)
+		return 0;
+	pthread_mutex_lock(&eb->lock);
+	s = held_find(eb, session);
+	if (s == NULL || s->epoch != session_epoch) {
+		rc = tdr_err_set(err, TDR_EFENCED, "session %s epoch %" PRId64 " is not held by %s", session,
+				 session_epoch, be->holder);
+		goto out;
+	}
+	lease = s->lease_id;
+	snprintf(eb->sess_name, sizeof(eb->sess_name), "%s", session);
+	eb->sess_epoch = session_epoch;
+	eb->sess_lease = lease;
+	if ((keys = calloc(TDR_ETCD_TXN_MAX, sizeof(*keys))) == NULL ||
+	    (value = tdr_etcd_lease_value(be->holder, eb->inst, ttl_ms, err)) == NULL) {
+		rc = keys ? TDR_EFAIL : tdr_err_set(err, TDR_ENOMEM, "out of memory");
+		goto out;
+	}
+	for (size_t i0 = 0; i0 < n && rc == 0; i0 += TDR_ETCD_TXN_MAX) {
+		size_t k = n - i0 < TDR_ETCD_TXN_MAX ? n - i0 : TDR_ETCD_TXN_MAX;
+		int64_t rev = 0;
+		char *body;
+
+		for (size_t j = 0; j < k && rc == 0; j++) {
+			rc = lease_key(eb, reqs[i0 + j].name, keys[j], err);
+			kp[j] = keys[j];
+		}
+		if (rc < 0)
+			break;
+		body = tdr_etcd_req_create_many_txn(kp, value, k, lease, err);
+		rc = body ? call(eb, "/v3/kv/txn", body, deadline, NULL, err) : TDR_EFAIL;
+		free(body);
+		if (rc == 0)
+			rc = tdr_etcd_parse_txn_many(eb->resp, eb->resp_len, k, ok, &rev, err);
+		if (rc < 0)
+			break; /* this chunk and the rest: unknown; an unanswered create is adopted from the next read */
+		for (size_t j = 0; j < k; j++) {
+			tdr_lease_req *r = &reqs[i0 + j];
+
+			if (!ok[j]) {
+				r->rc = TDR_EDUP;
+				continue;
+			}
+			/* Every key a txn creates has the txn's revision as its create_revision: the epoch. */
+			if (held_put(eb, r->name, lease, rev, err) < 0)
+				continue; /* not recorded: stays ETRANSIENT, and expires with the session */
+			r->epoch = rev;
+			r->rc = 0;
+		}
+	}
+out:
+	pthread_mutex_unlock(&eb->lock);
+	free(keys);
+	free(value);
+	return rc;
+}
+
+static int e_release_many(tdr_lease_backend *be, tdr_lease_req *reqs, size_t n, tdr_err *err)
+{
+	struct etcd_backend *eb = (struct etcd_backend *)be;
+	int64_t deadline = tdr_mono_ms() + eb->timeout_ms, lease = 0;
+	char (*keys)[KEY_MAX] = NULL;
+	const char *kp[TDR_ETCD_TXN_MAX];
+	int64_t revs[TDR_ETCD_TXN_MAX];
+	int ok[TDR_ETCD_TXN_MAX];
+	int rc = 0;
+
+	if (n == 0)
+		return 0;
+	if ((keys = calloc(TDR_ETCD_TXN_MAX, sizeof(*keys))) == NULL)
+		return tdr_err_set(err, TDR_ENOMEM, "out of memory");
+	pthread_mutex_lock(&eb->lock);
+	for (size_t i0 = 0; i0 < n && rc == 0; i0 += TDR_ETCD_TXN_MAX) {
+		size_t k = 0;
+		int64_t rev;
+		char *body;
+
+		for (size_t j = i0; j < n && j < i0 + TDR_ETCD_TXN_MAX; j++) {
+			struct held *h = held_find(eb, reqs[j].name);
+
+			reqs[j].rc = 0;
+			if (h == NULL || h->epoch != reqs[j].epoch || lease_key(eb, reqs[j].name, keys[k], NULL) < 0)
+				continue; /* not ours at that epoch: nothing to give back */
+			lease = h->lease_id;
+			revs[k] = reqs[j].epoch;
+			kp[k] = keys[k];
+			k++;
+			held_drop(eb, reqs[j].name);
+		}
+		if (k == 0)
+			continue;
+		/* Attached keys share the session's lease: the LEASE compare keeps it to keys we created. */
+		body = tdr_etcd_req_delete_many_txn(kp, revs, k, lease, err);
+		rc = body ? call(eb, "/v3/kv/txn", body, deadline, NULL, err) : TDR_EFAIL;
+		free(body);
+		if (rc == 0)
+			rc = tdr_etcd_parse_txn_many(eb->resp, eb->resp_len, k, ok, &rev, err);
+	}
+	pthread_mutex_unlock(&eb->lock);
+	free(keys);
+	for (size_t i = 0; rc < 0 && i < n; i++)
+		reqs[i].rc = rc;
+	return rc;
 }
 
 static void e_destroy(tdr_lease_backend *be)
@@ -732,6 +908,9 @@ static const struct tdr_lease_ops etcd_ops = {
 	.renew = e_renew,
 	.release = e_release,
 	.list = e_list,
+	.acquire_many = e_acquire_many,
+	.release_many = e_release_many,
+	.observe = e_observe,
 	.destroy = e_destroy,
 };
 

@@ -359,6 +359,32 @@ static int list_members(const struct ctl *c, const struct status *s, struct memb
 	return 0;
 }
 
+/*
+ * Shares (partitioned): fewest and most partitions a live member owns, and
+ * what a balanced split gives (floor, ceil of P / members; docs/DESIGN.md,
+ * "Who owns what").  imbalance = max - min: 0 or 1 once converged.
+ */
+struct shares {
+	int64_t min, max, floor, ceil;
+};
+
+static struct shares member_shares(const struct ctl *c, const struct member *m, size_t n)
+{
+	struct shares sh = { 0, 0, 0, 0 };
+
+	for (size_t i = 0; i < n; i++) {
+		if (i == 0 || m[i].nparts < sh.min)
+			sh.min = m[i].nparts;
+		if (m[i].nparts > sh.max)
+			sh.max = m[i].nparts;
+	}
+	if (n > 0) {
+		sh.floor = c->cfg.partitions / (int64_t)n;
+		sh.ceil = (c->cfg.partitions + (int64_t)n - 1) / (int64_t)n;
+	}
+	return sh;
+}
+
 static const tdr_lease_info *part_lease(const struct status *s, int64_t p)
 {
 	char name[32];
@@ -424,6 +450,19 @@ static int status_json(const struct ctl *c, const struct status *s, tdr_err *err
 		jappend(a, o, &oom);
 	}
 	jput(root, "members", a, &oom);
+	if (cfg->mode == TDR_MODE_PARTITIONED && nmem > 0) {
+		struct shares sh = member_shares(c, mem, nmem);
+
+		o = json_object();
+		jput(o, "min", json_integer(sh.min), &oom);
+		jput(o, "max", json_integer(sh.max), &oom);
+		jput(o, "imbalance", json_integer(sh.max - sh.min), &oom);
+		jput(o, "balanced_floor", json_integer(sh.floor), &oom);
+		jput(o, "balanced_ceil", json_integer(sh.ceil), &oom);
+		jput(root, "shares", o, &oom);
+	} else {
+		jput(root, "shares", json_null(), &oom);
+	}
 
 	a = json_array();
 	{
@@ -598,6 +637,18 @@ static int status_text(const struct ctl *c, const struct status *s, tdr_err *err
 			goto out;
 		table_print(&t, stdout, "  ");
 		table_free(&t);
+		if (cfg->mode == TDR_MODE_PARTITIONED) {
+			struct shares sh = member_shares(c, mem, nmem);
+			char want[64];
+
+			if (sh.ceil > sh.floor)
+				snprintf(want, sizeof(want), "%" PRId64 " or %" PRId64, sh.floor, sh.ceil);
+			else
+				snprintf(want, sizeof(want), "%" PRId64, sh.floor);
+			printf("shares       min %" PRId64 ", max %" PRId64 ", imbalance %" PRId64
+			       " (balanced: %s per member)\n",
+			       sh.min, sh.max, sh.max - sh.min, want);
+		}
 	}
 
 	if (cfg->mode == TDR_MODE_PARTITIONED) {

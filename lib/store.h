@@ -22,6 +22,7 @@
 #define TDR_C_FOLDS "tdrain_folds"         /* fold intent records (redo log) */
 #define TDR_C_DEADLETTER "tdrain_deadletter"
 #define TDR_C_LEASES "tdrain_leases"
+#define TDR_C_PARTS "tdrain_parts" /* partition leases (partitioned mode), same shape as tdrain_leases */
 #define TDR_C_STATE "tdrain_state"         /* fold progress, member stats */
 #define TDR_C_COUNTERS "event_counters"    /* event x UTC day */
 #define TDR_C_DEVICES "device_metrics"     /* per distinct_id */
@@ -60,7 +61,7 @@ struct tdr_index_spec {
 	int unique;
 	int documentdb_only; /* a statement shape DocumentDB serves only with it (lib/store.c) */
 };
-#define TDR_NINDEXES 5
+#define TDR_NINDEXES 6
 extern const struct tdr_index_spec tdr_index_specs[TDR_NINDEXES];
 
 /* The bits of tdr_index_specs this store needs (after tdr_store_ping: it depends on is_documentdb). */

@@ -73,7 +73,8 @@ os.environ['MONGOC_DISABLE_SHM'] = '1'
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-__all__ = ['Harness', 'StoreRun', 'Store', 'Etcd', 'Postgres', 'Proc', 'SlowProxy', 'free_port', 'REPO']
+__all__ = ['Harness', 'StoreRun', 'Store', 'Etcd', 'Postgres', 'Proc', 'SlowProxy', 'free_port', 'REPO',
+           'balanced', 'min_moves', 'moved', 'shares', 'share_bounds', 'lease_docs']
 
 
 # --------------------------------------------------------------------------
@@ -108,6 +109,54 @@ def hrw_owner(members, p):
         if best is None or s > best[0]:
             best = (s, m)
     return best[1]
+
+
+# --------------------------------------------------------------------------
+# Balanced shares (coord/assign.c, docs/DESIGN.md "Who owns what"), written
+# independently: who owns what depends on the history (sticky), so tests check
+# the properties, never a precomputed owner.
+# --------------------------------------------------------------------------
+
+def share_bounds(n, P):
+    """(floor, ceil) of P / n."""
+    return P // n, -(-P // n)
+
+
+def shares(owners, members):
+    """{member: partitions owned} from {partition: holder} (members with none included)."""
+    out = {m: 0 for m in members}
+    for holder in owners.values():
+        if holder in out:
+            out[holder] += 1
+    return out
+
+
+def balanced(owners, members, P):
+    """Every partition owned by one of members, and each member owns floor(P/n) or ceil(P/n)."""
+    if len(owners) != P or any(owners.get(p) not in members for p in range(P)):
+        return False
+    f, c = share_bounds(len(members), P)
+    return all(f <= k <= c for k in shares(owners, members).values())
+
+
+def min_moves(before, members, P):
+    """The fewest partitions that must change owner from `before` ({p: holder}; absent or a non-member: free)
+    to any assignment of P over members where each owns floor or ceil: every member keeps at most its
+    capacity, and the ceil capacities go to the members that own the most."""
+    f, c = share_bounds(len(members), P)
+    r = P % len(members)
+    loads = sorted(shares({p: h for p, h in before.items() if h in members}, members).values(), reverse=True)
+    keep = sum(min(l, c if i < r else f) for i, l in enumerate(loads))
+    return P - keep
+
+
+def lease_docs(db, *args, **kw):
+    """Every lease document: tdrain_leases (sessions, leader) and tdrain_parts (partition leases), find(*args)."""
+    return list(db.tdrain_leases.find(*args, **kw)) + list(db.tdrain_parts.find(*args, **kw))
+
+
+def moved(before, after, P):
+    return sum(1 for p in range(P) if before.get(p) != after.get(p))
 
 
 class EpochWatch:
@@ -854,6 +903,7 @@ class SlowProxy:
         px.set_latency(request=fn, reply=fn)                           # both directions
         px.set_latency()                                               # no latency again
         px.stats()  ->  {'connections', 'requests', 'replies', 'delayed', 'over', 'max_delay'}
+        px.commands()  ->  Counter of requests by SlowProxy.describe() ("update tdrain_leases": 12, ...)
         px.close()
 
     Traffic is cut into whole wire-protocol messages (length header), and each
@@ -884,6 +934,7 @@ class SlowProxy:
         self._request = None
         self._reply = None
         self._stats = {'connections': 0, 'requests': 0, 'replies': 0, 'delayed': 0, 'over': 0, 'max_delay': 0.0}
+        self._by_cmd = {}
         self._conns = set()
         self._closed = False
         self.port = free_port()
@@ -906,6 +957,12 @@ class SlowProxy:
     def stats(self):
         with self._lock:
             return dict(self._stats)
+
+    def commands(self):
+        """{command description: requests seen} (counting statements per collection, e.g. coordination)."""
+        import collections
+        with self._lock:
+            return collections.Counter(self._by_cmd)
 
     @staticmethod
     def describe(msg):
@@ -1010,6 +1067,8 @@ class SlowProxy:
             if msg is None:
                 break
             cmd = self.describe(msg)
+            with self._lock:
+                self._by_cmd[cmd] = self._by_cmd.get(cmd, 0) + 1
             # OP_MSG with moreToCome (flag bit 1) gets no reply.
             if not (len(msg) >= 20 and struct.unpack('<i', msg[12:16])[0] == 2013
                     and struct.unpack('<I', msg[16:20])[0] & 2):

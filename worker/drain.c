@@ -79,7 +79,9 @@ int tdr_drain_new(tdr_drain **ret, const tdr_config *cfg, tdr_store *st, tdr_coo
 	d->deltas = tdr_store_coll(st, d->client, TDR_C_DELTAS);
 	d->dead = tdr_store_coll(st, d->client, TDR_C_DEADLETTER);
 	d->forget = tdr_map_new(4096);
-	if (d->forget == NULL) {
+	d->nrec = (size_t)cfg->partitions + 1;
+	d->rec = calloc(d->nrec, sizeof(*d->rec));
+	if (d->forget == NULL || d->rec == NULL) {
 		tdr_drain_free(d);
 		return tdr_err_set(err, TDR_ENOMEM, "out of memory");
 	}
@@ -235,10 +237,18 @@ static int find_scope(const tdr_coord_view *v, int32_t part)
  */
 static void unclaim(tdr_drain *d, struct group *groups, size_t ng)
 {
-	mongoc_bulk_operation_t *bulk = tdr_bulk_new(d->claims, 0);
+	mongoc_bulk_operation_t *bulk;
 	int any = 0;
 	tdr_err err;
 
+	/*
+	 * Stopping (SIGTERM): the stop is bounded by store.timeout_ms, and this
+	 * would be one more store call after the one that just failed; the
+	 * records are left to orphan recovery, exactly as after a crash.
+	 */
+	if (__atomic_load_n(&d->stopping, __ATOMIC_RELAXED))
+		return;
+	bulk = tdr_bulk_new(d->claims, 0);
 	for (size_t g = 0; g < ng; g++) {
 		bson_t f = BSON_INITIALIZER;
 
@@ -732,11 +742,14 @@ abandon:
 
 /* ------------------------------------------------------------ step */
 
+/* How far a partitioned claim reads past documents of other owners, in claim reads' worth. */
+#define SCAN_BATCHES 50
+
 /* 1. find: up to drain.batch_size events at the head of the FIFO in our scopes; then steps 2-6 (process). */
 static int claim_and_process(tdr_drain *d, const tdr_coord_view *v, int *ret_full, int64_t *ret_n, tdr_err *err)
 {
 	bson_t filter = BSON_INITIALIZER, opts = BSON_INITIALIZER, in, arr, sort;
-	int64_t limit = d->cfg.batch_size, bytes = 0, acked = 0, t0 = tdr_mono_us();
+	int64_t limit = d->cfg.batch_size, bytes = 0, acked = 0, t0 = tdr_mono_us(), scanned = 0;
 	size_t n = 0, nactive = 0;
 	struct item *items;
 	mongoc_cursor_t *cur;
@@ -796,7 +809,16 @@ static int claim_and_process(tdr_drain *d, const tdr_coord_view *v, int *ret_ful
 		/* Untriaged events of other partitions come back too: read further. */
 		limit *= 2;
 	}
-	BSON_APPEND_INT64(&opts, "limit", limit + (int64_t)tdr_map_count(d->forget));
+	/*
+	 * Partitioned: no limit, only the first reply's size.  Untriaged events
+	 * of other owners come back too, and on FerretDB (no triage) the head of
+	 * the FIFO can hold nothing but those of an owner that is stuck (t13:
+	 * its archive disk full); reading on past them, up to SCAN_BATCHES
+	 * batches' worth, lets every other replica take its own meanwhile.  In
+	 * steady state the first reply already holds a batch.
+	 */
+	if (!partitioned)
+		BSON_APPEND_INT64(&opts, "limit", limit + (int64_t)tdr_map_count(d->forget));
 	/* The whole batch in the first reply: no getMore round trip. */
 	BSON_APPEND_INT64(&opts, "batchSize", limit + (int64_t)tdr_map_count(d->forget));
 	BSON_APPEND_INT64(&opts, "maxTimeMS", d->st->timeout_ms);
@@ -813,11 +835,13 @@ static int claim_and_process(tdr_drain *d, const tdr_coord_view *v, int *ret_ful
 		bson_append_document_end(&opts, &sort);
 	}
 	cur = mongoc_collection_find_with_opts(d->events, &filter, &opts, NULL);
-	while (n < (size_t)d->cfg.batch_size && bytes < BATCH_BYTES_MAX && mongoc_cursor_next(cur, &doc)) {
+	while (n < (size_t)d->cfg.batch_size && bytes < BATCH_BYTES_MAX &&
+	       scanned < SCAN_BATCHES * limit + (int64_t)tdr_map_count(d->forget) && mongoc_cursor_next(cur, &doc)) {
 		int32_t part = TDR_SCOPE_ALL;
 
 		bson_iter_t idit;
 
+		scanned++;
 		if (bson_iter_init_find(&idit, doc, "_id") && forgotten(d, bson_iter_value(&idit)))
 			continue;
 		if (partitioned) {
@@ -866,6 +890,12 @@ static int claim_and_process(tdr_drain *d, const tdr_coord_view *v, int *ret_ful
 	return rc;
 }
 
+void tdr_drain_request_stop(tdr_drain *d)
+{
+	if (d)
+		__atomic_store_n(&d->stopping, 1, __ATOMIC_RELAXED);
+}
+
 int tdr_drain_step(tdr_drain *d, int *ret_full, int64_t *ret_n, tdr_err *err)
 {
 	tdr_coord_view v;
@@ -880,9 +910,31 @@ int tdr_drain_step(tdr_drain *d, int *ret_full, int64_t *ret_n, tdr_err *err)
 		if (v.scopes[i].draining)
 			tdr_coord_scope_idle(d->coord, v.scopes[i].part, v.scopes[i].epoch);
 	/* Orphans of a newly gained scope come before any new work in it. */
-	for (size_t i = 0; i < v.nscopes && rc == 0; i++)
-		if (!v.scopes[i].draining && !drain_was_recovered(d, v.scopes[i].part, v.scopes[i].epoch))
-			rc = drain_recover_scope(d, &v, &v.scopes[i], err);
+	{
+		unsigned char *has = NULL;
+		size_t pending = 0;
+
+		for (size_t i = 0; i < v.nscopes; i++)
+			pending += !v.scopes[i].draining && !drain_was_recovered(d, v.scopes[i].part, v.scopes[i].epoch);
+		/*
+		 * Many at once (a replica gaining hundreds of partitions, and again every
+		 * lease TTL): one read of which partitions have claim records at all,
+		 * so scopes without any cost no statement each.
+		 */
+		if (pending > 1)
+			has = drain_claimed_parts(d);
+		for (size_t i = 0; i < v.nscopes && rc == 0 && !__atomic_load_n(&d->stopping, __ATOMIC_RELAXED); i++) {
+			const tdr_scope *sc = &v.scopes[i];
+
+			if (sc->draining || drain_was_recovered(d, sc->part, sc->epoch))
+				continue;
+			if (has && sc->part >= 0 && sc->part < d->cfg.partitions && !has[sc->part])
+				drain_mark_recovered(d, sc->part, sc->epoch);
+			else
+				rc = drain_recover_scope(d, &v, sc, err);
+		}
+		free(has);
+	}
 	if (rc == 0)
 		rc = claim_and_process(d, &v, ret_full, ret_n, err);
 	if (rc == TDR_EFENCED) {

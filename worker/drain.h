@@ -64,6 +64,13 @@ void tdr_drain_free(tdr_drain *d);
  */
 int tdr_drain_step(tdr_drain *d, int *ret_full, int64_t *ret_n, tdr_err *err);
 
+/*
+ * From any thread (the signal thread on SIGTERM): the step in progress ends
+ * without its best-effort clean-ups (a failed batch's unclaim), so a stop with
+ * the store gone waits for at most the one store call in flight.
+ */
+void tdr_drain_request_stop(tdr_drain *d);
+
 /* Reload what can change at run time (batch size, allow-list, max attempts). */
 void tdr_drain_reload(tdr_drain *d, const tdr_config *cfg);
 

@@ -26,8 +26,9 @@ struct item {
 	char reason[TDR_REASON_MAX];
 };
 
+/* One slot per partition (and one for single mode's scope): O(1) at any partition count. */
 struct recovered {
-	int32_t part;
+	int used;
 	int64_t epoch;
 	int64_t at; /* monotonic ms of the last recovery pass */
 };
@@ -41,7 +42,7 @@ struct tdr_drain {
 	mongoc_collection_t *events, *claims, *deltas, *dead;
 	int64_t seq;
 	struct recovered *rec;
-	size_t nrec, caprec;
+	size_t nrec; /* coord.partitions + 1 slots */
 	int trace_fd;
 	/*
 	 * Acknowledged events not yet confirmed deleted from the FIFO (a delete
@@ -53,6 +54,7 @@ struct tdr_drain {
 	pthread_mutex_t mu;
 	struct tdr_drain_stats stats;
 	int64_t rate_t0, rate_acked0;
+	int stopping; /* tdr_drain_request_stop: skip best-effort clean-ups (__atomic) */
 };
 
 /* drain.c */
@@ -70,6 +72,13 @@ int drain_process(tdr_drain *d, const tdr_coord_view *v, struct item *items, siz
 int drain_was_recovered(tdr_drain *d, int32_t part, int64_t epoch);
 /* Make the next drain step recover (part, epoch) again. */
 void drain_forget_recovered(tdr_drain *d, int32_t part, int64_t epoch);
+/* Note (part, epoch) as recovered now (a scope found to have no claim records at all). */
+void drain_mark_recovered(tdr_drain *d, int32_t part, int64_t epoch);
+/*
+ * [coord.partitions] flags, 1 where tdrain_claims holds any record of that
+ * partition; NULL if the read failed or memory ran out (then ask per scope).
+ */
+unsigned char *drain_claimed_parts(tdr_drain *d);
 /* Run the orphans of scope s through the cycle, then delete their claim records. */
 int drain_recover_scope(tdr_drain *d, const tdr_coord_view *v, const tdr_scope *s, tdr_err *err);
 

@@ -35,6 +35,10 @@
 
 static volatile sig_atomic_t got_stop, got_reload;
 static volatile int wake_flag; /* any signal: ends the loop's idle sleep at once */
+/* For the signal thread: a stop starts at once, not when the drain loop next looks (set before it can stop). */
+static tdr_drain *volatile stop_drain;
+static tdr_coord *volatile stop_coord;
+static int64_t stop_at_ms; /* monotonic time of the first SIGTERM/SIGINT (__atomic) */
 
 /*
  * SIGTERM, SIGINT and SIGHUP are blocked in every thread and taken here with
@@ -55,7 +59,13 @@ static void *signal_thread(void *arg)
 			tdr_notify_reloading();
 			got_reload = 1;
 		} else {
+			int64_t zero = 0, now = tdr_mono_ms();
+
+			/* The stop's time budget (store.timeout_ms + 2 s) counts from the first signal. */
+			__atomic_compare_exchange_n(&stop_at_ms, &zero, now, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
 			got_stop = 1;
+			tdr_drain_request_stop(stop_drain);
+			tdr_coord_request_stop(stop_coord);
 		}
 		wake_flag = 1;
 	}
@@ -295,7 +305,7 @@ int main(int argc, char **argv)
 	tdr_config cfg;
 	tdr_err err;
 	tdr_store *st = NULL, *fold_st = NULL;
-	int fold_abandoned = 0;
+	int fold_abandoned = 0, coord_abandoned = 0;
 	tdr_coord *coord = NULL;
 	tdr_archive *ar = NULL;
 	tdr_drain *drain = NULL;
@@ -481,6 +491,13 @@ int main(int argc, char **argv)
 		status = err.code == TDR_ECONFIG ? EX_CONFIG : EX_UNAVAILABLE;
 		goto out;
 	}
+	stop_drain = drain;
+	stop_coord = coord;
+	if (got_stop) {
+		/* A signal that came during start-up found neither. */
+		tdr_drain_request_stop(drain);
+		tdr_coord_request_stop(coord);
+	}
 	{
 		tdr_field f[3] = { { "TDRAIN_MODE", tdr_mode_name(cfg.mode) },
 				   { "TDRAIN_BACKEND", tdr_backend_name(cfg.backend) },
@@ -600,6 +617,9 @@ int main(int argc, char **argv)
 					m.partitions_owned = (int64_t)v.nscopes;
 					m.members = (int64_t)v.nmembers;
 					m.failovers = v.failovers;
+					m.share_min = v.share_min;
+					m.share_max = v.share_max;
+					m.coord_requests = v.coord_requests;
 					status_line(line, sizeof(line), &cfg, &v, &m);
 					if (!ready) {
 						tdr_notify_ready(line);
@@ -646,19 +666,37 @@ int main(int argc, char **argv)
 	}
 
 	/* The in-flight batch has finished (the loop is synchronous): give everything back. */
-	tdr_notify_stopping(cfg.store_timeout_ms * 5 * 1000);
-	tdr_log_event(LOG_INFO, TDR_EV_STOPPING, NULL, 0, "stopping: releasing leases");
-	/*
-	 * Release first, then wait for the fold: a fold statement may take up to
-	 * fold.timeout_ms, and the next leader should not wait for it (whatever
-	 * it writes after the release is fenced like a deposed leader's).
-	 */
-	tdr_fold_request_stop(fold);
-	tdr_coord_stop(coord);
-	if (tdr_fold_stop_within(fold, cfg.store_timeout_ms) < 0) {
-		log_warn("fold: still waiting on the store after %lld ms; exiting without it (its writes are fenced)",
-			 (long long)cfg.store_timeout_ms);
-		fold_abandoned = 1;
+	{
+		/*
+		 * Bounded: SIGTERM + store.timeout_ms + 1.5 s, even with the store or
+		 * etcd gone (each release is one bulk request; what is not released
+		 * by then expires as after a crash).
+		 */
+		int64_t t0 = __atomic_load_n(&stop_at_ms, __ATOMIC_SEQ_CST), deadline, left;
+
+		if (t0 == 0)
+			t0 = tdr_mono_ms();
+		deadline = t0 + cfg.store_timeout_ms + 1500;
+		tdr_notify_stopping((cfg.store_timeout_ms + 2000) * 1000);
+		tdr_log_event(LOG_INFO, TDR_EV_STOPPING, NULL, 0, "stopping: releasing leases");
+		/*
+		 * Release first, then wait for the fold: a fold statement may take up to
+		 * fold.timeout_ms, and the next leader should not wait for it (whatever
+		 * it writes after the release is fenced like a deposed leader's).
+		 */
+		tdr_fold_request_stop(fold);
+		if (tdr_coord_stop_within(coord, deadline) < 0) {
+			log_warn("coordinator: still waiting on the coordination backend at the stop deadline (%lld ms "
+				 "after the signal); exiting without it: what it did not release expires",
+				 (long long)(tdr_mono_ms() - t0));
+			coord_abandoned = 1;
+		}
+		left = deadline - tdr_mono_ms();
+		if (tdr_fold_stop_within(fold, left > 0 ? left : 0) < 0) {
+			log_warn("fold: still waiting on the store at the stop deadline; exiting without it (its writes "
+				 "are fenced)");
+			fold_abandoned = 1;
+		}
 	}
 	/*
 	 * A pending build is not worth a slower stop: createIndexes is
@@ -671,14 +709,19 @@ int main(int argc, char **argv)
 out:
 	tdr_indexer_free(ix);
 	tdr_metrics_http_stop(mh);
+	stop_drain = NULL;
+	stop_coord = NULL;
 	tdr_fold_free(fold);
 	tdr_drain_free(drain);
 	tdr_archive_close(ar);
-	tdr_coord_free(coord);
+	/* An abandoned coordinator thread still uses its backend and the store's pool: leave both to exit. */
+	if (!coord_abandoned && !fold_abandoned) /* an abandoned fold thread still asks the coordinator */
+		tdr_coord_free(coord);
 	if (!fold_abandoned)
 		tdr_store_close(fold_st); /* else the fold thread is still using it */
-	tdr_store_close(st);
-	if (!fold_abandoned && !ix_abandoned)
+	if (!coord_abandoned)
+		tdr_store_close(st);
+	if (!fold_abandoned && !coord_abandoned && !ix_abandoned)
 		mongoc_cleanup();
 	/* sigwait() is a cancellation point: end the signal thread so nothing outlives main. */
 	pthread_cancel(sigthr);

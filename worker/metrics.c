@@ -74,6 +74,18 @@ int tdr_metrics_render(const struct tdr_metrics *m, char **out, size_t *len, tdr
 	gauge(f, "tdrain_partitions_owned", "Partitions (or the single-mode scope) this replica holds.", labels,
 	      (double)m->partitions_owned);
 	gauge(f, "tdrain_members", "Live replicas seen by this one.", labels, (double)m->members);
+	if (strcmp(m->mode, "partitioned") == 0) {
+		gauge(f, "tdrain_partition_share_max", "Most partitions any live member owns, as this replica sees it.",
+		      labels, (double)m->share_max);
+		gauge(f, "tdrain_partition_share_min", "Fewest partitions any live member owns, as this replica sees it.",
+		      labels, (double)m->share_min);
+		gauge(f, "tdrain_partition_imbalance",
+		      "share_max - share_min: 0 or 1 once a stable membership has converged; more while partitions move.",
+		      labels, (double)(m->share_max - m->share_min));
+	}
+	counter(f, "tdrain_coord_requests_total",
+		"Coordination requests made (lease statements, or etcd calls): a constant number per retry period.",
+		labels, m->coord_requests);
 	counter(f, "tdrain_failovers_total", "Leases this replica took over from another holder.", labels, m->failovers);
 	counter(f, "tdrain_batches_total", "Batches acknowledged.", labels, m->drain.batches);
 	counter(f, "tdrain_events_claimed_total", "Events claimed (re-claims included).", labels, m->drain.claimed);

@@ -27,6 +27,8 @@ struct tdr_metrics {
 	int64_t partitions_owned;
 	int64_t members;
 	int64_t failovers;
+	int64_t share_min, share_max; /* partitions per live member (partitioned); imbalance = max - min */
+	int64_t coord_requests;       /* coordination requests so far */
 	struct tdr_drain_stats drain;
 	struct tdr_fold_stats fold;
 	struct tdr_archive_stats archive;

@@ -25,58 +25,79 @@
  * deposed holder's claim insert, sent before its deadline, can still reach
  * the store after our first pass (retransmitted when a partition heals).
  */
+static struct recovered *rec_slot(tdr_drain *d, int32_t part)
+{
+	size_t i = part < 0 ? d->nrec - 1 : (size_t)part;
+
+	return i < d->nrec ? &d->rec[i] : NULL;
+}
+
 int drain_was_recovered(tdr_drain *d, int32_t part, int64_t epoch)
 {
-	for (size_t i = 0; i < d->nrec; i++)
-		if (d->rec[i].part == part && d->rec[i].epoch == epoch)
-			return tdr_mono_ms() - d->rec[i].at < d->cfg.lease_ttl_ms;
-	return 0;
+	struct recovered *r = rec_slot(d, part);
+
+	return r && r->used && r->epoch == epoch && tdr_mono_ms() - r->at < d->cfg.lease_ttl_ms;
 }
 
 /* Make the next drain step recover (part, epoch) again. */
 void drain_forget_recovered(tdr_drain *d, int32_t part, int64_t epoch)
 {
-	for (size_t i = 0; i < d->nrec; i++)
-		if (d->rec[i].part == part && d->rec[i].epoch == epoch)
-			d->rec[i].at = tdr_mono_ms() - d->cfg.lease_ttl_ms;
+	struct recovered *r = rec_slot(d, part);
+
+	if (r && r->used && r->epoch == epoch)
+		r->at = tdr_mono_ms() - d->cfg.lease_ttl_ms;
 }
 
 static int recovered_before(tdr_drain *d, int32_t part, int64_t epoch)
 {
-	for (size_t i = 0; i < d->nrec; i++)
-		if (d->rec[i].part == part && d->rec[i].epoch == epoch)
-			return 1;
-	return 0;
+	struct recovered *r = rec_slot(d, part);
+
+	return r && r->used && r->epoch == epoch;
 }
 
-static void mark_recovered(tdr_drain *d, const tdr_coord_view *v, int32_t part, int64_t epoch)
+void drain_mark_recovered(tdr_drain *d, int32_t part, int64_t epoch)
 {
-	/* Forget scopes we no longer hold, so the table stays bounded by our partitions. */
-	for (size_t i = 0; i < d->nrec;) {
-		int held = 0;
+	struct recovered *r = rec_slot(d, part);
 
-		for (size_t s = 0; s < v->nscopes; s++)
-			held |= v->scopes[s].part == d->rec[i].part && v->scopes[s].epoch == d->rec[i].epoch;
-		if (!held)
-			d->rec[i] = d->rec[--d->nrec];
-		else
-			i++;
-	}
-	for (size_t i = 0; i < d->nrec; i++)
-		if (d->rec[i].part == part && d->rec[i].epoch == epoch) {
-			d->rec[i].at = tdr_mono_ms();
-			return;
-		}
-	if (d->nrec == d->caprec) {
-		size_t ncap = d->caprec ? d->caprec * 2 : 16;
-		struct recovered *n = realloc(d->rec, ncap * sizeof(*n));
+	/* A slot per partition: a newer epoch simply replaces what an older one left. */
+	if (r)
+		*r = (struct recovered){ 1, epoch, tdr_mono_ms() };
+}
 
-		if (n == NULL)
-			return; /* recovery will simply run again: it is idempotent */
-		d->rec = n;
-		d->caprec = ncap;
+unsigned char *drain_claimed_parts(tdr_drain *d)
+{
+	unsigned char *has = calloc((size_t)d->cfg.partitions + 1, 1);
+	bson_t filter = BSON_INITIALIZER, opts, proj;
+	mongoc_cursor_t *cur;
+	const bson_t *doc;
+	bson_error_t be;
+
+	if (has == NULL)
+		return NULL;
+	/*
+	 * Every record, projected to its partition: the collection holds at most
+	 * a few batches' records per live owner (each is deleted on
+	 * acknowledgement), so this is one small read whatever P is.
+	 */
+	tdr_store_read_opts(d->st, &opts);
+	BSON_APPEND_DOCUMENT_BEGIN(&opts, "projection", &proj);
+	BSON_APPEND_INT32(&proj, "part", 1);
+	bson_append_document_end(&opts, &proj);
+	cur = mongoc_collection_find_with_opts(d->claims, &filter, &opts, NULL);
+	while (mongoc_cursor_next(cur, &doc)) {
+		int64_t p = tdr_bson_i64(doc, "part", -1);
+
+		if (p >= 0 && p < d->cfg.partitions)
+			has[p] = 1;
 	}
-	d->rec[d->nrec++] = (struct recovered){ part, epoch, tdr_mono_ms() };
+	if (mongoc_cursor_error(cur, &be)) {
+		free(has);
+		has = NULL;
+	}
+	mongoc_cursor_destroy(cur);
+	bson_destroy(&opts);
+	bson_destroy(&filter);
+	return has;
 }
 
 struct orphan_ids {
@@ -319,7 +340,7 @@ int drain_recover_scope(tdr_drain *d, const tdr_coord_view *v, const tdr_scope *
 	pthread_mutex_lock(&d->mu);
 	d->stats.orphans += (int64_t)found;
 	pthread_mutex_unlock(&d->mu);
-	mark_recovered(d, v, s->part, s->epoch);
+	drain_mark_recovered(d, s->part, s->epoch);
 out:
 	orphans_free(&o);
 	return rc;

@@ -23,8 +23,8 @@ recomputation from the raw events, each insert_id counted once, the FIFO and tdr
    of the release (gap measured from SIGTERM and from the release); exit status 0.
 4. etcd stopped for 10 s and restarted (etcd backend, partitioned, a and b, events being inserted):
    both replicas stay alive, give their leases up (lease_lost) and dispatch nothing once the renew
-   deadline (+ store timeout) has passed; after the restart ownership reconverges to the rendezvous
-   owners at newer epochs; nothing lost or duplicated.
+   deadline (+ store timeout) has passed; after the restart ownership reconverges to balanced shares
+   at newer epochs; nothing lost or duplicated.
 5. The store stopped for 10 s and restarted (mongo backend, partitioned, a and b): the same checks.
 
 Every part runs on each store of h.store_kinds() (FerretDB and DocumentDB by default, TDRAIN_TEST_STORES),
@@ -48,7 +48,7 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
 import harness  # noqa: E402
-from harness import hrw_owner  # noqa: E402
+from harness import balanced, shares  # noqa: E402
 import checker  # noqa: E402
 
 P = 8
@@ -102,7 +102,7 @@ class Leases:
     def read(self):
         out = {}
         if self.backend == 'mongo':
-            for d in self.m.db(self.db).tdrain_leases.find({}):
+            for d in harness.lease_docs(self.m.db(self.db), {}):
                 n = d.get('name')
                 if n and (n not in out or d['epoch'] > out[n][1]):
                     out[n] = (d['holder'], int(d['epoch']), bool(d.get('released')))
@@ -128,8 +128,8 @@ class Leases:
 
 
 def converged(L, members):
-    o = L.owners()
-    return len(o) == P and all(o[p][0] == hrw_owner(members, p) for p in range(P))
+    """Every partition held by one of members, each with floor/ceil of P (docs/DESIGN.md, "Who owns what")."""
+    return balanced({p: v[0] for p, v in L.owners().items()}, members, P)
 
 
 def measure(pred, timeout, interval=0.05):
@@ -255,7 +255,8 @@ def part_kill(h, m, e, backend):
         procs[n] = h.start_tdrain('kill-%s-%s' % (backend, n),
                                   conf(m, e, backend, 'partitioned', dbn, trace, prefix), args=['-N', n])
     h.ok(h.wait_until(lambda: converged(L, names), 40, interval=0.25, desc='3-replica convergence'),
-         '%s 3 replicas: every partition held by its rendezvous owner' % tag)
+         '%s 3 replicas: every partition held, balanced shares %s'
+         % (tag, shares({p: v[0] for p, v in L.owners().items()}, names)))
     h.ok(h.wait_until(lambda: sum(1 for l in trace_lines(trace) if l[2] == victim) >= 500, 120, interval=0.25,
                       desc='r1 dispatching'), '%s r1 is draining' % tag)
 
@@ -292,8 +293,7 @@ def part_kill(h, m, e, backend):
     t_kill = time.monotonic()
     h.is_(rc, -signal.SIGKILL, '%s r1 killed by SIGKILL (%.0f ms after the freeze)'
           % (tag, (t_kill - t_stop) * 1000))
-    h.diag('%s r1 held partitions %s at the kill (rendezvous owner of %s)'
-           % (tag, victim_parts, [p for p in range(P) if hrw_owner(names, p) == victim]))
+    h.diag('%s r1 held partitions %s at the kill' % (tag, victim_parts))
     h.ok(victim_parts, '%s r1 held partitions at the kill' % tag)
     time.sleep(0.5)
     still = list(db.tdrain_claims.find({'owner': victim}))
@@ -311,7 +311,7 @@ def part_kill(h, m, e, backend):
     h.ok(gap is not None and gap <= KILL_BOUND, '%s r1\'s partitions re-held by survivors in %s ms <= %d ms '
          '(TTL + 2 retry + %d)' % (tag, '%.0f' % gap if gap is not None else 'never', KILL_BOUND, SLACK))
     h.ok(h.wait_until(lambda: converged(L, survivors), 30, interval=0.25, desc='2-survivor convergence'),
-         '%s ownership converged to the rendezvous owners of {r2, r3}' % tag)
+         '%s ownership converged to balanced shares of {r2, r3}' % tag)
 
     h.ok(h.wait_until(lambda: drained(db), 300, interval=1, desc='drained after the kill'),
          '%s the FIFO drained (%d documents) and every delta was folded' % (tag, total))
@@ -601,7 +601,7 @@ def part_outage(h, m, e, which):
     procs = {n: h.start_tdrain('out-%s-%s' % (which, n), conf(m, e, backend, 'partitioned', dbn, trace, prefix),
                                args=['-N', n]) for n in names}
     h.ok(h.wait_until(lambda: converged(L, names), 40, interval=0.25, desc='convergence'),
-         '%s 2 replicas: every partition held by its rendezvous owner' % tag)
+         '%s 2 replicas: every partition held, balanced shares' % tag)
     h.ok(h.wait_until(lambda: len(trace_lines(trace)) >= 500, 60, interval=0.2, desc='draining'),
          '%s draining' % tag)
     before = L.owners()
@@ -634,7 +634,7 @@ def part_outage(h, m, e, which):
     server.start()
     t1 = time.monotonic()
 
-    # Reconverged: every partition held by its rendezvous owner under a lease taken after the restart.
+    # Reconverged: every partition held, balanced, under a lease taken after the restart.
     # (Right after the restart the old keys/documents still show the old owners: they do not count.)
     def fresh():
         o = L.owners()
@@ -647,12 +647,12 @@ def part_outage(h, m, e, which):
            % (tag, '%.0f' % g if g is not None else 'never'))
     # No lease could be renewed for 10 s, far past the renew deadline: every partition lease held before
     # the outage must have been given up, so each partition is held at a newer epoch now.
-    h.ok(g is not None, '%s every partition re-acquired at a newer epoch, by its rendezvous owner (no '
+    h.ok(g is not None, '%s every partition re-acquired at a newer epoch, balanced (no '
          'pre-outage lease survived the outage: before %s, after %s)'
          % (tag, {p: before[p] for p in range(P)}, L.owners()))
     if g is None:
         h.ok(h.wait_until(lambda: converged(L, names), 30, interval=0.1),
-             '%s ownership reconverged to the rendezvous owners (some at pre-outage epochs)' % tag)
+             '%s ownership reconverged to balanced shares (some at pre-outage epochs)' % tag)
     h.ok(all(p.alive() for p in procs.values()), '%s both replicas alive after the restart' % tag)
 
     if feeder is not None:

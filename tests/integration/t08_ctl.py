@@ -125,7 +125,7 @@ class Scenario:
         out = {}
         if self.backend == 'mongo':
             latest = {}
-            for d in self.db.tdrain_leases.find({}):
+            for d in harness.lease_docs(self.db, {}):
                 if d['name'] not in latest or d['epoch'] > latest[d['name']]['epoch']:
                     latest[d['name']] = d
             for name, d in latest.items():

@@ -88,7 +88,7 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
 import harness  # noqa: E402
-from harness import EpochWatch, fnv1a32, hrw_owner  # noqa: E402
+from harness import EpochWatch, balanced, fnv1a32, shares  # noqa: E402
 import checker  # noqa: E402
 
 P = 8
@@ -153,7 +153,7 @@ def loadgen(h, m, dbname, files, tag, count, seed, extra=()):
 def leases(db):
     """{lease name: (holder, epoch)} of the newest unreleased document of each name."""
     latest = {}
-    for d in db.tdrain_leases.find({}):
+    for d in harness.lease_docs(db, {}):
         if d['name'] not in latest or d['epoch'] > latest[d['name']]['epoch']:
             latest[d['name']] = d
     return {k: (d.get('holder'), int(d['epoch'])) for k, d in latest.items() if not d.get('released')}
@@ -164,8 +164,8 @@ def part_owners(db):
 
 
 def converged(db, members):
-    o = part_owners(db)
-    return len(o) == P and all(o[p][0] == hrw_owner(members, p) for p in range(P))
+    """Every partition owned by a member, shares floor/ceil (docs/DESIGN.md, "Who owns what")."""
+    return balanced({p: v[0] for p, v in part_owners(db).items()}, members, P)
 
 
 def read_trace(path):
@@ -284,6 +284,7 @@ class Monitor:
         self.first_seen = {}       # (lease, epoch) -> start of the previous sample (inserted after it) or None
         self.change_seen = {}      # (lease, epoch) -> (seq, end of the first sample that showed that seq)
         self.holder = {}
+        self.session = {}          # (lease, epoch) -> (session lease, session epoch) of an attached lease
         self.released = set()
         self.epochs = EpochWatch()
         self.late_writes = self.epochs.late_writes  # claim/delta of an epoch older than one already seen in its partition
@@ -311,8 +312,8 @@ class Monitor:
                 try:
                     docs, st = EpochWatch.read(db)
                     t0 = time.monotonic()
-                    ls = list(db.tdrain_leases.find({}, {'name': 1, 'epoch': 1, 'holder': 1, 'seq': 1,
-                                                         'released': 1}))
+                    ls = harness.lease_docs(db, {}, {'name': 1, 'epoch': 1, 'holder': 1, 'seq': 1,
+                                                    'released': 1, 'sess': 1, 'sess_epoch': 1})
                     t1 = time.monotonic()
                 except Exception:
                     prev_t0 = None   # a failed sample proves nothing about absence
@@ -328,6 +329,8 @@ class Monitor:
                     if key not in self.first_seen:
                         self.first_seen[key] = prev_t0
                         self.holder[key] = d.get('holder')
+                        if d.get('sess'):
+                            self.session[key] = (d['sess'], int(d.get('sess_epoch', 0)))
                     if d.get('released'):
                         self.released.add(key)
                     seq = d.get('seq')
@@ -365,7 +368,11 @@ class Monitor:
                 inserted_after = self.first_seen[(name, e2)]
                 if inserted_after is None:
                     continue
-                deadline = self.change_seen[(name, e1)][1] + self.deadline_ms / 1000.0
+                # An attached lease is never renewed itself: its holder's deadline runs from the last
+                # renewal of its session seen landing (docs/DESIGN.md, "Sessions").
+                basis = self.session.get((name, e1), (name, e1))
+                seen = self.change_seen.get(basis) or self.change_seen[(name, e1)]
+                deadline = seen[1] + self.deadline_ms / 1000.0
                 out.append((name, e1, h1, e2, h2, inserted_after - deadline))
         return out
 
@@ -407,7 +414,7 @@ def slow_run(h, m, mode, slow_s, over_ratio, seed):
     trace = os.path.join(h.tmp, 'trace-' + label)
     files = []
     rng = random.Random(seed)
-    SLOW, FAST = 's1', 's2'   # rendezvous: s1 owns 5 of the 8 partitions, s2 3
+    SLOW, FAST = 's1', 's2'   # s1 starts first and leads; each ends with 4 of the 8 partitions
     members = (SLOW, FAST)
     r = loadgen(h, m, dbname, files, label, N0, rng.randrange(1, 1 << 30))
     h.ok(r.returncode == 0, '[%s] initial backlog of %d events inserted' % (label, N0))
@@ -431,7 +438,8 @@ def slow_run(h, m, mode, slow_s, over_ratio, seed):
         if mode == 'partitioned':
             ok = h.wait_until(lambda: converged(db, members), 40, interval=0.25, desc='[%s] convergence' % label)
             ok = ok and leases(db).get('leader', (None,))[0] == SLOW
-            what = 'both own their rendezvous partitions'
+            what = 'both own their balanced shares %s' % shares({p: v[0] for p, v in part_owners(db).items()},
+                                                                  members)
         else:
             time.sleep(2)
             ok = procs[FAST].alive() and leases(db).get('leader', (None,))[0] == SLOW
@@ -497,10 +505,7 @@ def slow_run(h, m, mode, slow_s, over_ratio, seed):
             # (docs/DESIGN.md: a renewal can fail, time out and be retried before the deadline).
             h.ok(not lost_leases,
                  '[%s] %s keeps its leases while every reply comes within store.timeout_ms (%d lease_lost, '
-                 '%d lease_renew_failed)' % (label, SLOW, len(lost_leases), len(renew_failed)),
-                 todo='known bug: coord/coord.c renew_all() renews the held leases one after the other, two '
-                      'round trips each, so with K leases a renewal cycle lasts about 2 K x the store latency '
-                      'and passes coord.renew_deadline_ms although no request failed')
+                 '%d lease_renew_failed)' % (label, SLOW, len(lost_leases), len(renew_failed)))
         lines = read_trace(trace)
         during = collections.Counter(l[2] for off, l in lines if off >= mark)
         h.diag('[%s] dispatches during the slow phase: %s' % (label, dict(during)))
@@ -515,7 +520,7 @@ def slow_run(h, m, mode, slow_s, over_ratio, seed):
         n_left = claims_check(h, label, db, extra.get('coord.lease_ttl_ms', TTL_MS) / 1000.0)
         if mode == 'partitioned':
             ok = h.wait_until(lambda: converged(db, members), 60, interval=0.25)
-            h.ok(ok, '[%s] both replicas own their rendezvous partitions again' % label)
+            h.ok(ok, '[%s] both replicas own balanced shares again' % label)
         note_exits()
         h.is_(exits, [], '[%s] no replica exited on its own' % label)
         mon.stop()
@@ -689,7 +694,7 @@ def diskfull_scenario(h, m):
     label, dbname = 'diskfull', 't13_diskfull'
     db = m.db(dbname)
     trace = os.path.join(h.tmp, 'trace-diskfull')
-    FULL, OTHER = 'f1', 'f2'   # rendezvous: f1 owns 5 of the 8 partitions, f2 3
+    FULL, OTHER = 'f1', 'f2'   # each ends with 4 of the 8 partitions
     mnt = os.path.join(h.tmp, 'archive-' + FULL)
     odir = os.path.join(h.tmp, 'archive-' + OTHER)
     moved = os.path.join(h.tmp, 'archive-%s-moved' % FULL)
@@ -734,7 +739,6 @@ def diskfull_scenario(h, m):
         docs = [d for f in files for d, _ in checker.read_ndjson(f)]
         all_ids = {checker.id_key(d['_id'])[1] for d in docs}
         parts_of = {checker.id_key(d['_id'])[1]: part_of(d) for d in docs}
-        mine = {p for p in range(P) if hrw_owner((FULL, OTHER), p) == FULL}
         extra = {'archive.max_bytes': 65536, 'archive.max_age_s': 3600, 'drain.batch_size': 50,
                  'log.level': 'info'}
         procs[FULL] = h.start_tdrain('disk-' + FULL, conf(m, dbname, trace, dict(extra, **{'archive.dir': mnt})),
@@ -742,6 +746,11 @@ def diskfull_scenario(h, m):
         procs[OTHER] = h.start_tdrain('disk-' + OTHER, conf(m, dbname, trace, dict(extra, **{'archive.dir': odir})),
                                       args=['-N', OTHER])
         full = procs[FULL]
+        # Who owns what depends on who came first (sticky shares): f1's partitions are read once both hold 4.
+        ok = h.wait_until(lambda: converged(db, (FULL, OTHER)), 60, interval=0.25, desc='[%s] shares' % label)
+        mine = {p for p, v in part_owners(db).items() if v[0] == FULL}
+        h.ok(ok and len(mine) == P // 2, '[%s] %s and %s own %d partitions each; %s\'s: %s'
+             % (label, FULL, OTHER, P // 2, FULL, sorted(mine)))
         enospc = r'No space left on device'
         t0 = time.monotonic()
         ok = h.wait_until(lambda: re.search(enospc, full.log_text()), 120, interval=0.5, desc='[%s] ENOSPC' % label)
@@ -812,10 +821,7 @@ def diskfull_scenario(h, m):
                % (label, len(head), sum(1 for p in head if p in mine), FULL))
         h.ok(n_left == 0,
              '[%s] %s also drains its events that carry no `part` while %s is stuck (%d of %d left after %.0f s)'
-             % (label, OTHER, FULL, n_left, len(theirs), time.monotonic() - t_in),
-             todo='known bug: on FerretDB (no triage) a partition claim reads only the first 2 x drain.batch_size '
-                  'documents without a valid part; when they all belong to a paused owner, no other replica '
-                  'can claim anything without part')
+             % (label, OTHER, FULL, n_left, len(theirs), time.monotonic() - t_in))
         c2 = db.events.count_documents({})
 
         # The operator moves the closed archive files elsewhere: draining resumes.

@@ -1,49 +1,272 @@
+/*
+ * test_assign.c - coord/assign.c: the rendezvous owner, and the sticky
+ * balanced target over many random memberships (n 1..64, P 1..4096, joins
+ * and leaves): every member owns floor(P/n) or ceil(P/n) partitions, the
+ * target is a fixed point, it does not depend on member order, and the
+ * partitions that change owner are exactly the minimum a balanced target
+ * needs, also when the move is carried out a few partitions at a time with
+ * the target recomputed from every intermediate state (as replicas do, tick
+ * by tick).  Prints the movement table (ASSIGN_TRIALS sets the trial count).
+ */
 #include "config.h"
 
+#include <inttypes.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "coord/assign.h"
+#include "lib/hash.h"
 #include "tests/unit/tap.h"
+
+#define MAXN 64
+#define MAXP 4096
+
+static uint64_t rng_state = 0x1234567887654321ULL;
+
+static uint64_t rnd(void)
+{
+	/* xorshift64*: reproducible without libc's rand() state. */
+	rng_state ^= rng_state >> 12;
+	rng_state ^= rng_state << 25;
+	rng_state ^= rng_state >> 27;
+	return rng_state * 2685821657736338717ULL;
+}
+
+static uint32_t rnd_below(uint32_t n)
+{
+	return (uint32_t)(rnd() % n);
+}
+
+struct world {
+	char names[MAXN + 1][16];
+	const char *members[MAXN + 1];
+	size_t n;
+	uint32_t P;
+	int32_t own[MAXP]; /* current owner index, -1 free */
+};
+
+static int balanced(const struct world *w, const int32_t *t)
+{
+	size_t load[MAXN + 1] = { 0 }, f = w->P / w->n, c = f + (w->P % w->n ? 1 : 0), atc = 0;
+
+	for (uint32_t p = 0; p < w->P; p++) {
+		if (t[p] < 0 || (size_t)t[p] >= w->n)
+			return 0;
+		load[t[p]]++;
+	}
+	for (size_t i = 0; i < w->n; i++) {
+		if (load[i] < f || load[i] > c)
+			return 0;
+		atc += load[i] == c && c > f;
+	}
+	return atc == (c > f ? w->P % w->n : 0);
+}
+
+/* Carry the move out a few partitions at a time, recomputing the target from each state. */
+static int converge(struct world *w, int32_t *tmp, size_t *steps)
+{
+	tdr_err err;
+
+	for (*steps = 0; *steps < 10000; (*steps)++) {
+		size_t diff = 0;
+
+		if (tdr_assign_balanced(w->members, w->n, w->P, w->own, tmp, &err) < 0)
+			return -1;
+		for (uint32_t p = 0; p < w->P; p++)
+			diff += tmp[p] != w->own[p];
+		if (diff == 0)
+			return 0;
+		for (uint32_t p = 0; p < w->P; p++) {
+			if (tmp[p] == w->own[p] || rnd_below(3) != 0)
+				continue;
+			/* An owner gives back (the partition is free), or a free one is taken. */
+			w->own[p] = w->own[p] >= 0 ? -1 : tmp[p];
+		}
+	}
+	return -1;
+}
+
+static void remove_member(struct world *w, size_t k)
+{
+	for (uint32_t p = 0; p < w->P; p++) {
+		if (w->own[p] == (int32_t)k)
+			w->own[p] = -1;
+		else if (w->own[p] > (int32_t)k)
+			w->own[p]--;
+	}
+	for (size_t i = k; i + 1 < w->n; i++)
+		memcpy(w->names[i], w->names[i + 1], sizeof(w->names[i]));
+	w->n--;
+	for (size_t i = 0; i < w->n; i++)
+		w->members[i] = w->names[i];
+}
+
+static void add_member(struct world *w, unsigned id)
+{
+	snprintf(w->names[w->n], sizeof(w->names[w->n]), "r%u", id);
+	w->n++;
+	for (size_t i = 0; i < w->n; i++)
+		w->members[i] = w->names[i];
+}
+
+/* Movement table rows: by P bucket and change kind. */
+struct row {
+	uint64_t changes, moved, minimum, extra_max;
+};
 
 int main(void)
 {
+	static struct world w;
+	static int32_t t[MAXP], t2[MAXP], before[MAXP], perm_t[MAXP];
 	const char *three[] = { "a", "b", "c" };
-	const char *four[] = { "a", "b", "c", "d" };
-	const char *two[] = { "a", "c" };
-	uint32_t P = 64, mine[64];
-	size_t total = 0, counts[4] = { 0 };
+	const char *pbucket[] = { "1-16", "17-256", "257-1024", "1025-4096" };
+	struct row rows[4][2];
+	unsigned next_id = 0;
+	size_t trials = 300, bad_balance = 0, bad_fixed = 0, bad_perm = 0, bad_min = 0, bad_bound = 0, bad_conv = 0;
+	size_t worst_extra = 0, changes = 0;
+	const char *env = getenv("ASSIGN_TRIALS");
+	tdr_err err;
 
+	memset(rows, 0, sizeof(rows));
+	if (env && atoi(env) > 0)
+		trials = (size_t)atoi(env);
+
+	/* Rendezvous owner (kept for tools). */
 	ok(tdr_assign_owner(three, 0, 1) == -1, "no members, no owner");
-	for (size_t i = 0; i < 3; i++) {
-		counts[i] = tdr_assign_mine(three, 3, three[i], P, mine);
-		total += counts[i];
+	ok(tdr_assign_owner(three, 3, 7) == tdr_assign_owner(three, 3, 7), "rendezvous owner is deterministic");
+	{
+		int best = 0;
+
+		for (int i = 1; i < 3; i++)
+			if (tdr_hrw_score(three[i], 7) > tdr_hrw_score(three[best], 7))
+				best = i;
+		ok(tdr_assign_owner(three, 3, 7) == best, "rendezvous owner has the highest tdr_hrw_score");
 	}
-	ok(total == P, "every partition has exactly one owner among 3 (%zu)", total);
-	ok(counts[0] > 8 && counts[1] > 8 && counts[2] > 8, "spread is reasonable: %zu/%zu/%zu", counts[0],
-	   counts[1], counts[2]);
 
-	/* Order of the member list must not matter. */
-	const char *shuffled[] = { "c", "a", "b" };
-	int same = 1;
-	for (uint32_t p = 0; p < P; p++)
-		if (strcmp(three[tdr_assign_owner(three, 3, p)], shuffled[tdr_assign_owner(shuffled, 3, p)]) != 0)
-			same = 0;
-	ok(same, "assignment independent of member order");
+	/* Small cases the issue names: P = n gives one each; 8 over 2 is 4/4; 16 over 4 is 4 each. */
+	{
+		static const struct {
+			size_t n;
+			uint32_t P;
+		} cs[] = { { 2, 8 }, { 4, 16 }, { 8, 8 }, { 3, 8 }, { 5, 3 } };
 
-	/* Join: only partitions won by the newcomer move. */
-	size_t moved = tdr_assign_moves(three, 3, four, 4, P);
-	size_t won = tdr_assign_mine(four, 4, "d", P, mine);
-	ok(moved == won, "join moves exactly the partitions the newcomer wins (%zu == %zu)", moved, won);
-	ok(moved >= P / 8 && moved <= P / 2, "join moves about P/4 (%zu of %u)", moved, P);
+		for (size_t k = 0; k < sizeof(cs) / sizeof(cs[0]); k++) {
+			memset(&w, 0, sizeof(w));
+			w.P = cs[k].P;
+			for (size_t i = 0; i < cs[k].n; i++)
+				add_member(&w, (unsigned)i);
+			for (uint32_t p = 0; p < w.P; p++)
+				w.own[p] = -1;
+			int rc = tdr_assign_balanced(w.members, w.n, w.P, w.own, t, &err);
+			ok(rc == 0 && balanced(&w, t), "%u partitions over %zu members from scratch: floor/ceil shares", w.P,
+			   w.n);
+		}
+	}
 
-	/* Leave: only the leaver's partitions move. */
-	size_t held_b = tdr_assign_mine(three, 3, "b", P, mine);
-	moved = tdr_assign_moves(three, 3, two, 2, P);
-	ok(moved == held_b, "leave moves exactly the leaver's partitions (%zu == %zu)", moved, held_b);
+	/* Random memberships with joins and leaves. */
+	for (size_t trial = 0; trial < trials; trial++) {
+		uint32_t P;
+		size_t n0, nchg;
 
-	/* Determinism across calls (pinned so a change of hash is noticed). */
-	int o1 = tdr_assign_owner(three, 3, 7), o2 = tdr_assign_owner(three, 3, 7);
-	ok(o1 == o2, "owner is deterministic");
+		switch (rnd_below(4)) {
+		case 0:
+			P = 1 + rnd_below(16);
+			break;
+		case 1:
+			P = 17 + rnd_below(240);
+			break;
+		case 2:
+			P = 257 + rnd_below(768);
+			break;
+		default:
+			P = 1025 + rnd_below(3072);
+			break;
+		}
+		if (trial % 16 == 0)
+			P = trial % 32 == 0 ? 4096 : 1024;
+		memset(&w, 0, sizeof(w));
+		w.P = P;
+		n0 = 1 + rnd_below(MAXN);
+		for (size_t i = 0; i < n0; i++)
+			add_member(&w, next_id++);
+		for (uint32_t p = 0; p < P; p++)
+			w.own[p] = -1;
+		if (tdr_assign_balanced(w.members, w.n, P, w.own, t, &err) < 0) {
+			ok(0, "assign failed: %s", err.msg);
+			break;
+		}
+		memcpy(w.own, t, sizeof(int32_t) * P);
+		nchg = 1 + rnd_below(4);
+		for (size_t ch = 0; ch < nchg; ch++) {
+			int join = w.n == 1 || (w.n < MAXN && rnd_below(2));
+			size_t minimum, moved = 0, steps, c, extra;
+			int b = P <= 16 ? 0 : P <= 256 ? 1 : P <= 1024 ? 2 : 3;
+
+			if (join)
+				add_member(&w, next_id++);
+			else
+				remove_member(&w, rnd_below((uint32_t)w.n));
+			memcpy(before, w.own, sizeof(int32_t) * P);
+			minimum = tdr_assign_min_moves(w.n, P, w.own);
+			if (tdr_assign_balanced(w.members, w.n, P, w.own, t, &err) < 0)
+				break;
+			bad_balance += !balanced(&w, t);
+			/* A fixed point: a balanced state stays as it is. */
+			if (tdr_assign_balanced(w.members, w.n, P, t, t2, &err) < 0 || memcmp(t, t2, sizeof(int32_t) * P))
+				bad_fixed++;
+			/* Member order does not matter (the target names the same members). */
+			{
+				const char *rev[MAXN + 1];
+				int32_t rown[MAXP];
+
+				for (size_t i = 0; i < w.n; i++)
+					rev[i] = w.members[w.n - 1 - i];
+				for (uint32_t p = 0; p < P; p++)
+					rown[p] = w.own[p] < 0 ? -1 : (int32_t)(w.n - 1 - (size_t)w.own[p]);
+				if (tdr_assign_balanced(rev, w.n, P, rown, perm_t, &err) < 0)
+					break;
+				for (uint32_t p = 0; p < P; p++)
+					if (strcmp(rev[perm_t[p]], w.members[t[p]]) != 0) {
+						bad_perm++;
+						break;
+					}
+			}
+			/* Carried out step by step: the same minimum, and balanced at the end. */
+			if (converge(&w, t2, &steps) < 0) {
+				bad_conv++;
+				break;
+			}
+			bad_balance += !balanced(&w, w.own);
+			for (uint32_t p = 0; p < P; p++)
+				moved += w.own[p] != before[p];
+			c = (P + w.n - 1) / w.n;
+			extra = moved > minimum ? moved - minimum : 0;
+			bad_min += moved != minimum;
+			bad_bound += moved > minimum + c + 1;
+			if (extra > worst_extra)
+				worst_extra = extra;
+			rows[b][join].changes++;
+			rows[b][join].moved += moved;
+			rows[b][join].minimum += minimum;
+			if (extra > rows[b][join].extra_max)
+				rows[b][join].extra_max = extra;
+			changes++;
+		}
+	}
+	ok(bad_balance == 0, "%zu membership changes over %zu trials: every member owns floor(P/n) or ceil(P/n) "
+	   "(%zu violations)", changes, trials, bad_balance);
+	ok(bad_fixed == 0, "a balanced assignment is a fixed point (%zu not)", bad_fixed);
+	ok(bad_perm == 0, "the target does not depend on member order (%zu differ)", bad_perm);
+	ok(bad_conv == 0, "moves carried out a few at a time converge (%zu did not)", bad_conv);
+	ok(bad_bound == 0, "moved <= minimum + ceil(P/n) + 1 in every change (%zu over)", bad_bound);
+	ok(bad_min == 0, "moved == minimum in every change, step by step (%zu not; worst extra %zu)", bad_min,
+	   worst_extra);
+	diag("movement against the minimum (sum over changes; extra = moved - minimum):");
+	diag("%-10s %-6s %8s %10s %10s %10s", "P", "change", "changes", "moved", "minimum", "max extra");
+	for (int b = 0; b < 4; b++)
+		for (int j = 1; j >= 0; j--)
+			diag("%-10s %-6s %8" PRIu64 " %10" PRIu64 " %10" PRIu64 " %10" PRIu64, pbucket[b], j ? "join" : "leave",
+			     rows[b][j].changes, rows[b][j].moved, rows[b][j].minimum, rows[b][j].extra_max);
 	return tap_done();
 }
