@@ -6,7 +6,8 @@
  * partitions that change owner are exactly the minimum a balanced target
  * needs, also when the move is carried out a few partitions at a time with
  * the target recomputed from every intermediate state (as replicas do, tick
- * by tick).  Prints the movement table (ASSIGN_TRIALS sets the trial count).
+ * by tick).  Prints the movement table (ASSIGN_TRIALS sets the trial count)
+ * and named (n, P) rows; the minimum is also computed here independently.
  */
 #include "config.h"
 
@@ -110,6 +111,35 @@ static void add_member(struct world *w, unsigned id)
 		w->members[i] = w->names[i];
 }
 
+/*
+ * The minimum, computed here independently of tdr_assign_min_moves: a
+ * balanced assignment gives r = P mod n members ceil(P/n) and the others
+ * floor(P/n); a member can keep at most min(load, capacity), and the sum of
+ * what is kept is largest when the ceil capacities go to the largest loads.
+ * Everything not kept moves.
+ */
+static size_t independent_min(const struct world *w, const int32_t *own)
+{
+	size_t load[MAXN + 1] = { 0 }, f = w->P / w->n, c = f + (w->P % w->n ? 1 : 0), r = w->P % w->n, keep = 0;
+
+	for (uint32_t p = 0; p < w->P; p++)
+		if (own[p] >= 0 && (size_t)own[p] < w->n)
+			load[own[p]]++;
+	/* Selection order, largest first (n <= 64). */
+	for (size_t i = 0; i < w->n; i++) {
+		size_t best = i, tmp;
+
+		for (size_t j = i + 1; j < w->n; j++)
+			if (load[j] > load[best])
+				best = j;
+		tmp = load[i];
+		load[i] = load[best];
+		load[best] = tmp;
+		keep += load[i] < (i < r ? c : f) ? load[i] : (i < r ? c : f);
+	}
+	return w->P - keep;
+}
+
 /* Movement table rows: by P bucket and change kind. */
 struct row {
 	uint64_t changes, moved, minimum, extra_max;
@@ -124,7 +154,7 @@ int main(void)
 	struct row rows[4][2];
 	unsigned next_id = 0;
 	size_t trials = 300, bad_balance = 0, bad_fixed = 0, bad_perm = 0, bad_min = 0, bad_bound = 0, bad_conv = 0;
-	size_t worst_extra = 0, changes = 0;
+	size_t worst_extra = 0, changes = 0, bad_indep = 0;
 	const char *env = getenv("ASSIGN_TRIALS");
 	tdr_err err;
 
@@ -209,6 +239,7 @@ int main(void)
 				remove_member(&w, rnd_below((uint32_t)w.n));
 			memcpy(before, w.own, sizeof(int32_t) * P);
 			minimum = tdr_assign_min_moves(w.n, P, w.own);
+			bad_indep += minimum != independent_min(&w, w.own);
 			if (tdr_assign_balanced(w.members, w.n, P, w.own, t, &err) < 0)
 				break;
 			bad_balance += !balanced(&w, t);
@@ -254,6 +285,7 @@ int main(void)
 			changes++;
 		}
 	}
+	ok(bad_indep == 0, "tdr_assign_min_moves agrees with the test's own minimum (%zu differ)", bad_indep);
 	ok(bad_balance == 0, "%zu membership changes over %zu trials: every member owns floor(P/n) or ceil(P/n) "
 	   "(%zu violations)", changes, trials, bad_balance);
 	ok(bad_fixed == 0, "a balanced assignment is a fixed point (%zu not)", bad_fixed);
@@ -268,5 +300,62 @@ int main(void)
 		for (int j = 1; j >= 0; j--)
 			diag("%-10s %-6s %8" PRIu64 " %10" PRIu64 " %10" PRIu64 " %10" PRIu64, pbucket[b], j ? "join" : "leave",
 			     rows[b][j].changes, rows[b][j].moved, rows[b][j].minimum, rows[b][j].extra_max);
+
+	/*
+	 * Named rows: from a balanced start of n members at P (built from
+	 * scratch, then one join, then one leave of the first member), what moved
+	 * against the minimum and the ceil(P/n) bound.
+	 */
+	{
+		static const struct {
+			size_t n;
+			uint32_t P;
+		} cs[] = { { 1, 1024 }, { 2, 1024 }, { 7, 1024 }, { 8, 1024 }, { 63, 1024 }, { 1, 4096 },
+			   { 2, 4096 }, { 8, 4096 }, { 64, 4096 }, { 3, 7 }, { 64, 1 } };
+		size_t bad_rows = 0;
+
+		diag("%-6s %-7s %-6s %6s %8s %6s %6s", "P", "n", "change", "moved", "minimum", "ceil", "max");
+		for (size_t k = 0; k < sizeof(cs) / sizeof(cs[0]); k++) {
+			memset(&w, 0, sizeof(w));
+			w.P = cs[k].P;
+			for (size_t i = 0; i < cs[k].n; i++)
+				add_member(&w, 1000 + (unsigned)i);
+			for (uint32_t p = 0; p < w.P; p++)
+				w.own[p] = -1;
+			if (tdr_assign_balanced(w.members, w.n, w.P, w.own, t, &err) < 0)
+				break;
+			memcpy(w.own, t, sizeof(int32_t) * w.P);
+			for (int j = 0; j < 2; j++) {
+				size_t minimum, moved = 0, steps, mx = 0, load[MAXN + 1] = { 0 }, c;
+				char chg[24];
+
+				if (j == 0 && w.n < MAXN)
+					add_member(&w, 2000 + (unsigned)k);
+				else if (j == 1 && w.n > 1)
+					remove_member(&w, 0);
+				else
+					continue;
+				memcpy(before, w.own, sizeof(int32_t) * w.P);
+				minimum = independent_min(&w, w.own);
+				if (converge(&w, t2, &steps) < 0) {
+					bad_rows++;
+					continue;
+				}
+				for (uint32_t p = 0; p < w.P; p++) {
+					moved += w.own[p] != before[p];
+					load[w.own[p]]++;
+				}
+				for (size_t i = 0; i < w.n; i++)
+					mx = load[i] > mx ? load[i] : mx;
+				c = (w.P + w.n - 1) / w.n;
+				bad_rows += mx > c || moved > minimum + c + 1;
+				snprintf(chg, sizeof(chg), "%zu->%zu", j == 0 ? w.n - 1 : w.n + 1, w.n);
+				diag("%-6u %-7s %-6s %6zu %8zu %6zu %6zu", w.P, chg, j == 0 ? "join" : "leave", moved,
+				     minimum, c, mx);
+			}
+		}
+		ok(bad_rows == 0, "named joins and leaves (P 1..4096, n 1..64): max share <= ceil(P/n), moved <= "
+		   "minimum + ceil(P/n) + 1 (%zu not)", bad_rows);
+	}
 	return tap_done();
 }
