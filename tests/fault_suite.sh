@@ -9,8 +9,8 @@
 #   t09_kill_trials.py      randomized kill -9 trials, T09_TRIALS of them
 #   t10_netns_partition.py  network partitions between namespaces, delayed delivery
 #   t13_slow_store_disk_full.py  a store that answers slowly, a full archive disk
-#   t14_scale.py            P = 1024 and 4096 with 1, 2 and 8 replicas on both backends: 50,000 events
-#                           (T14_EVENTS) drained with 0 lease_lost, 5 minutes quiet (T14_QUIET_S) with
+#   t18_scale.py            P = 1024 and 4096 with 1, 2 and 8 replicas on both backends: 50,000 events
+#                           (T18_EVENTS) drained with 0 lease_lost, 5 minutes quiet (T18_QUIET_S) with
 #                           coordination requests per retry period counted; kill -9 of 1 of 8; SIGTERM
 #                           with the store / etcd gone
 #
@@ -65,7 +65,7 @@ fi
 export TDRAIN_BUILDDIR TDRAIN_SRCDIR="$srcdir"
 
 if [ $# -eq 0 ]; then
-	set -- t05_failover t06_malformed t09_kill_trials t10_netns_partition t13_slow_store_disk_full t14_scale
+	set -- t05_failover t06_malformed t09_kill_trials t10_netns_partition t13_slow_store_disk_full t18_scale
 fi
 
 echo "fault suite: build $TDRAIN_BUILDDIR, t09 trials $trials, logs in $logdir"
@@ -79,7 +79,7 @@ for name in "$@"; do
 	fi
 	log=$logdir/$name.tap
 	t0=$(date +%s)
-	T09_TRIALS=$trials T14_EVENTS=${T14_EVENTS:-50000} T14_QUIET_S=${T14_QUIET_S:-300} "$PY" "$test" >"$log" 2>&1
+	T09_TRIALS=$trials T18_EVENTS=${T18_EVENTS:-50000} T18_QUIET_S=${T18_QUIET_S:-300} T18_REPLICAS=${T18_REPLICAS:-1,2,8} "$PY" "$test" >"$log" 2>&1
 	rc=$?
 	t1=$(date +%s)
 	npass=$(grep -c '^ok ' "$log")
