@@ -161,10 +161,10 @@ static void count_store(tdr_store *st, mongoc_client_t *c, const tdr_config *cfg
 	int caps[3] = { 0, 0, 0 };
 
 	for (int i = 0; i < 3; i++)
-		if (tdr_store_count(st, c, colls[i], tdr_count_limit(cfg), outs[i], &caps[i], NULL) < 0)
+		if (got_stop || tdr_store_count(st, c, colls[i], tdr_count_limit(cfg), outs[i], &caps[i], NULL) < 0)
 			*outs[i] = -1;
 	m->backlog_capped = m->backlog >= 0 && caps[0];
-	*head_at = m->backlog > 0 ? head_created_at(st, c) : -1;
+	*head_at = m->backlog > 0 && !got_stop ? head_created_at(st, c) : -1;
 }
 
 /* The leader's counts for the others: tdrain_state "backlog", of which the leader is the one writer. */
@@ -269,10 +269,17 @@ static void observe_store(tdr_store *st, const tdr_config *cfg, int is_leader, i
 	int64_t head_at = -1;
 
 	m->backlog_capped = 0;
+	/*
+	 * Each statement here is bounded by store.timeout_ms, but there are up to
+	 * five of them: after SIGTERM the rest are skipped (got_stop), so a stop
+	 * with the store gone waits for at most the one in flight, not for all
+	 * (the stop's budget is store.timeout_ms + 2 s).
+	 */
 	if (is_leader) {
 		count_store(st, c, cfg, m, &head_at);
-		publish_counts(st, c, cfg, leader_epoch, ob, m, head_at);
-	} else if (read_published(st, c, cfg, ob, m, &head_at) < 0) {
+		if (!got_stop)
+			publish_counts(st, c, cfg, leader_epoch, ob, m, head_at);
+	} else if (!got_stop && read_published(st, c, cfg, ob, m, &head_at) < 0) {
 		count_store(st, c, cfg, m, &head_at);
 	}
 	m->oldest_age_ms = m->backlog > 0 && head_at >= 0 ? tdr_wall_ms() - head_at : -1;
@@ -591,7 +598,7 @@ int main(int argc, char **argv)
 				tdr_coord_view v;
 				int have_view = tdr_coord_view_get(coord, &v) == 0;
 
-				if (now - last_observe >= cfg.metrics_interval_ms || !ready) {
+				if ((now - last_observe >= cfg.metrics_interval_ms || !ready) && !got_stop) {
 					observe_store(st, &cfg, have_view && v.is_leader, have_view ? v.leader_epoch : 0,
 						      &ob, &m);
 					last_observe = now;
