@@ -94,8 +94,22 @@ static const char *coll_of(const char *name)
 	return strncmp(name, "part/", 5) == 0 ? TDR_C_PARTS : TDR_C_LEASES;
 }
 
-/* Record what we saw; returns how long (ms) it has been unchanged. */
-static int64_t observe(struct mongo_backend *mb, const struct lease_doc *d, int64_t now)
+/*
+ * Record what a read showed; returns how long (ms) it has been unchanged.
+ * The read was sent at sent_ms and answered at got_ms: what it shows is the
+ * document at some instant between the two.  A change is dated got_ms (no
+ * earlier than the renewal that made it was sent), and "unchanged" is
+ * measured up to sent_ms (a renewal landing after the read's snapshot can
+ * have been sent any time before got_ms).  Using the answer's time for both
+ * would count a slow read's own duration as silence of the holder: under
+ * load (reads of thousands of partition leases taking seconds, t18 with 8
+ * replicas) observers judged live sessions expired and took their leases
+ * while the holders still renewed.  With sent_ms, "expired" means: a read
+ * sent ttl after the last change was first seen still showed no newer
+ * change, so any later renewal was answered more than ttl after the one
+ * seen was sent, which its holder does not count (coord.c, heartbeat_once).
+ */
+static int64_t observe(struct mongo_backend *mb, const struct lease_doc *d, int64_t sent_ms, int64_t got_ms)
 {
 	struct observation *o = NULL;
 
@@ -112,16 +126,16 @@ static int64_t observe(struct mongo_backend *mb, const struct lease_doc *d, int6
 		o->epoch = d->epoch;
 		o->seq = d->seq;
 		o->released = d->released;
-		o->changed_ms = now;
+		o->changed_ms = got_ms;
 		return 0;
 	}
 	if (o->epoch != d->epoch || o->seq != d->seq || o->released != d->released) {
 		o->epoch = d->epoch;
 		o->seq = d->seq;
 		o->released = d->released;
-		o->changed_ms = now;
+		o->changed_ms = got_ms;
 	}
-	return now - o->changed_ms;
+	return sent_ms > o->changed_ms ? sent_ms - o->changed_ms : 0;
 }
 
 static void parse_doc(const bson_t *doc, struct lease_doc *d)
@@ -265,10 +279,11 @@ static int m_acquire(tdr_lease_backend *be, const char *name, int64_t ttl_ms, in
 	struct lease_doc *docs = NULL;
 	size_t n = 0;
 	bson_t filter = BSON_INITIALIZER;
-	int64_t next = 1, now;
+	int64_t next = 1, now, sent;
 	int rc;
 
 	BSON_APPEND_UTF8(&filter, "name", name);
+	sent = tdr_mono_ms();
 	rc = read_latest(mb, coll_of(name), &filter, &docs, &n, err);
 	bson_destroy(&filter);
 	if (rc < 0)
@@ -280,7 +295,7 @@ static int m_acquire(tdr_lease_backend *be, const char *name, int64_t ttl_ms, in
 		int ours_before;
 
 		pthread_mutex_lock(&mb->lock);
-		unchanged = observe(mb, d, now);
+		unchanged = observe(mb, d, sent, now);
 		pthread_mutex_unlock(&mb->lock);
 		/* Our own previous incarnation (same replica name, another process) is dead: take over now. */
 		ours_before = strcmp(d->holder, be->holder) == 0 && strcmp(d->inst, mb->inst) != 0;
@@ -428,7 +443,7 @@ static const struct lease_doc *find_doc(const struct lease_doc *docs, size_t n, 
  * session document of this read was observed (sess_left).
  */
 static int64_t judge(struct mongo_backend *mb, const struct lease_doc *sessions, size_t n, const struct lease_doc *d,
-		     const int64_t *left, int64_t now)
+		     const int64_t *left, int64_t sent, int64_t now)
 {
 	const struct lease_doc *s;
 
@@ -450,7 +465,7 @@ static int64_t judge(struct mongo_backend *mb, const struct lease_doc *sessions,
 		snprintf(absent.name, sizeof(absent.name), "%s", d->sess);
 		absent.epoch = s ? s->epoch : 0;
 		absent.seq = -1;
-		return d->ttl_ms - observe(mb, &absent, now);
+		return d->ttl_ms - observe(mb, &absent, sent, now);
 	}
 }
 
@@ -467,10 +482,16 @@ static int list_docs(struct mongo_backend *mb, const char *prefix, int with_part
 	int64_t *left;
 	size_t n = 0, np = 0, k = 0, plen = strlen(prefix);
 	bson_t filter = BSON_INITIALIZER;
-	int64_t now;
+	int64_t sent, now;
 	int rc;
 
+	/*
+	 * The sessions are judged by this read alone: sent and answered are its
+	 * times, not the partition read's after it (observe()).
+	 */
+	sent = tdr_mono_ms();
 	rc = read_latest(mb, TDR_C_LEASES, &filter, &docs, &n, err);
+	now = tdr_mono_ms();
 	if (rc == 0 && with_parts)
 		rc = read_latest(mb, TDR_C_PARTS, &filter, &pdocs, &np, err);
 	bson_destroy(&filter);
@@ -487,7 +508,6 @@ static int list_docs(struct mongo_backend *mb, const char *prefix, int with_part
 		free(pdocs);
 		return tdr_err_set(err, TDR_ENOMEM, "out of memory");
 	}
-	now = tdr_mono_ms();
 	pthread_mutex_lock(&mb->lock);
 	/*
 	 * Attached documents never change, and released ones are free whatever
@@ -495,7 +515,7 @@ static int list_docs(struct mongo_backend *mb, const char *prefix, int with_part
 	 * so the observation table holds members and leaders, not partitions.
 	 */
 	for (size_t i = 0; i < n; i++)
-		left[i] = docs[i].sess[0] || docs[i].released ? 0 : docs[i].ttl_ms - observe(mb, &docs[i], now);
+		left[i] = docs[i].sess[0] || docs[i].released ? 0 : docs[i].ttl_ms - observe(mb, &docs[i], sent, now);
 	for (size_t i = 0; i < n + np; i++) {
 		const struct lease_doc *d = i < n ? &docs[i] : &pdocs[i - n];
 
@@ -506,7 +526,7 @@ static int list_docs(struct mongo_backend *mb, const char *prefix, int with_part
 		out[k].epoch = d->epoch;
 		out[k].ttl_ms = d->ttl_ms;
 		out[k].released = d->released;
-		out[k].expires_in_ms = judge(mb, docs, n, d, left, now);
+		out[k].expires_in_ms = judge(mb, docs, n, d, left, sent, now);
 		snprintf(out[k].session, sizeof(out[k].session), "%s", d->sess);
 		out[k].session_epoch = d->sess_epoch;
 		out[k].mine = strcmp(d->holder, mb->base.holder) == 0 && strcmp(d->inst, mb->inst) == 0;
