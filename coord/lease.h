@@ -71,12 +71,13 @@ struct tdr_lease_ops {
 	 * that the caller judged free, attached to session (a lease this backend
 	 * holds at session_epoch, e.g. "member/<replica>").  An attached lease is
 	 * never renewed by itself: it is live exactly while its session is.  A
-	 * constant number of store requests for any n (etcd: one per 100 names).
+	 * bounded number of store requests for any n (Mongo: two per 256 names;
+	 * etcd: one per 100 names).
 	 * Returns 0 when every req has its rc, or a negative code with every rc set.
 	 */
 	int (*acquire_many)(tdr_lease_backend *be, const char *session, int64_t session_epoch, int64_t ttl_ms,
 			    tdr_lease_req *reqs, size_t n, tdr_err *err);
-	/* Give back attached leases we hold (a constant number of requests). */
+	/* Give back attached leases we hold (Mongo: one request per 256 names; etcd: one per 100). */
 	int (*release_many)(tdr_lease_backend *be, tdr_lease_req *reqs, size_t n, tdr_err *err);
 	/*
 	 * list("") for the coordinator, once per tick: the same answer, without

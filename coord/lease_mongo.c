@@ -630,7 +630,19 @@ static void bulk_failures(const bson_t *reply, unsigned char *failed, size_t n)
 	}
 }
 
-static int acquire_group(struct mongo_backend *mb, const char *cname, const char *session, int64_t session_epoch,
+/*
+ * Documents per bulk statement of acquire_many / release_many.  DocumentDB
+ * (0.108) crashed a PostgreSQL backend (signal 11) on the one unordered insert
+ * of 2,048 lease documents that P = 4096 with 2 replicas made, twice in two
+ * runs (t18); 512 worked, and a bulk of 512 duplicate keys took 13.5 s there
+ * (each failed insert is a subtransaction).  Chunks keep every statement
+ * bounded: gaining or giving back k leases costs ceil(k / LEASE_CHUNK)
+ * statements (2 per chunk to acquire: insert and read-back), at most 16 at
+ * P = 4096, whatever the store.
+ */
+#define LEASE_CHUNK 256
+
+static int acquire_chunk(struct mongo_backend *mb, const char *cname, const char *session, int64_t session_epoch,
 			 int64_t ttl_ms, tdr_lease_req **reqs, size_t n, tdr_err *err)
 {
 	tdr_lease_backend *be = &mb->base;
@@ -751,6 +763,21 @@ static int acquire_group(struct mongo_backend *mb, const char *cname, const char
 	return 0;
 }
 
+/* Every req of the group, LEASE_CHUNK at a time; a chunk that fails leaves its reqs and the rest TDR_ETRANSIENT. */
+static int acquire_group(struct mongo_backend *mb, const char *cname, const char *session, int64_t session_epoch,
+			 int64_t ttl_ms, tdr_lease_req **reqs, size_t n, tdr_err *err)
+{
+	for (size_t off = 0; off < n; off += LEASE_CHUNK) {
+		size_t k = n - off < LEASE_CHUNK ? n - off : LEASE_CHUNK;
+		int rc = acquire_chunk(mb, cname, session, session_epoch, ttl_ms, reqs + off, k, err);
+
+		/* The store did not answer: the next chunks would most likely wait out the timeout too. */
+		if (rc < 0)
+			return rc;
+	}
+	return 0;
+}
+
 /* Partition leases and the others live in two collections: one group each (the leader is rarely among them). */
 static int split_reqs(tdr_lease_req *reqs, size_t n, tdr_lease_req ***ret, size_t *nparts)
 {
@@ -797,7 +824,7 @@ static int m_acquire_many(tdr_lease_backend *be, const char *session, int64_t se
  * duplicate key means that epoch is someone else's already: not ours to give.
  * Readers take the newest epoch, released: the name is free.
  */
-static int release_group(struct mongo_backend *mb, const char *cname, tdr_lease_req **reqs, size_t n, tdr_err *err)
+static int release_chunk(struct mongo_backend *mb, const char *cname, tdr_lease_req **reqs, size_t n, tdr_err *err)
 {
 	tdr_lease_backend *be = &mb->base;
 	mongoc_client_t *c;
@@ -848,6 +875,22 @@ static int release_group(struct mongo_backend *mb, const char *cname, tdr_lease_
 	for (size_t i = 0; i < n; i++)
 		reqs[i]->rc = rc;
 	return rc;
+}
+
+/* LEASE_CHUNK at a time; after a failed chunk the rest is not tried (rc TDR_ETRANSIENT: they expire instead). */
+static int release_group(struct mongo_backend *mb, const char *cname, tdr_lease_req **reqs, size_t n, tdr_err *err)
+{
+	for (size_t off = 0; off < n; off += LEASE_CHUNK) {
+		size_t k = n - off < LEASE_CHUNK ? n - off : LEASE_CHUNK;
+		int rc = release_chunk(mb, cname, reqs + off, k, err);
+
+		if (rc < 0) {
+			for (size_t i = off + k; i < n; i++)
+				reqs[i]->rc = TDR_ETRANSIENT;
+			return rc;
+		}
+	}
+	return 0;
 }
 
 static int m_release_many(tdr_lease_backend *be, tdr_lease_req *reqs, size_t n, tdr_err *err)
