@@ -934,11 +934,22 @@ int tdr_coord_view_get(tdr_coord *c, tdr_coord_view *out)
 	int valid;
 
 	memset(out, 0, sizeof(*out));
+	/* Allocated before taking mu: the heartbeat waits on it, and P entries is what P needs anyway. */
+	if (c->partitioned) {
+		out->scope_of = malloc((c->P ? c->P : 1) * sizeof(*out->scope_of));
+		if (out->scope_of == NULL)
+			return TDR_ENOMEM;
+		for (uint32_t p = 0; p < c->P; p++)
+			out->scope_of[p] = -1;
+		out->nparts = c->P;
+	}
 	pthread_mutex_lock(&c->mu);
 	valid = session_valid(c, now);
 	out->scopes = calloc(c->nheld_parts ? c->nheld_parts : 1, sizeof(*out->scopes));
 	if (out->scopes == NULL) {
 		pthread_mutex_unlock(&c->mu);
+		free(out->scope_of);
+		out->scope_of = NULL;
 		return TDR_ENOMEM;
 	}
 	if (!c->partitioned && valid) {
@@ -952,9 +963,11 @@ int tdr_coord_view_get(tdr_coord *c, tdr_coord_view *out)
 			out->leader_epoch = c->leader.epoch;
 		}
 		for (uint32_t p = 0; p < c->P && out->nscopes < c->nheld_parts; p++)
-			if (c->parts[p].held)
+			if (c->parts[p].held) {
+				out->scope_of[p] = (int32_t)out->nscopes;
 				out->scopes[out->nscopes++] =
 				    (tdr_scope){ (int32_t)p, c->parts[p].epoch, c->parts[p].draining };
+			}
 	}
 	out->nmembers = c->partitioned ? c->nmembers : 1;
 	out->failovers = c->failovers;
@@ -968,8 +981,11 @@ int tdr_coord_view_get(tdr_coord *c, tdr_coord_view *out)
 void tdr_coord_view_free(tdr_coord_view *v)
 {
 	free(v->scopes);
+	free(v->scope_of);
 	v->scopes = NULL;
+	v->scope_of = NULL;
 	v->nscopes = 0;
+	v->nparts = 0;
 }
 
 int tdr_coord_may_write(tdr_coord *c, int32_t part, int64_t epoch)

@@ -42,7 +42,25 @@ typedef struct tdr_coord_view {
 	int64_t failovers; /* leases this replica acquired from a previous holder */
 	int64_t share_min, share_max; /* partitions per live member at the last tick (partitioned) */
 	int64_t coord_requests;       /* coordination requests so far (statements / etcd calls) */
+	/*
+	 * Partitioned: scope_of[p] is the index in scopes of partition p, or -1
+	 * (nparts = P entries), so the worker's per-event lookup is O(1) at any
+	 * P; NULL in single mode.  Owned by the view.
+	 */
+	int32_t *scope_of;
+	uint32_t nparts;
 } tdr_coord_view;
+
+/* Index in v->scopes of partition part (TDR_SCOPE_ALL in single mode), or -1 if not ours. O(1). */
+static inline int tdr_coord_view_scope(const tdr_coord_view *v, int32_t part)
+{
+	if (v->scope_of != NULL)
+		return part >= 0 && (uint32_t)part < v->nparts ? v->scope_of[part] : -1;
+	for (size_t i = 0; i < v->nscopes; i++) /* single mode: at most one scope */
+		if (v->scopes[i].part == part)
+			return (int)i;
+	return -1;
+}
 
 typedef struct tdr_coord tdr_coord;
 

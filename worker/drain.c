@@ -220,12 +220,12 @@ static void append_deadletter(mongoc_bulk_operation_t *bulk, const tdr_drain *d,
 	bson_destroy(&doc);
 }
 
+/* The scope of part we may claim in (not draining), or -1: O(1), once per event read (P up to 4096). */
 static int find_scope(const tdr_coord_view *v, int32_t part)
 {
-	for (size_t i = 0; i < v->nscopes; i++)
-		if (v->scopes[i].part == part && !v->scopes[i].draining)
-			return (int)i;
-	return -1;
+	int s = tdr_coord_view_scope(v, part);
+
+	return s >= 0 && !v->scopes[s].draining ? s : -1;
 }
 
 /*
@@ -422,8 +422,12 @@ static void group_items(tdr_drain *d, const tdr_coord_view *v, struct batch *b)
 {
 	struct item *items = b->items;
 	struct group *groups = b->groups;
+	/* The group of each scope, so grouping is O(1) per item however many partitions the batch spans. */
+	int32_t *group_of = malloc((v->nscopes ? v->nscopes : 1) * sizeof(*group_of));
 	size_t ng = 0;
 
+	for (size_t s = 0; group_of && s < v->nscopes; s++)
+		group_of[s] = -1;
 	for (size_t i = 0; i < b->n; i++) {
 		int s = find_scope(v, items[i].part);
 		size_t g;
@@ -431,10 +435,17 @@ static void group_items(tdr_drain *d, const tdr_coord_view *v, struct batch *b)
 		items[i].group = -1;
 		if (s < 0)
 			continue;
-		for (g = 0; g < ng; g++)
-			if (groups[g].part == items[i].part)
-				break;
+		if (group_of != NULL) {
+			g = group_of[s] >= 0 ? (size_t)group_of[s] : ng;
+		} else {
+			/* Out of memory for the index: the linear search gives the same groups. */
+			for (g = 0; g < ng; g++)
+				if (groups[g].part == items[i].part)
+					break;
+		}
 		if (g == ng) {
+			if (group_of != NULL)
+				group_of[s] = (int32_t)g;
 			groups[g].part = v->scopes[s].part;
 			groups[g].epoch = v->scopes[s].epoch;
 			snprintf(groups[g].id, sizeof(groups[g].id), "%d:%" PRId64 ":%" PRId64, groups[g].part,
@@ -444,6 +455,7 @@ static void group_items(tdr_drain *d, const tdr_coord_view *v, struct batch *b)
 		items[i].group = (int)g;
 		groups[g].nitems++;
 	}
+	free(group_of);
 	b->ng = ng;
 }
 
