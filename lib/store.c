@@ -178,8 +178,12 @@ static int create_index(mongoc_collection_t *coll, const char *name, const bson_
 const struct tdr_index_spec tdr_index_specs[TDR_NINDEXES] = {
 	/* One lease document per (name, epoch); the election itself is the unique _id "<name>#<epoch>". */
 	{ TDR_C_LEASES, "tdrain_name_epoch", "name", "epoch", 1, 0 },
-	/* Partition leases (partitioned mode): same shape, same unique key, in a collection of their own. */
-	{ TDR_C_PARTS, "tdrain_name_epoch", "name", "epoch", 1, 0 },
+	/*
+	 * Partition leases (partitioned mode): same shape, same unique key, in a
+	 * collection of their own; a name of its own too, so that tdrainctl status
+	 * (present / missing, by name) does not list tdrain_name_epoch twice.
+	 */
+	{ TDR_C_PARTS, "tdrain_part_name_epoch", "name", "epoch", 1, 0 },
 	/* Recovery of one partition's orphaned claim records. */
 	{ TDR_C_CLAIMS, "tdrain_part_epoch", "part", "epoch", 0, 0 },
 	/* Partition claims {part: {$in: owned}} in _id order, and triage {part: null}. */

@@ -192,11 +192,12 @@ class Scenario:
     def check_indexes(self):
         """Started on an empty FIFO, the replicas created their indexes (lib/store.c, docs/EVENTS.md): the
         claim and triage index on events, the recovery index on tdrain_claims, the election's unique key
-        on tdrain_leases.  DocumentDB serves keyed statements from them; FerretDB has them but scans."""
+        on tdrain_leases and tdrain_parts.  DocumentDB serves keyed statements from them; FerretDB has them but scans."""
         h, db = self.h, self.db
         want = {'events': ('tdrain_part_id', [('part', 1), ('_id', 1)], False),
                 'tdrain_claims': ('tdrain_part_epoch', [('part', 1), ('epoch', 1)], False),
-                'tdrain_leases': ('tdrain_name_epoch', [('name', 1), ('epoch', 1)], True)}
+                'tdrain_leases': ('tdrain_name_epoch', [('name', 1), ('epoch', 1)], True),
+                'tdrain_parts': ('tdrain_part_name_epoch', [('name', 1), ('epoch', 1)], True)}
         for coll, (name, keys, unique) in want.items():
             got = {ix['name']: ix for ix in db[coll].list_indexes()}
             ix = got.get(name)
@@ -218,6 +219,10 @@ class Scenario:
             show(h, r)
             return
         h.ok(isinstance(s, dict) and s.get('version') == 1, self.t('status --json parses, version 1'))
+        present = (s.get('indexes') or {}).get('present') or [] if isinstance(s, dict) else []
+        h.ok(len(present) == len(set(present)) and 'tdrain_part_name_epoch' in present,
+             self.t('status --json: indexes.present names each index once, tdrain_parts\' among them: %s'
+                    % present))
         h.ok(elapsed < 15, self.t('status with the 1 s rate interval took %.1f s' % elapsed))
         h.is_((s['mode'], s['backend'], s['partitions']), ('partitioned', self.backend, P),
               self.t('mode, backend and partition count'))
