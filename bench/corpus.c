@@ -12,6 +12,7 @@
 #include <string.h>
 
 #include "bench/loadgen.h"
+#include "consumers/event.h"
 
 #define MAX_EVENT_BYTES 262144  /* drain.max_event_bytes default (docs/EVENTS.md) */
 
@@ -64,7 +65,7 @@ const struct corpus_kind corpus[] = {
 	{ "oversized", "document: too large", 0 },          /* MAX_EVENT_BYTES + 1 bytes */
 	{ "edge-limits", NULL, 0 },   /* insert_id 128 B, event 128 B, distinct_id/username 256 B of UTF-8 */
 	{ "edge-minimal", NULL, 0 },  /* no username, no properties: the optional fields are optional */
-	{ "edge-size", NULL, 0 },     /* MAX_EVENT_BYTES - 16 bytes: room for triage to add part */
+	{ "edge-size", NULL, 0 },     /* MAX_EVENT_BYTES bytes without part: the largest valid event */
 	{ "edge-event-chars", NULL, 0 }, /* every allowed character class in one name */
 };
 const size_t ncorpus = sizeof(corpus) / sizeof(corpus[0]);
@@ -293,13 +294,13 @@ int corpus_doc(struct gen *g, size_t k, bson_t *doc, char *idjson, size_t idlen)
 	if (IS("oversized") || IS("edge-size")) {
 		/* Size is linear in the padding: measure once with none, then aim. */
 		bson_t probe = BSON_INITIALIZER;
-		int64_t want = IS("oversized") ? MAX_EVENT_BYTES + 1 : MAX_EVENT_BYTES - 16;
+		int64_t want = IS("oversized") ? MAX_EVENT_BYTES + 1 : MAX_EVENT_BYTES;
 
 		if (corpus_body(g, kind, &body, 0) || finish_doc(g, &probe, &body, &id)) {
 			bson_destroy(&probe);
 			goto out;
 		}
-		want -= probe.len;
+		want -= tdr_event_size(&probe); /* the size the limit applies to: without `part` */
 		bson_destroy(&probe);
 		bson_reinit(&body);
 		if (want < 0 || corpus_body(g, kind, &body, (size_t)want))

@@ -102,6 +102,24 @@ enum { F_ID, F_INSERT_ID, F_EVENT, F_DISTINCT_ID, F_USERNAME, F_CREATED_AT, F_PR
 static const char *const contract_fields[F_N] = { "_id",      "insert_id",  "event",     "distinct_id",
 						  "username", "created_at", "properties" };
 
+/* An int32 element "part": type byte, "part\0", 4 value bytes. */
+#define PART_ELEMENT_BYTES (1 + 5 + 4)
+
+int64_t tdr_event_size(const bson_t *doc)
+{
+	bson_iter_t it;
+	int64_t len = (int64_t)doc->len;
+
+	/*
+	 * The leader's triage writes `part` into documents that lack it (on stores
+	 * with atomic updates only), and a requeue removes it: whether an event
+	 * fits must not depend on which of those happened, nor on the store.
+	 */
+	if (bson_iter_init_find(&it, doc, "part") && BSON_ITER_HOLDS_INT32(&it))
+		len -= PART_ELEMENT_BYTES;
+	return len;
+}
+
 int tdr_event_validate(const bson_t *doc, const tdr_config *cfg, tdr_cevent *out, char *reason, size_t reasonlen)
 {
 	bson_iter_t it;
@@ -112,8 +130,9 @@ int tdr_event_validate(const bson_t *doc, const tdr_config *cfg, tdr_cevent *out
 	char key[TDR_ID_MAX + 8];
 
 	memset(out, 0, sizeof(*out));
-	if ((int64_t)doc->len > cfg->max_event_bytes)
-		FAIL("document: too large (%u bytes, at most %lld)", doc->len, (long long)cfg->max_event_bytes);
+	if (tdr_event_size(doc) > cfg->max_event_bytes)
+		FAIL("document: too large (%lld bytes, at most %lld)", (long long)tdr_event_size(doc),
+		     (long long)cfg->max_event_bytes);
 	if (bson_iter_init(&it, doc))
 		while (bson_iter_next(&it)) {
 			const char *k = bson_iter_key(&it);

@@ -32,6 +32,12 @@ typedef struct tdr_cevent {
 	int64_t created_at_ms;
 } tdr_cevent;
 
+/*
+ * The size drain.max_event_bytes limits: the document's, without an int32
+ * `part` field (tdrain's own, which triage may add and a requeue removes).
+ */
+int64_t tdr_event_size(const bson_t *doc);
+
 /* 0 and *out filled, or -1 and reason filled. */
 int tdr_event_validate(const bson_t *doc, const tdr_config *cfg, tdr_cevent *out, char *reason, size_t reasonlen);
 

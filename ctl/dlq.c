@@ -402,10 +402,10 @@ static int requeue_one(struct ctl *c, const bson_value_t *id, int dry_run, int n
 		bson_destroy(&present);
 		if (rc == 0) {
 			/*
-			 * The same rules the replicas apply, to the document as inserted:
-			 * the claiming replica computes a missing partition without writing
-			 * it.  (On MongoDB the leader's triage may write `part` first,
-			 * which adds 10 bytes to a document at the size limit.)
+			 * The same rules the replicas apply, to the document as inserted.
+			 * The leader's triage may write `part` into it first (stores with
+			 * atomic updates); the size rule does not count that field
+			 * (tdr_event_size), so the verdict is the same either way.
 			 */
 			if (tdr_event_validate(&doc, &c->cfg, &ev, reason, sizeof(reason)) < 0) {
 				clean_text(reason, strlen(reason), why, sizeof(why));

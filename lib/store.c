@@ -138,6 +138,13 @@ int tdr_store_ping(tdr_store *st, tdr_err *err)
 			rc = TDR_ETRANSIENT;
 	} else {
 		st->is_ferretdb = bson_iter_init_find(&it, &reply, "ferretdbVersion");
+		/*
+		 * DocumentDB's gateway answers buildInfo with a version and no
+		 * gitVersion, which every mongod and mongos sends.  Only statement
+		 * shapes depend on it: a MongoDB taken for DocumentDB would still be
+		 * correct, with an index it does not need and claims in insertion order.
+		 */
+		st->is_documentdb = !st->is_ferretdb && !bson_iter_init_find(&it, &reply, "gitVersion");
 		if (bson_iter_init_find(&it, &reply, "maxBsonObjectSize") && BSON_ITER_HOLDS_INT32(&it))
 			st->max_bson = bson_iter_int32(&it);
 	}
@@ -147,27 +154,51 @@ int tdr_store_ping(tdr_store *st, tdr_err *err)
 	return rc;
 }
 
-static int create_index(mongoc_collection_t *coll, const char *name, const bson_t *keys, int unique,
-			tdr_err *err)
+/*
+ * One createIndexes per collection, with every index of `mask` that lives in
+ * it.  DocumentDB builds at once only the indexes of a command that creates
+ * the collection; any later createIndexes, even on an empty collection, is
+ * queued for its once-a-minute job (measured: a second index sent on its own
+ * right after the first waited 45-60 s).  MongoDB takes the same command.
+ */
+static int create_indexes_in(mongoc_collection_t *coll, unsigned mask, tdr_err *err)
 {
-	bson_t cmd = BSON_INITIALIZER, arr, idx, reply;
+	bson_t cmd = BSON_INITIALIZER, arr, reply;
 	bson_error_t be;
-	int rc = 0;
+	int rc = 0, n = 0;
 
 	BSON_APPEND_UTF8(&cmd, "createIndexes", mongoc_collection_get_name(coll));
 	BSON_APPEND_ARRAY_BEGIN(&cmd, "indexes", &arr);
-	BSON_APPEND_DOCUMENT_BEGIN(&arr, "0", &idx);
-	BSON_APPEND_DOCUMENT(&idx, "key", keys);
-	BSON_APPEND_UTF8(&idx, "name", name);
-	if (unique)
-		BSON_APPEND_BOOL(&idx, "unique", true);
-	bson_append_document_end(&arr, &idx);
+	for (int i = 0; i < TDR_NINDEXES; i++) {
+		const struct tdr_index_spec *ix = &tdr_index_specs[i];
+		bson_t idx, keys;
+		char key[16];
+
+		if (!(mask & (1u << i)))
+			continue;
+		snprintf(key, sizeof(key), "%d", n++);
+		BSON_APPEND_DOCUMENT_BEGIN(&arr, key, &idx);
+		BSON_APPEND_DOCUMENT_BEGIN(&idx, "key", &keys);
+		BSON_APPEND_INT32(&keys, ix->k1, 1);
+		if (ix->k2)
+			BSON_APPEND_INT32(&keys, ix->k2, 1);
+		bson_append_document_end(&idx, &keys);
+		BSON_APPEND_UTF8(&idx, "name", ix->name);
+		if (ix->unique)
+			BSON_APPEND_BOOL(&idx, "unique", true);
+		bson_append_document_end(&arr, &idx);
+	}
 	bson_append_array_end(&cmd, &arr);
 	if (!mongoc_collection_write_command_with_opts(coll, &cmd, NULL, &reply, &be))
 		rc = tdr_store_error(&be, "createIndexes", err);
 	bson_destroy(&reply);
 	bson_destroy(&cmd);
 	return rc;
+}
+
+static const char *spec_coll(const tdr_store *st, const struct tdr_index_spec *ix)
+{
+	return ix->coll ? ix->coll : st->events;
 }
 
 /*
@@ -231,38 +262,37 @@ void tdr_store_index_names(unsigned mask, char *buf, size_t len)
 
 int tdr_store_create_indexes(tdr_store *st, mongoc_client_t *c, unsigned want, unsigned *ret_missing, tdr_err *err)
 {
-	unsigned missing = 0;
+	unsigned missing = 0, done = 0;
 	int rc = 0;
 
 	for (int i = 0; i < TDR_NINDEXES; i++) {
-		const struct tdr_index_spec *ix = &tdr_index_specs[i];
+		const char *name = spec_coll(st, &tdr_index_specs[i]);
 		mongoc_collection_t *coll;
-		bson_t keys = BSON_INITIALIZER;
+		unsigned mask = 0;
 		tdr_err e;
 		int r;
 
-		if (!(want & (1u << i)))
+		if (!(want & (1u << i)) || (done & (1u << i)))
 			continue;
-		coll = tdr_store_coll(st, c, ix->coll ? ix->coll : st->events);
-		BSON_APPEND_INT32(&keys, ix->k1, 1);
-		if (ix->k2)
-			BSON_APPEND_INT32(&keys, ix->k2, 1);
+		for (int j = i; j < TDR_NINDEXES; j++)
+			if ((want & (1u << j)) && strcmp(spec_coll(st, &tdr_index_specs[j]), name) == 0)
+				mask |= 1u << j;
+		done |= mask;
+		coll = tdr_store_coll(st, c, name);
 		tdr_err_clear(&e);
-		r = create_index(coll, ix->name, &keys, ix->unique, &e);
-		if (r < 0) {
-			missing |= 1u << i;
-			if (rc == 0) {
-				rc = tdr_err_set(err, r, "%s.%s: %s", ix->coll ? ix->coll : st->events, ix->name,
-						 e.msg);
-			}
-		}
-		bson_destroy(&keys);
+		r = create_indexes_in(coll, mask, &e);
 		mongoc_collection_destroy(coll);
+		if (r < 0) {
+			char names[128];
+
+			missing |= mask;
+			tdr_store_index_names(mask, names, sizeof(names));
+			if (rc == 0)
+				rc = tdr_err_set(err, r, "%s.{%s}: %s", name, names, e.msg);
+		}
 		if (r == TDR_ETRANSIENT) {
 			/* A timeout or an unreachable store: the next ones would wait as long, report them missing. */
-			for (int j = i + 1; j < TDR_NINDEXES; j++)
-				if (want & (1u << j))
-					missing |= 1u << j;
+			missing |= want & ~done;
 			break;
 		}
 	}

@@ -73,9 +73,10 @@ int tdr_store_ensure_indexes(tdr_store *st, tdr_err *err);
 /*
  * Create the indexes whose bit (1 << position in tdr_index_specs) is set in
  * want, on client c (the caller chooses its timeouts: a build over a populated
- * collection can take minutes).  After a refused one (a conflicting spec, a
- * missing privilege) the next are still attempted; after a timeout or a
- * network error they are not (they would wait as long) and count as missing.
+ * collection can take minutes): one createIndexes per collection.  After a
+ * refused one (a conflicting spec, a missing privilege) the next collections
+ * are still attempted; after a timeout or a network error they are not (they
+ * would wait as long) and count as missing.
  * *ret_missing gets the bits of those not created, and the first failure is
  * returned.  createIndexes of an existing index is a no-op.
  */

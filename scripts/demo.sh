@@ -19,7 +19,7 @@
 #   7. stops exactly the processes it started, and exits 0 only if the FIFO drained to
 #      zero and the checker found no mismatch
 #
-# On DocumentDB (and DEMO_URI) the producers pre-load DEMO_PRELOAD events (100,000) as fast as
+# On DocumentDB (and DEMO_URI) the producers pre-load DEMO_PRELOAD events (1,000,000) as fast as
 # they can, the replicas start, and the producers keep inserting the rest at DEMO_RATE while the
 # backlog drains.  FerretDB scans the whole collection for every keyed statement (docs/DESIGN.md,
 # "Store access paths (measured)"), so on FerretDB the producers behave like an ingest that
@@ -29,12 +29,12 @@
 # Environment:
 #   DEMO_STORE      documentdb (default) or ferretdb: the local store to start (not with DEMO_URI)
 #   DEMO_EVENTS     events to insert, duplicates and malformed documents not included
-#                   (DocumentDB: 120,000; FerretDB and DEMO_URI: 200,000)
+#                   (DocumentDB: 1,200,000; FerretDB and DEMO_URI: 200,000)
 #   DEMO_RATE       events/s after the pre-load, both producers together; 0 = as fast as
 #                   possible (DocumentDB: 2000; FerretDB and DEMO_URI: 0)
 #   DEMO_MAX_BACKLOG  producers wait while the FIFO holds this many events or more
 #                   (FerretDB: 5000; DocumentDB and DEMO_URI: 0 = never)
-#   DEMO_PRELOAD    events inserted before the replicas start (DocumentDB: 100,000;
+#   DEMO_PRELOAD    events inserted before the replicas start (DocumentDB: 1,000,000;
 #                   FerretDB: 20 s of production, at most 10000; DEMO_URI: DEMO_EVENTS)
 #   DEMO_URI        use this MongoDB instead of starting FerretDB (a database DEMO_DB that
 #                   must be empty or absent; dropped at the end unless DEMO_KEEP=1)
@@ -69,7 +69,7 @@ STORE=${DEMO_STORE:-documentdb}
 case $STORE in documentdb | ferretdb) ;; *) printf 'demo: DEMO_STORE must be documentdb or ferretdb\n' >&2; exit 1 ;; esac
 [ -n "$URI" ] && STORE=external
 if [ "$STORE" = documentdb ]; then
-	EVENTS=${DEMO_EVENTS:-120000}
+	EVENTS=${DEMO_EVENTS:-1200000}
 else
 	EVENTS=${DEMO_EVENTS:-200000}
 fi
@@ -89,7 +89,7 @@ if [ -n "$URI" ]; then
 elif [ "$STORE" = documentdb ]; then
 	# Every statement is index-served: a deep pre-loaded backlog, then a steady stream on top.
 	RATE=${DEMO_RATE:-2000}
-	PRELOAD=${DEMO_PRELOAD:-100000}
+	PRELOAD=${DEMO_PRELOAD:-1000000}
 	DB=${DEMO_DB:-tdrain}
 	DUP_RATIO=${DEMO_DUP_RATIO:-0.01}
 	MAX_BACKLOG=${DEMO_MAX_BACKLOG:-0}
@@ -399,12 +399,20 @@ done
 # retries the build (docs/OPERATIONS.md), but a demo that pre-loads 1,000,000 events first shows
 # the steady state instead.
 if [ "$STORE" != ferretdb ]; then
-	"$PYTHON3" - "$URI" "$DB" "$LOCAL_STORE" <<'PY' || die "could not create the indexes"
+	"$PYTHON3" - "$URI" "$DB" "$LOCAL_STORE" "$STORE" <<'PY' || die "could not create the indexes"
 import sys, pymongo
+from pymongo import IndexModel
 db = pymongo.MongoClient(sys.argv[1], serverSelectionTimeoutMS=8000, directConnection=sys.argv[3] == "1")[sys.argv[2]]
-db.events.create_index([("part", 1), ("_id", 1)], name="tdrain_part_id")
-db.tdrain_claims.create_index([("part", 1), ("epoch", 1)], name="tdrain_part_epoch")
-db.tdrain_leases.create_index([("name", 1), ("epoch", 1)], name="tdrain_name_epoch", unique=True)
+# One createIndexes per collection, as tdrain sends them (lib/store.c): DocumentDB builds at once
+# only the indexes of the command that creates the collection, and queues any later one.
+fifo = [IndexModel([("part", 1), ("_id", 1)], name="tdrain_part_id")]
+if sys.argv[4] == "documentdb":
+    # DocumentDB only (lib/store.c): its _id index does not serve {_id: {$in}} deletes.
+    fifo.append(IndexModel([("_id", 1), ("part", 1)], name="tdrain_id"))
+    db.tdrain_deltas.create_indexes([IndexModel([("_id", 1), ("part", 1)], name="tdrain_delta_id")])
+db.events.create_indexes(fifo)
+db.tdrain_claims.create_indexes([IndexModel([("part", 1), ("epoch", 1)], name="tdrain_part_epoch")])
+db.tdrain_leases.create_indexes([IndexModel([("name", 1), ("epoch", 1)], name="tdrain_name_epoch", unique=True)])
 PY
 	info "indexes created on the empty collections (docs/EVENTS.md)"
 fi

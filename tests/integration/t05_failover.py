@@ -61,6 +61,7 @@ GRACEFUL_BOUND = RETRY + SLACK            # ms, from the release
 # (0330a9c: the fold yields the store to a busy drain) emptied the victim's partitions before it was caught.
 N_KILL = int(os.environ.get('T05_KILL_EVENTS', '5000'))
 N_SINGLE = int(os.environ.get('T05_SINGLE_EVENTS', '5000'))
+N_STREAM = int(os.environ.get('T05_STREAM_EVENTS', '3000'))   # inserted over 15 s while r1 is caught
 N_OUTAGE = int(os.environ.get('T05_OUTAGE_EVENTS', '2000'))
 N_PAUSE = int(os.environ.get('T05_PAUSE_EVENTS', '2000'))
 ONLY = set((os.environ.get('T05_ONLY') or 'kill,single,pause,etcd,store').split(','))
@@ -259,6 +260,15 @@ def part_kill(h, m, e, backend):
          % (tag, shares({p: v[0] for p, v in L.owners().items()}, names)))
     h.ok(h.wait_until(lambda: sum(1 for l in trace_lines(trace) if l[2] == victim) >= 500, 120, interval=0.25,
                       desc='r1 dispatching'), '%s r1 is draining' % tag)
+    # A producer keeps inserting while the test tries to catch r1 mid-batch: on DocumentDB the three
+    # replicas empty the pre-loaded FIFO in about a second, and without new work r1 has no batch to be
+    # caught in (CI: 0 tries before the FIFO was empty).
+    stream = os.path.join(h.tmp, 'kill-%s-stream.ndjson' % backend)
+    files.append(stream)
+    streamed = {}
+    producer = threading.Thread(target=lambda: streamed.setdefault(
+        'r', load(h, m, dbn, stream, N_STREAM, 23, partitions=P, rate=N_STREAM // 15)), daemon=True)
+    producer.start()
 
     # Catch r1 mid-batch: freeze it while one of its claim records is in tdrain_claims, let whatever it
     # had already sent reach the store, and kill it if a claim record is still there (a batch claimed but
@@ -283,6 +293,7 @@ def part_kill(h, m, e, backend):
     h.ok(t_stop is not None, '%s r1 frozen mid-batch with %d claim record(s) in flight %s (after %d tries)'
          % (tag, len(frozen_claims), [c['_id'] for c in frozen_claims], tries))
     if t_stop is None:
+        producer.join(120)
         stop_all(h, procs, tag)
         return
     before = L.owners()
@@ -313,6 +324,12 @@ def part_kill(h, m, e, backend):
     h.ok(h.wait_until(lambda: converged(L, survivors), 30, interval=0.25, desc='2-survivor convergence'),
          '%s ownership converged to balanced shares of {r2, r3}' % tag)
 
+    producer.join(120)
+    r = streamed.get('r')
+    h.ok(r is not None and r.returncode == 0, '%s the producer streamed %d more events during the kill'
+         % (tag, N_STREAM)) or h.diag('%s producer: %s' % (tag, r.stderr.strip()[-500:] if r is not None else 'did not finish in 120 s'))
+    with open(stream) as f:
+        total += sum(1 for line in f if line.strip())
     h.ok(h.wait_until(lambda: drained(db), 300, interval=1, desc='drained after the kill'),
          '%s the FIFO drained (%d documents) and every delta was folded' % (tag, total))
 
@@ -526,6 +543,14 @@ def part_pause_in_claim(h, m, e, backend, step='claim'):
                                 args=['-N', 'b'])
     h.ok(h.wait_until(lambda: sum(1 for l in trace_lines(trace) if l[2] == 'a') >= 500, 60, interval=0.2,
                       desc='a dispatching'), '%s the leader is draining' % tag)
+    # New work while gdb attaches: on DocumentDB the leader empties the pre-loaded FIFO before the
+    # breakpoint is set, and without another batch it never reaches the claim or the acknowledgement.
+    stream = os.path.join(h.tmp, pname + '-stream.ndjson')
+    files.append(stream)
+    streamed = {}
+    producer = threading.Thread(target=lambda: streamed.setdefault(
+        'r', load(h, m, dbn, stream, N_STREAM, 53, rate=N_STREAM // 15)), daemon=True)
+    producer.start()
     old_epoch = L.leader()[1]
     hit, go = os.path.join(h.tmp, pname + '-gdb-hit'), os.path.join(h.tmp, pname + '-gdb-go')
     # x86-64: the second argument (what) is in %rsi at the breakpoint.
@@ -543,6 +568,7 @@ def part_pause_in_claim(h, m, e, backend, step='claim'):
     if not paused:
         open(go, 'w').close()
         th.join(130)
+        producer.join(120)
         stop_all(h, procs, tag)
         return
     t_take = measure(lambda: (L.leader() or ('', 0))[0] == 'b' and L.leader()[1] > old_epoch, TTL / 1000 + 20)
@@ -577,6 +603,10 @@ def part_pause_in_claim(h, m, e, backend, step='claim'):
     later = [l for l in trace_lines(trace, trace_off) if l[2] == 'a' and l[4] == str(old_epoch)]
     h.is_(stale, [], '%s a left no claim record under its old epoch %d after the takeover' % (tag, old_epoch))
     h.is_(len(later), 0, '%s a dispatched nothing under its old epoch after the takeover' % tag)
+    producer.join(120)
+    r = streamed.get('r')
+    h.ok(r is not None and r.returncode == 0, '%s the producer streamed %d more events during the pause'
+         % (tag, N_STREAM))
     h.ok(h.wait_until(lambda: drained(db), 120, interval=1, desc='pause drained'),
          '%s the FIFO drained and folded' % tag)
     check_exact(h, m, dbn, files, tag)

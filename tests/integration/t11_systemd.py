@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """tdrain@.service under a real systemd (issue 5): the unit the build generates, run by systemd 252
-booted as PID 1 of a private PID + mount namespace (scripts/systemd-ns.sh), against a FerretDB this test
-starts on 127.0.0.1 (the namespace shares the host's network).
+booted as PID 1 of a private PID + mount namespace (scripts/systemd-ns.sh), against a store this test
+starts on 127.0.0.1 (the namespace shares the host's network): each of h.store_kinds() in turn (a real
+FerretDB, a real DocumentDB), with a namespace booted for each, so every check below runs on both.
 
 What is installed, and where.  The file system is the host's, but the namespace's systemd mounts its
 own tmpfs on /run, so everything goes there or onto bind mounts inside the namespace; this test never
@@ -23,11 +24,11 @@ writes to the host's /etc, /usr or /var/lib/systemd:
   matched by the invocation IDs of this run's units, never by unit name and time alone.
 
 Checks (store lease timings: TTL 6000, renew deadline 4500, retry 1000 ms; store timeout 3000 ms):
-  1. a unit in the namespace reaches 127.0.0.1:<FerretDB port>; the host's /tmp and /var/tmp survive the
+  1. a unit in the namespace reaches 127.0.0.1:<store port>; the host's /tmp and /var/tmp survive the
      boot (canary files);
   2. systemd-analyze verify of the installed unit prints nothing; systemd-analyze security
      tdrain@a.service reports an overall exposure <= 2.0 (figure reported);
-  3. tdrain@a started while FerretDB is frozen (SIGSTOP) stays "activating" (no READY=1 before the store
+  3. tdrain@a started while the store is frozen (SIGSTOP of FerretDB, or of DocumentDB's gateway) stays "activating" (no READY=1 before the store
      answers), and becomes active/running once it answers, with the role on its Status line;
      tdrain@b becomes active as the standby; systemctl status shows the STATUS= text;
   4. journalctl -u 'tdrain@*' TDRAIN_EVENT=lease_acquired -o json returns a's acquisition with
@@ -132,8 +133,13 @@ def main(h):
             if time.monotonic() > deadline:
                 h.skip_all('another t11_systemd run held %s for 150 s' % LOCK)
             time.sleep(1)
-    reap_stale(h)
+    for kind in h.store_kinds():
+        reap_stale(h)
+        run_store(h, kind, gen_unit, gen_sysusers, catalog, tdrain_bin)
 
+
+def run_store(h, kind, gen_unit, gen_sysusers, catalog, tdrain_bin):
+    """Boot a namespace, run every check against a store of this kind, and leave nothing behind."""
     ns = harness.SystemdNamespace(h, STATE_FMT % os.getpid())
     state = {'torn_down': False, 'varlib_created': False, 'canaries': []}
 
@@ -156,8 +162,8 @@ def main(h):
             except OSError:
                 pass
 
-    # The harness stops its own processes (FerretDB) at exit and on SIGTERM/SIGINT/SIGHUP: stop the
-    # namespace (which runs the daemons using that FerretDB) before it.
+    # The harness stops its own processes (the store) at exit and on SIGTERM/SIGINT/SIGHUP: stop the
+    # namespace (which runs the daemons using that store) before it.
     orig_cleanup = h.cleanup
 
     def cleanup():
@@ -170,7 +176,7 @@ def main(h):
 
     crashed = False
     try:
-        run_checks(h, ns, state, gen_unit, gen_sysusers, catalog, tdrain_bin)
+        run_checks(h, ns, state, kind, gen_unit, gen_sysusers, catalog, tdrain_bin)
     except Exception:
         crashed = True
         raise
@@ -180,7 +186,11 @@ def main(h):
                        '-u', 'tdrain@*', '-n', '60')
             h.diag('---- journalctl -u tdrain@* (last 60 lines of this run) ----\n' + r.stdout.rstrip())
         teardown()
+        h.cleanup = orig_cleanup
+        if state.get('store') is not None:
+            state['store'].stop()
 
+    h = state.get('h') or h
     h.ok(ns.pid is None or not harness.pid_alive(ns.pid), 'the namespace systemd (PID %s) is gone' % ns.pid)
     mine = [ns.state, '/usr/lib/systemd/catalog/tdrain.catalog'] + state['canaries']
     if state['varlib_created']:
@@ -189,7 +199,7 @@ def main(h):
     h.ok(not left, 'nothing the test installed is left on the host %s' % left)
 
 
-def run_checks(h, ns, state, gen_unit, gen_sysusers, catalog, tdrain_bin):
+def run_checks(h, ns, state, kind, gen_unit, gen_sysusers, catalog, tdrain_bin):
     host_catalog_db = sha256('/var/lib/systemd/catalog/database')
     had_user = any(l.startswith('tdrain:') for l in open('/etc/passwd'))
     for d in ('/tmp', '/var/tmp'):
@@ -214,7 +224,8 @@ def run_checks(h, ns, state, gen_unit, gen_sysusers, catalog, tdrain_bin):
     if r.stdout.strip() != 'tmpfs':
         h.skip_all('the namespace has no private /run (findmnt: %r): would write the host\'s' % r.stdout.strip())
 
-    m = h.start_ferretdb()
+    m = state['store'] = h.start_store(kind)
+    h = state['h'] = h.for_store(m)       # points labelled [<store>] from here on
     db = m.db()
 
     # A unit of the namespace reaches the host's loopback.
@@ -222,7 +233,7 @@ def run_checks(h, ns, state, gen_unit, gen_sysusers, catalog, tdrain_bin):
                '/usr/bin/python3', '-c',
                'import socket; socket.create_connection(("127.0.0.1", %d), 3).close(); print("reached")' % m.port,
                timeout=60)
-    h.ok(r.returncode == 0 and 'reached' in r.stdout, 'a unit in the namespace reaches FerretDB on 127.0.0.1:%d (%s)'
+    h.ok(r.returncode == 0 and 'reached' in r.stdout, 'a unit in the namespace reaches the store on 127.0.0.1:%d (%s)'
          % (m.port, (r.stdout + r.stderr).strip()[:200]))
 
     # ---------------------------------------------------------------- install (namespace-private)
@@ -329,12 +340,12 @@ def run_checks(h, ns, state, gen_unit, gen_sysusers, catalog, tdrain_bin):
     finally:
         os.kill(m.pid, signal.SIGCONT)
     h.ok(early.get('ActiveState') == 'activating' and early.get('SubState') == 'start',
-         'while FerretDB is frozen tdrain@a stays activating/start (no READY=1): %s' % early)
+         'while the store is frozen tdrain@a stays activating/start (no READY=1): %s' % early)
     t = time.monotonic()
     h.wait_until(lambda: show(ns, 'tdrain@a.service', 'ActiveState').get('ActiveState') != 'activating', 30)
     a = show(ns, 'tdrain@a.service', 'ActiveState', 'SubState', 'StatusText', 'MainPID', 'InvocationID',
              'WatchdogUSec', 'NRestarts')
-    h.diag('tdrain@a active %.1f s after FerretDB resumed' % (time.monotonic() - t))
+    h.diag('tdrain@a active %.1f s after the store resumed' % (time.monotonic() - t))
     J.add(a.get('InvocationID'))
     h.ok(a.get('ActiveState') == 'active' and a.get('SubState') == 'running'
          and a.get('StatusText', '').startswith('leader (draining), single:'),

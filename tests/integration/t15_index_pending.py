@@ -194,6 +194,10 @@ def run_store(h, kind):
         have = {i['name'] for c in ('events', 'tdrain_claims', 'tdrain_leases')
                 for i in db[c].list_indexes()}
         h.ok(all(i in have for i in INDEXES), '[%s] listIndexes has %s' % (label, ', '.join(INDEXES)))
+        if kind == 'documentdb':
+            # DocumentDB only (lib/store.c): the {_id: {$in}} deletes of the FIFO and the deltas use them.
+            h.ok('tdrain_id' in have and 'tdrain_delta_id' in {i['name'] for i in db['tdrain_deltas'].list_indexes()},
+                 '[%s] listIndexes has tdrain_id (events) and tdrain_delta_id (tdrain_deltas)' % label)
         h.ok(h.wait_until(lambda: all(metric(h, label, n, 'tdrain_indexes_pending') == 0 for n in names), 10,
                           interval=0.25), '[%s] tdrain_indexes_pending is 0 again' % label)
         st = ctl_json(h, m.uri)
