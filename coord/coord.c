@@ -540,6 +540,9 @@ static void rebalance(struct tdr_coord *c, const tdr_lease_info *infos, size_t n
 	}
 
 	pthread_mutex_lock(&c->mu);
+	/* When a join or a leave is seen here: a failover's timeline starts at this line. */
+	if (nm != c->nmembers)
+		log_info("live members: %zu (were %zu); %zu leases read", nm, c->nmembers, n);
 	c->nmembers = nm;
 	c->want_fast = 0;
 	/* Hand back what is no longer ours once the worker says it is idle there; keep what is ours again. */
