@@ -71,6 +71,8 @@ struct tdr_coord {
 	int64_t next_expiry_ms; /* monotonic: the soonest another holder's lease can expire, as last observed */
 	uint64_t parts_sig;     /* members_signature() at the last read of the partition leases */
 	int64_t parts_read_at;  /* monotonic ms of that read, 0: never */
+	uint64_t gen;           /* bumped whenever the partitions held change (tdr_coord_generation) */
+	volatile int *wake;     /* set to 1 then: the worker's idle sleep ends (tdr_coord_set_wake) */
 };
 
 /* ------------------------------------------------------------ helpers */
@@ -103,6 +105,20 @@ static void log_part(struct tdr_coord *c, int prio, enum tdr_event ev, uint32_t 
 	log_one(c, prio, ev, name, epoch, (int32_t)p, holder, why);
 }
 
+/*
+ * The partitions held changed (with mu held).  The worker's loop sleeps up to
+ * drain.poll_max_ms when idle and publishes its status and metrics once a
+ * second: woken here, it claims in a partition gained by a failover at once,
+ * and what it publishes shows the takeover when it happens (t18 measures the
+ * kill -9 failover from the survivors' metrics files).
+ */
+static void holdings_changed(struct tdr_coord *c)
+{
+	c->gen++;
+	if (c->wake)
+		__atomic_store_n(c->wake, 1, __ATOMIC_RELAXED);
+}
+
 static int session_valid(const struct tdr_coord *c, int64_t now)
 {
 	return c->session.held && now < c->session.valid_until;
@@ -118,6 +134,7 @@ static void drop_part(struct tdr_coord *c, uint32_t p, int prio, const char *hol
 	log_part(c, prio, TDR_EV_PARTITION_REVOKED, p, pp->epoch, holder, why);
 	memset(pp, 0, sizeof(*pp));
 	c->nheld_parts--;
+	holdings_changed(c);
 }
 
 /* The session is lost (with mu held): everything attached to it goes with it. */
@@ -307,6 +324,7 @@ static void reconcile(struct tdr_coord *c, const tdr_lease_info *infos, size_t n
 			c->parts[p].held = 1;
 			c->parts[p].epoch = li->epoch;
 			c->nheld_parts++;
+			holdings_changed(c);
 			log_part(c, LOG_NOTICE, TDR_EV_PARTITION_ASSIGNED, (uint32_t)p, li->epoch, NULL,
 				 "adopted (its acquisition's answer was lost)");
 		}
@@ -408,6 +426,7 @@ static size_t acquire_attached(struct tdr_coord *c, tdr_lease_req *reqs, size_t 
 			c->parts[p].epoch = reqs[i].epoch;
 			c->parts[p].draining = c->parts[p].idle = 0;
 			c->nheld_parts++;
+			holdings_changed(c);
 			if (taken_over)
 				c->failovers++;
 			log_part(c, LOG_NOTICE, TDR_EV_PARTITION_ASSIGNED, p, reqs[i].epoch, NULL,
@@ -569,6 +588,7 @@ static void rebalance(struct tdr_coord *c, const tdr_lease_info *infos, size_t n
 			r->epoch = pp->epoch;
 			memset(pp, 0, sizeof(*pp));
 			c->nheld_parts--;
+			holdings_changed(c);
 		}
 	}
 	/* Draining partitions wait for the worker: look again soon (scope_idle also wakes us). */
@@ -660,7 +680,7 @@ static void tick(struct tdr_coord *c)
 	int64_t t_read = tdr_mono_ms();
 	uint64_t sig;
 	tdr_err err;
-	int have, need;
+	int have, need, early, same_session;
 
 	/*
 	 * Every tick: the sessions and the leader (a few leases, one request),
@@ -671,11 +691,22 @@ static void tick(struct tdr_coord *c)
 	 * target is a function of members and owners), so in steady state a
 	 * tick costs the same at any P.
 	 */
-	if (c->be->ops->observe(c->be, 0, &infos, &n, &err) < 0) {
+	/*
+	 * When the partition leases will be read anyway (a lease of another
+	 * holder is due to expire: a failover; a move of ours is under way; the
+	 * periodic refresh), read them in this first read: a failover then costs
+	 * one read of tdrain_leases fewer between the expiry and the takeover.
+	 */
+	pthread_mutex_lock(&c->mu);
+	early = c->partitioned && (c->want_fast || c->parts_read_at == 0 ||
+				   t_read - c->parts_read_at >= PARTS_REFRESH_PERIODS * c->cfg.retry_period_ms ||
+				   (c->next_expiry_ms != INT64_MAX && t_read >= c->next_expiry_ms));
+	pthread_mutex_unlock(&c->mu);
+	if (c->be->ops->observe(c->be, early, &infos, &n, &err) < 0) {
 		log_debug("read leases: %s", err.msg);
 		return;
 	}
-	reconcile(c, infos, n, 0);
+	reconcile(c, infos, n, early);
 	{
 		/*
 		 * Tick again right when the first lease of another holder would expire:
@@ -705,8 +736,16 @@ static void tick(struct tdr_coord *c)
 	pthread_mutex_lock(&c->mu);
 	need = c->want_fast || sig != c->parts_sig || c->parts_read_at == 0 ||
 	       t_read - c->parts_read_at >= PARTS_REFRESH_PERIODS * c->cfg.retry_period_ms || c->session.held != have;
+	same_session = c->session.held == have;
 	pthread_mutex_unlock(&c->mu);
-	if (need) {
+	if (early && same_session) {
+		/* The first read had the partition leases, and our session did not change since: plan from it. */
+		rebalance(c, infos, n);
+		pthread_mutex_lock(&c->mu);
+		c->parts_sig = sig;
+		c->parts_read_at = t_read;
+		pthread_mutex_unlock(&c->mu);
+	} else if (need) {
 		if (c->be->ops->observe(c->be, 1, &all, &nall, &err) < 0) {
 			log_debug("read partition leases: %s", err.msg);
 		} else {
@@ -1031,6 +1070,23 @@ void tdr_coord_scope_idle(tdr_coord *c, int32_t part, int64_t epoch)
 		}
 	}
 	pthread_mutex_unlock(&c->mu);
+}
+
+void tdr_coord_set_wake(tdr_coord *c, volatile int *flag)
+{
+	pthread_mutex_lock(&c->mu);
+	c->wake = flag;
+	pthread_mutex_unlock(&c->mu);
+}
+
+uint64_t tdr_coord_generation(tdr_coord *c)
+{
+	uint64_t g;
+
+	pthread_mutex_lock(&c->mu);
+	g = c->gen;
+	pthread_mutex_unlock(&c->mu);
+	return g;
 }
 
 tdr_lease_backend *tdr_coord_backend(tdr_coord *c)

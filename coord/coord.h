@@ -95,6 +95,15 @@ int tdr_coord_may_lead(tdr_coord *c, int64_t epoch);
 /* Worker: nothing of (part, epoch) is in flight any more; the lease may be handed back. */
 void tdr_coord_scope_idle(tdr_coord *c, int32_t part, int64_t epoch);
 
+/*
+ * The worker's wake-up flag: set to 1 (atomically) whenever the partitions
+ * held change, so an idle worker claims in a gained partition at once.  Set
+ * before tdr_coord_start; the flag must outlive the coordinator.
+ */
+void tdr_coord_set_wake(tdr_coord *c, volatile int *flag);
+/* Bumped whenever the partitions held change: the worker republishes its status and metrics then. */
+uint64_t tdr_coord_generation(tdr_coord *c);
+
 /* Debug/ctl: the backend (for listing leases). */
 tdr_lease_backend *tdr_coord_backend(tdr_coord *c);
 

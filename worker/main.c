@@ -487,6 +487,8 @@ int main(int argc, char **argv)
 		status = err.code == TDR_ECONFIG ? EX_CONFIG : EX_SOFTWARE;
 		goto out;
 	}
+	/* A partition gained or lost ends the idle sleep: a failover's partitions are drained at once. */
+	tdr_coord_set_wake(coord, &wake_flag);
 	if (tdr_coord_start(coord, &err) < 0 || tdr_fold_start(fold, &err) < 0) {
 		log_err("%s", err.msg);
 		status = EX_OSERR;
@@ -518,6 +520,7 @@ int main(int argc, char **argv)
 		struct tdr_metrics m;
 		struct observer ob;
 		int64_t backoff = 0, last_status = 0, last_observe = 0, last_err_log = 0, errors = 0;
+		uint64_t last_gen = 0, gen;
 		int ready = 0, alerted = 0;
 
 		memset(&m, 0, sizeof(m));
@@ -594,7 +597,9 @@ int main(int argc, char **argv)
 			if (ar)
 				tdr_archive_tick(ar);
 
-			if (!ready || now - last_status >= 1000) {
+			/* Once a second, and at once when the partitions held changed (metrics show a takeover then). */
+			gen = tdr_coord_generation(coord);
+			if (!ready || now - last_status >= 1000 || gen != last_gen) {
 				tdr_coord_view v;
 				int have_view = tdr_coord_view_get(coord, &v) == 0;
 
@@ -665,6 +670,7 @@ int main(int argc, char **argv)
 					alerted = 0;
 				}
 				last_status = now;
+				last_gen = gen;
 			}
 			if (wait > 0 && !got_reload)
 				tdr_sleep_ms(wait, &wake_flag);
