@@ -26,12 +26,12 @@ T18_QUIET_S=300 and T18_REPLICAS=1,2,8 (the issue's "drains 50,000 events ... an
 minutes"); make check runs the bounded defaults (1,000 events, 10 s quiet, 2 replicas in the steady
 state) so that CI stays short.
 
-Open as of the commit that added this note (not verified to pass): on DocumentDB at P = 4096 a PostgreSQL
+Open as of the commit that updated this note (not verified to pass): on DocumentDB at P = 4096 a PostgreSQL
 backend crashed (signal 11, "Failed process was running: SELECT * FROM documentdb_api.insert(...)") within
-seconds of the start, twice in two runs, and the replicas never got their shares; the likely statement is the
-bulk acquisition (one unordered insert of 2,048 lease documents into tdrain_parts; 512 worked, and 512
-duplicate keys in one bulk took 13.5 s there).  On FerretDB under load (load average 5-18 on 2 cores, shared)
-the mongo backend's kill -9 failover took 12 s against the TTL + 2 retry periods bound of 8 s.
+seconds of the start, with the acquisitions in one bulk (twice) and again in bulks of 256 (once); pymongo alone
+inserting 4,096 lease documents 256 per bulk crashed it too (docs/DESIGN.md, "Bulk acquire and release"), so the
+bulk size is not the cause.  On FerretDB under load (shared 2 cores) the mongo backend's kill -9 failover took
+8.7 s against the TTL + 2 retry periods bound of 8 s (12.2 s before a takeover read tdrain_leases once).
 """
 import base64
 import collections
