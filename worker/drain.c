@@ -941,7 +941,7 @@ int tdr_drain_step(tdr_drain *d, int *ret_full, int64_t *ret_n, tdr_err *err)
 			if (sc->draining || drain_was_recovered(d, sc->part, sc->epoch))
 				continue;
 			if (has && sc->part >= 0 && sc->part < d->cfg.partitions && !has[sc->part])
-				drain_mark_recovered(d, sc->part, sc->epoch);
+				drain_mark_recovered_empty(d, sc);
 			else
 				rc = drain_recover_scope(d, &v, sc, err);
 		}

@@ -74,6 +74,8 @@ int drain_was_recovered(tdr_drain *d, int32_t part, int64_t epoch);
 void drain_forget_recovered(tdr_drain *d, int32_t part, int64_t epoch);
 /* Note (part, epoch) as recovered now (a scope found to have no claim records at all). */
 void drain_mark_recovered(tdr_drain *d, int32_t part, int64_t epoch);
+/* The same for a scope known to have no claim record, logged as a recovery that found nothing. */
+void drain_mark_recovered_empty(tdr_drain *d, const tdr_scope *s);
 /*
  * [coord.partitions] flags, 1 where tdrain_claims holds any record of that
  * partition; NULL if the read failed or memory ran out (then ask per scope).
