@@ -85,6 +85,12 @@ __all__ = ['Harness', 'StoreRun', 'Store', 'Etcd', 'Postgres', 'Proc', 'SlowProx
 M64 = (1 << 64) - 1
 
 
+def partition_holders(db):
+    """The replicas holding a partition lease now (latest unreleased part/* documents of tdrain_leases)."""
+    return {d.get('holder') for d in db.tdrain_leases.find({'name': {'$regex': '^part/'}, 'released': {'$ne': True}},
+                                                           {'holder': 1})} - {None}
+
+
 def fnv1a32(b):
     x = 2166136261
     for c in b:

@@ -350,8 +350,7 @@ def run_checks(h, ns, state, kind, deb, had_user):
     # The events arrive once both replicas hold partitions: on DocumentDB the first replica to start drained
     # all 3,000 before the other's partitions moved to it (CI rehearsal: a 3000, b 0), as t16 saw on FerretDB.
     def holders():
-        return {d.get('holder') for d in db.tdrain_leases.find({'name': {'$regex': '^part/'}, 'released': {'$ne': True}},
-                                                               {'holder': 1})}
+        return harness.partition_holders(db)
     h.ok(h.wait_until(lambda: holders() >= {'a', 'b'}, 60, interval=0.5, desc='both replicas hold partitions'),
          'both replicas hold partitions before the events arrive (%s)' % sorted(x for x in holders() if x))
     r = h.run([h.tool('tdrain-loadgen'), '--uri', m.uri, '--count', str(N), '--devices', '100', '--users', '50',

@@ -135,8 +135,7 @@ def run(h, kind, binary):
     # before the other's partitions move to it (seen in a CI rehearsal: a 2000, b 0), and the queries below
     # need both replicas to report work.
     def holders():
-        return {d.get('holder') for d in db.tdrain_leases.find({'name': {'$regex': '^part/'}, 'released': {'$ne': True}},
-                                                               {'holder': 1})}
+        return harness.partition_holders(db)
     h.ok(h.wait_until(lambda: holders() >= {'a', 'b'}, 60, interval=0.5, desc='both replicas hold partitions'),
          'both replicas hold partitions before the events arrive (%s)' % sorted(x for x in holders() if x))
     r = h.run([h.tool('tdrain-loadgen'), '--uri', m.uri, '--count', str(N), '--devices', '100', '--users', '50',
