@@ -966,10 +966,12 @@ def delayed_run(h, net, m, kind):
                                                             for p in range(P)), 30, interval=0.25)
         h.ok(ok, '[%s] %s and %s own their rendezvous partitions; %s leads' % (label, X, Y,
                                                                             owners().get('leader', ('?',))[0]))
-        # The fold's first apply statement: FerretDB deletes the round's keys, then inserts the images; on
-        # MongoDB semantics (DocumentDB) each image is a replace_one upsert fenced by {_id, _f: {$lt: f+1}}.
+        # The fold's first apply statement: FerretDB and DocumentDB delete the round's keys (on DocumentDB
+        # fenced by {_f: {$lt: f+1}}), then insert the images; on MongoDB each image is a replace_one upsert
+        # fenced by {_id, _f: {$lt: f+1}} (consumers/fold_image.c).
         proxy.arm(*{'claim': ('insert', 'tdrain_claims'),
-                    'fold': ('delete' if not m.atomic_updates else 'update', 'event_counters'),
+                    'fold': ('delete' if not m.atomic_updates or m.kind == 'documentdb' else 'update',
+                             'event_counters'),
                     'state': ('update', 'tdrain_state')}[kind])
         # Work for the armed request to catch: on DocumentDB the replicas drain and fold the first 1500
         # events before the proxy is armed, and nothing of that kind would be sent again.
