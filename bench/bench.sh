@@ -5,10 +5,13 @@
 #   TDRAIN_BUILDDIR=/path/to/build bash bench/bench.sh
 #
 # Stores.  By default it starts its own servers as the tests do (tests/harness.py
-# serve): FerretDB 1.24 on its PostgreSQL backend, then FerretDB on SQLite as a
-# second row.  BENCH_URI=mongodb://host:port/ benchmarks that server instead
-# (a real MongoDB: nothing is started, each scenario uses its own database
-# bench_* which is dropped afterwards).
+# serve): DocumentDB first (serve --documentdb: the issue-14 matrix at 100,000
+# and 1,000,000 events, each at a store round trip of +0 ms and +1 ms, the
+# second through tdrain-latproxy, bench/latproxy.c), then FerretDB 1.24 on its
+# PostgreSQL backend and on SQLite (smaller backlogs: it scans the FIFO for
+# every acknowledgement).  BENCH_URI=mongodb://host:port/ benchmarks that
+# server instead (a real MongoDB: nothing is started, each scenario uses its
+# own database bench_* which is dropped afterwards).
 #
 # Scenarios (docs/PERFORMANCE.md explains each and the method):
 #   drain      a pre-loaded backlog at two sizes, single mode, 1 replica, so an
@@ -22,6 +25,12 @@
 #   part-N     partitioned mode with 1, 2 and 3 replicas;
 #   steady     a producer at a fixed rate; end-to-end latency (insert ->
 #              visible in the projections) p50/p99.
+#   documentdb, ferretdb  which stores run (both by default).
+# On DocumentDB every tdrain and reference run at +N ms gets its own
+# tdrain-latproxy (adding N/2 ms each way), whose count of wire messages gives
+# the statements per batch; the stopwatch always reads the store directly.
+# After the matrix, the raw reference runs once more through the proxy at
+# +0 ms: the proxy's own ceiling.
 #
 # Environment (defaults in brackets):
 #   BENCH_URI          benchmark this MongoDB instead of starting FerretDB
@@ -37,7 +46,16 @@
 #   BENCH_FERRETDB_SET tdrain settings on FerretDB [timeouts sized to its scans, below]
 #   BENCH_OUT          results directory [/var/tmp/tdrain-bench]
 #   BENCH_SCENARIOS    subset to run, e.g. "drain raw" [all]
-#   BENCH_PAIRS        runs of each drain / raw reference pair; the table keeps the best [2 on FerretDB, 1 with BENCH_URI]
+#   BENCH_PAIRS        runs of each drain / raw reference pair; the table keeps the best [FerretDB: 1 with the
+#                      DocumentDB matrix, else 2; 1 with BENCH_URI]
+#   BENCH_DDB_SIZES    DocumentDB backlogs ["100000 1000000"]
+#   BENCH_RTTS         added store round trips in ms, DocumentDB ["0 1"]
+#   BENCH_OLD_S        DocumentDB: the old algorithm runs at most this long, its rate so far is reported [60]
+#   BENCH_DDB_OLD_SIZE, BENCH_DDB_PART_SIZE  DocumentDB backlogs of the old / partitioned runs [the first size]
+#   BENCH_DDB_PAIRS    DocumentDB runs of each drain / raw pair [1]
+#   BENCH_DDB_RATE     DocumentDB steady producer rate [2000]
+#   BENCH_DOCUMENTDB_SET tdrain settings on DocumentDB [none: the defaults]
+#   PG_BINDIR          PostgreSQL binaries (psql, for DocumentDB's index job) [/usr/lib/postgresql/15/bin]
 # Output: the table on stdout and in $BENCH_OUT/table.txt; per-run samples
 # ($BENCH_OUT/*.dat), logs, and $BENCH_OUT/perf-drain.png (gnuplot, when installed).
 set -euo pipefail
@@ -50,7 +68,7 @@ PY=/usr/bin/python3
 OUT=${BENCH_OUT:-/var/tmp/tdrain-bench}
 BATCH=${BENCH_BATCH:-1000}
 STEADY_S=${BENCH_STEADY_S:-60}
-SCENARIOS=${BENCH_SCENARIOS:-drain raw old part steady}
+SCENARIOS=${BENCH_SCENARIOS:-drain raw old part steady documentdb ferretdb}
 HZ=$(getconf CLK_TCK)
 T_BEGIN=$(date +%s)
 
@@ -59,18 +77,20 @@ die() { printf 'bench: error: %s\n' "$*" >&2; exit 1; }
 want() { case " $SCENARIOS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 
 mkdir -p "$OUT"
-rm -f "$OUT"/*.dat "$OUT"/*.log "$OUT"/*.conf "$OUT"/*.prom "$OUT"/rows.tsv "$OUT"/breakdown.txt "$OUT"/perf-drain.png
+rm -f "$OUT"/*.dat "$OUT"/*.log "$OUT"/*.conf "$OUT"/*.prom "$OUT"/rows.tsv "$OUT"/loads.tsv "$OUT"/breakdown.txt "$OUT"/perf-drain.png
 ROWS=$OUT/rows.tsv
 : >"$ROWS"
 
 # ---------------------------------------------------------------- programs
 # All three are build products (Makefile.am: `make bench` builds them first).
-for p in tdrain tdrain-loadgen tdrain-bench-refs; do
+for p in tdrain tdrain-loadgen tdrain-bench-refs tdrain-latproxy; do
 	[ -x "$BUILDDIR/$p" ] || die "$BUILDDIR/$p is not built (make $p, or set TDRAIN_BUILDDIR)"
 done
 REFS=$BUILDDIR/tdrain-bench-refs
 LOADGEN=$BUILDDIR/tdrain-loadgen
 TDRAIN=$BUILDDIR/tdrain
+LATPROXY=$BUILDDIR/tdrain-latproxy
+PG_BINDIR=${PG_BINDIR:-/usr/lib/postgresql/15/bin}
 
 # ---------------------------------------------------------------- cleanup
 SERVE_PIDS=()
@@ -78,7 +98,7 @@ TDRAIN_PIDS=()
 BG_PIDS=()
 cleanup() {
 	local p
-	for p in "${TDRAIN_PIDS[@]}" "${BG_PIDS[@]}"; do
+	for p in "${TDRAIN_PIDS[@]}" "${BG_PIDS[@]}" ${BG_PROXY:-}; do
 		kill -TERM "$p" 2>/dev/null || true
 	done
 	sleep 0.5
@@ -157,17 +177,72 @@ kv() { # kv KEY "k=v k=v ..." -> v
 row() { printf '%s\t' "$@" | sed 's/\t$//' >>"$ROWS"; printf '\n' >>"$ROWS"; }
 
 load() { # load DB COUNT [loadgen args...]
-	local db=$1 n=$2
+	local db=$1 n=$2 t0 ipid
 	shift 2
+	t0=$(date +%s.%N)
 	"$REFS" drop --uri "$URI" --db "$db" 2>/dev/null || true
 	"$LOADGEN" --uri "$URI" --db "$db" --count "$n" --quiet "$@" >>"$OUT/loadgen.log" 2>&1 ||
 		die "loadgen failed (see $OUT/loadgen.log)"
+	if [ "$STORE_KIND" = documentdb ]; then
+		# The FIFO's indexes, built over the loaded data (tdrain-bench-refs prepare
+		# says why), with DocumentDB's once-a-minute build job started at once.
+		"$REFS" prepare --uri "$URI" --db "$db" >>"$OUT/loadgen.log" 2>&1 &
+		ipid=$!
+		# Until the request is queued the job finds nothing to do: run it again until the build returns.
+		while kill -0 "$ipid" 2>/dev/null; do
+			sleep 0.5
+			ddb_build_now
+		done
+		wait "$ipid" || die "index build failed (see $OUT/loadgen.log)"
+	fi
+	LOAD_S=$(awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }')
+	printf '%s\t%s\t%s\n' "$STORE_LABEL" "$n" "$LOAD_S" >>"$OUT/loads.tsv"
+	log "$STORE_LABEL: loaded $n events in $LOAD_S s"
 }
+
+# DocumentDB builds an index requested on a populated collection from a pg_cron
+# job that runs once a minute (Debian's pg_cron has no seconds schedules); run
+# that job's statement now instead of waiting for the tick.
+ddb_build_now() {
+	"$PG_BINDIR/psql" -X -q -A -t -h "$DDB_PG_SOCK" -p "$DDB_PG_PORT" -U postgres -d postgres \
+		-c 'CALL documentdb_api_internal.build_index_concurrently(1)' >>"$OUT/loadgen.log" 2>&1 || true
+}
+
+# ---------------------------------------------------------------- latency proxy
+# RUN_URI is the URI tdrain and the references use: the store itself, or
+# tdrain-latproxy in front of it adding RTT_US/2 each way.  The stopwatch
+# (tdrain-bench-refs watch) always reads the store directly.
+PROXY_PID=""
+proxy_start() { # proxy_start ONE_WAY_US: sets RUN_URI, PROXY_PID
+	local us=$1 hp port
+	hp=$(sed -E 's|^mongodb://([^@/]*@)?([^/?]*).*|\2|' <<<"$URI")
+	rm -f "$OUT/.proxy.port" "$OUT/.proxy.stats"
+	"$LATPROXY" --target "$hp" --delay-us "$us" --stats "$OUT/.proxy.stats" >"$OUT/.proxy.port" 2>>"$OUT/latproxy.log" &
+	PROXY_PID=$!
+	BG_PROXY=$PROXY_PID
+	for _ in $(seq 1 50); do [ -s "$OUT/.proxy.port" ] && break; sleep 0.1; done
+	port=$(sed -n 's/^port=//p' "$OUT/.proxy.port")
+	[ -n "$port" ] || die "tdrain-latproxy did not start (see $OUT/latproxy.log)"
+	RUN_URI=$(sed -E "s|^(mongodb://([^@/]*@)?)[^/?]*|\1127.0.0.1:$port|" <<<"$URI")
+}
+proxy_stop() { # sets PROXY_MSGS (wire messages sent to the store through it) and stops it
+	PROXY_MSGS=""
+	[ -n "$PROXY_PID" ] || return 0
+	kill -TERM "$PROXY_PID" 2>/dev/null || true
+	wait "$PROXY_PID" 2>/dev/null || true
+	PROXY_MSGS=$(sed -n 's/.*msgs_up=\([0-9]*\).*/\1/p' "$OUT/.proxy.stats" 2>/dev/null)
+	cat "$OUT/.proxy.stats" >>"$OUT/latproxy.log" 2>/dev/null || true
+	PROXY_PID="" BG_PROXY=""
+}
+# Every tdrain and reference run goes through this pair, so that a proxied run
+# gets a proxy of its own and its message count.
+run_begin() { if [ "$RTT_US" -gt 0 ] || [ "${FORCE_PROXY:-0}" = 1 ]; then proxy_start $(( RTT_US / 2 )); else RUN_URI=$URI; fi; }
+run_end() { proxy_stop; }
 
 tdrain_conf() { # tdrain_conf NAME DB MODE
 	local name=$1 db=$2 mode=$3 kvp
 	{
-		echo "store.uri = $URI"
+		echo "store.uri = $RUN_URI"
 		echo "store.database = $db"
 		echo "coord.mode = $mode"
 		echo "drain.batch_size = $BATCH"
@@ -217,12 +292,17 @@ breakdown() { # breakdown STORE LABEL T_EMPTY T_VISIBLE
 		/^tdrain_fold_rounds_total/ { r += $NF }
 		END { printf "%-22s %-14s drained %7.1f s visible %7.1f s | read %6.1f s, claim record+validate %6.1f s, commit+ack+delete %6.1f s over %d batches; %d fold rounds\n",
 			st, lb, te, tv, c, k, a, b, r }' $files 2>/dev/null >>"$OUT/breakdown.txt" || true
+	# The same per batch, for the rows: batches, then ms per batch reading, claim record+validate, commit+ack+delete.
+	# shellcheck disable=SC2086
+	BD=$(awk '/^tdrain_claim_seconds_sum/ { c += $NF } /^tdrain_consume_seconds_sum/ { k += $NF }
+		/^tdrain_ack_seconds_sum/ { a += $NF } /^tdrain_batches_total/ { b += $NF }
+		END { if (b > 0) printf "%d %.1f %.1f %.1f", b, c * 1e3 / b, k * 1e3 / b, a * 1e3 / b; else print "0 - - -" }' $files 2>/dev/null || echo "0 - - -")
 }
 
 # Timeout for one drain: generous, so a slow store yields a (slow) figure, not a hang.
 drain_timeout() { echo $(( 60 + $1 / 80 )); }
 # The old algorithm is ~20x slower by design: give it room (measured ~45 events/s on FerretDB).
-old_timeout() { echo $(( 60 + $1 / 10 )); }
+old_timeout() { if [ "$STORE_KIND" = documentdb ]; then echo "$OLD_S"; else echo $(( 60 + $1 / 10 )); fi; }
 
 # run_tdrain LABEL STORE N MODE REPLICAS [PLOT]
 run_tdrain() {
@@ -232,15 +312,28 @@ run_tdrain() {
 	log "$store: $label: loading $n events"
 	load "$db" "$n" "${parts[@]}"
 	s0=$(store_cpu)
+	run_begin
 	start_replicas "$db" "$mode" "$k"
 	bg_run "$REFS" watch --uri "$URI" --db "$db" --total "$n" --interval-ms 100 --metrics "$METRICS" \
 		--dat "$OUT/$store-$label.dat" --timeout "$(drain_timeout "$n")" || true
 	res=$RES
 	stop_replicas
+	run_end
 	cs=$REP_CPU rss=$REP_HWM
 	s1=$(store_cpu)
 	log "$store: $label: $res"
 	breakdown "$store" "$label" "$(kv t_empty "$res")" "$(kv t_visible "$res")"
+	local bd_b bd_r bd_k bd_a stm=- bms=-
+	read -r bd_b bd_r bd_k bd_a <<<"$BD"
+	bd_b=${bd_b:-0}
+	# Statements per batch: every wire message tdrain sent through the proxy
+	# (fold, leases, metrics and handshakes included) over the batches.
+	if [ -n "$PROXY_MSGS" ] && [ "$bd_b" -gt 0 ]; then
+		stm=$(awk -v m="$PROXY_MSGS" -v b="$bd_b" 'BEGIN { printf "%.1f", m / b }')
+	fi
+	if [ "$bd_b" -gt 0 ]; then
+		bms=$(awk -v t="$(kv t_empty "$res")" -v b="$bd_b" 'BEGIN { if (t > 0) printf "%.1f", t * 1e3 / b; else print "-" }')
+	fi
 	# A run stopped at its timeout reports the rate so far, marked "*".
 	ack=$(awk -v n="$n" -v t="$(kv t_empty "$res")" -v a="$(kv acked "$res")" -v to="$(drain_timeout "$n")" \
 		'BEGIN { if (t > 0) printf "%.0f", n / t; else printf "%.0f*", a / to }')
@@ -249,7 +342,7 @@ run_tdrain() {
 	cpu=$(awk -v c="$cs" -v n="$n" 'BEGIN { printf "%.0f", c * 1e6 / n }')
 	row "$label" "$store" "$n" "$ack" "$e2e" - - "$cpu" "$rss" \
 		"$(awk -v a="$s0" -v b="$s1" -v n="$n" 'BEGIN { printf "%.0f", (b - a) * 1e6 / n }')" \
-		"$mode x$k"
+		"$mode x$k" "$bd_b" "$bd_r" "$bd_k" "$bd_a" "$stm" "$bms"
 	if [ -n "$plot" ]; then
 		cp "$OUT/$store-$label.dat" "$OUT/perf-drain.dat"
 		PLOT_TITLE="$store, $n events pre-loaded, $mode mode, $k replica(s), drain.batch_size=$BATCH"
@@ -267,16 +360,29 @@ run_ref() {
 	log "$store: $label: loading $n events"
 	load "$db" "$n"
 	s0=$(store_cpu)
-	local to
+	local to stm=- bms=-
 	to=$([ "$kind" = old ] && old_timeout "$n" || drain_timeout "$n")
-	bg_run "$REFS" "$kind" --uri "$URI" --db "$db" --batch "$BATCH" --timeout "$to" || true
+	run_begin
+	bg_run "$REFS" "$kind" --uri "$RUN_URI" --db "$db" --batch "$BATCH" --timeout "$to" || true
 	res=$RES
+	run_end
 	s1=$(store_cpu)
 	log "$store: $label: ${res:-timed out}"
+	local nb
+	nb=$(kv batches "$res")
+	nb=${nb:-0}
+	if [ -n "$PROXY_MSGS" ] && [ "$nb" -gt 0 ]; then
+		stm=$(awk -v m="$PROXY_MSGS" -v b="$nb" 'BEGIN { printf "%.1f", m / b }')
+	fi
+	if [ "$nb" -gt 0 ]; then
+		bms=$(awk -v t="$(kv seconds "$res")" -v b="$nb" 'BEGIN { printf "%.1f", t * 1e3 / b }')
+	fi
 	rate=$(awk -v r="$(kv rate "$res")" -v to="$(kv timeout "$res")" 'BEGIN { printf "%.0f%s", r, (to == 1 ? "*" : "") }')
 	row "$label" "$store" "$n" "$rate" "$( [ "$kind" = old ] && echo "$rate" || echo - )" - - \
 		"$(awk -v c="$(kv cpu_us_per_event "$res")" 'BEGIN { printf "%.0f", c }')" "$(kv peak_rss_kb "$res")" \
-		"$(awk -v a="$s0" -v b="$s1" -v n="$n" 'BEGIN { printf "%.0f", (b - a) * 1e6 / n }')" "$kind reference"
+		"$(awk -v a="$s0" -v b="$s1" -v n="$n" 'BEGIN { printf "%.0f", (b - a) * 1e6 / n }')" \
+		"$kind reference$( [ "$(kv timeout "$res")" = 1 ] && echo ", bounded to $to s: $(kv events "$res") events" )" \
+		"$nb" "$(kv read_ms "$res")" "$(kv claim_ms "$res")" "$(kv ack_ms "$res")" "$stm" "$bms"
 	"$REFS" drop --uri "$URI" --db "$db" 2>/dev/null || true
 }
 
@@ -287,6 +393,7 @@ run_steady() {
 	sub=$(( rate / 20 )); [ "$sub" -lt 1 ] && sub=1; [ "$sub" -gt 1000 ] && sub=1000
 	log "$store: steady: $rate events/s for $secs s"
 	"$REFS" drop --uri "$URI" --db "$db" 2>/dev/null || true
+	RUN_URI=$URI
 	start_replicas "$db" single 1
 	sleep 2 # the leader lease and the first (empty) claim
 	s0=$(store_cpu)
@@ -318,7 +425,8 @@ run_store() { # run_store STORE-LABEL [full|short]
 		if want drain; then run_tdrain "drain-$n1" "$store" "$n1" single 1; fi
 		if want raw; then run_ref raw "raw-$n1" "$store" "$n1"; fi
 		if [ "$depth" = full ] && [ -n "$n2" ]; then
-			if want drain; then run_tdrain "drain-$n2" "$store" "$n2" single 1 "$([ "$rep" = 1 ] && echo plot)"; fi
+			# The plot is DocumentDB's 1M drain when that ran; FerretDB's larger drain otherwise.
+			if want drain; then run_tdrain "drain-$n2" "$store" "$n2" single 1 "$([ "$rep" = 1 ] && [ ! -s "$OUT/perf-drain.dat" ] && echo plot)"; fi
 			if want raw; then run_ref raw "raw-$n2" "$store" "$n2"; fi
 		fi
 	done
@@ -387,6 +495,75 @@ PLOT_TITLE=""
 FERRETDB_SET="store.timeout_ms=30000 coord.renew_deadline_ms=40000 coord.lease_ttl_ms=60000"
 STORE_SET=""
 
+start_documentdb() { # sets URI, STORE_PIDS, DDB_PG_SOCK, DDB_PG_PORT
+	local info out=$OUT/serve-documentdb.json
+	"$PY" "$SRCDIR/tests/harness.py" serve --documentdb --json --no-stdin >"$out" 2>"$OUT/serve-documentdb.log" &
+	SERVE_PIDS+=($!)
+	for _ in $(seq 1 1200); do
+		[ -s "$out" ] && break
+		kill -0 "${SERVE_PIDS[-1]}" 2>/dev/null || die "harness serve --documentdb failed: $(tail -3 "$OUT/serve-documentdb.log")"
+		sleep 0.1
+	done
+	info=$("$PY" -c 'import json,sys; d=json.load(open(sys.argv[1]))["documentdb"]; print(d["uri"], d["pid"], d["pg_pid"], d["pg_socket_dir"], d["pg_port"])' "$out")
+	read -r URI fpid pgpid DDB_PG_SOCK DDB_PG_PORT <<<"$info"
+	STORE_PIDS="$fpid $pgpid"
+}
+
+# The DocumentDB matrix: single mode at two backlogs, the raw ceiling and the
+# old algorithm, partitioned with 1-3 replicas, each at every round trip of
+# BENCH_RTTS (0: direct; else through tdrain-latproxy); then the proxy's own
+# ceiling (the raw reference through it at 0 ms added) and the steady run.
+run_documentdb() {
+	local rtt n1 n2 n k rep
+	STORE_KIND=documentdb
+	STORE_SET=${BENCH_DOCUMENTDB_SET:-}
+	read -r n1 n2 <<<"$DDB_SIZES"
+	for rtt in $RTTS; do
+		RTT_US=$(( rtt * 1000 ))
+		STORE_LABEL=documentdb
+		[ "$rtt" != 0 ] && STORE_LABEL=documentdb+${rtt}ms
+		# What the round trip really is (a ping's, p50), direct and through the proxy.
+		run_begin
+		RTT_NOTES="${RTT_NOTES:+$RTT_NOTES; }+$rtt ms: $("$REFS" rtt --uri "$RUN_URI" | sed -n 's/.*p50_us=\([0-9]*\).*/\1/p') us"
+		run_end
+		log "$STORE_LABEL: store round trip +$rtt ms (ping p50: $RTT_NOTES)"
+		for rep in $(seq 1 "$DDB_PAIRS"); do
+			for n in $n1 $n2; do
+				if want drain; then
+					run_tdrain "drain-$n" "$STORE_LABEL" "$n" single 1 \
+						"$([ "$rep" = 1 ] && [ "$rtt" = 0 ] && [ "$n" = "$n2" ] && echo plot)"
+				fi
+				if want raw; then run_ref raw "raw-$n" "$STORE_LABEL" "$n"; fi
+			done
+		done
+		if want old; then
+			[ "$DDB_OLD_SIZE" = "$n1" ] && want drain || run_tdrain "drain-$DDB_OLD_SIZE" "$STORE_LABEL" "$DDB_OLD_SIZE" single 1
+			run_ref old "old-$DDB_OLD_SIZE" "$STORE_LABEL" "$DDB_OLD_SIZE"
+		fi
+		if want part; then
+			for k in 1 2 3; do run_tdrain "part-$k" "$STORE_LABEL" "$DDB_PART_SIZE" partitioned "$k"; done
+		fi
+	done
+	RTT_US=0
+	if want raw; then
+		# The proxy's own ceiling: the raw reference through it, nothing added.
+		STORE_LABEL=documentdb+proxy
+		FORCE_PROXY=1 run_begin
+		RTT_NOTES="${RTT_NOTES:+$RTT_NOTES; }proxy +0 ms: $("$REFS" rtt --uri "$RUN_URI" | sed -n 's/.*p50_us=\([0-9]*\).*/\1/p') us"
+		run_end
+		FORCE_PROXY=1 run_ref raw "raw-$n1" "$STORE_LABEL" "$n1"
+	fi
+	if want steady; then
+		STORE_LABEL=documentdb
+		run_steady "$STORE_LABEL" "$DDB_RATE" "$STEADY_S"
+	fi
+}
+
+STORE_KIND=""
+RTT_US=0
+RUN_URI=""
+RTTS=${BENCH_RTTS:-0 1}
+OLD_S=${BENCH_OLD_S:-60}
 if [ -n "${BENCH_URI:-}" ]; then
 	URI=$BENCH_URI
 	STORE_PIDS=""
@@ -402,17 +579,32 @@ else
 		log "FerretDB, PostgreSQL or pymongo missing: running scripts/deps.sh"
 		bash "$SRCDIR/scripts/deps.sh" >&2
 	fi
+	if want documentdb; then
+		# DocumentDB first: the issue-14 matrix (backlogs of 100,000 and 1,000,000).
+		DDB_SIZES=${BENCH_DDB_SIZES:-100000 1000000}
+		DDB_OLD_SIZE=${BENCH_DDB_OLD_SIZE:-${DDB_SIZES%% *}}
+		DDB_PART_SIZE=${BENCH_DDB_PART_SIZE:-${DDB_SIZES%% *}}
+		DDB_PAIRS=${BENCH_DDB_PAIRS:-1}
+		DDB_RATE=${BENCH_DDB_RATE:-2000}
+		start_documentdb
+		log "DocumentDB at $URI"
+		run_documentdb
+		stop_ferretdb # the last harness serve: DocumentDB's
+	fi
+	STORE_KIND=ferretdb
 	STORE_SET=${BENCH_FERRETDB_SET-$FERRETDB_SET}
 	# FerretDB scans the FIFO for every acknowledgement, so a drain costs O(backlog^2)
 	# there: 10,000 -> 20,000 keeps the whole run under 20 minutes on 2 cores and
 	# still shows the rate falling with the backlog (docs/PERFORMANCE.md).
 	SIZES=${BENCH_SIZES:-10000 20000}
 	OLD_SIZE=${BENCH_OLD_SIZE:-3000}
-	PAIRS=${BENCH_PAIRS:-2}
+	# One pair when the DocumentDB matrix runs too (it keeps make bench within ~35 minutes).
+	PAIRS=${BENCH_PAIRS:-$(want documentdb && echo 1 || echo 2)}
 	RATE=${BENCH_RATE:-100}
 	read -r n1 _ <<<"$SIZES"
 	PART_SIZE=${BENCH_PART_SIZE:-$n1}
 	first=1
+	want ferretdb || BENCH_STORES=" "
 	for backend in ${BENCH_STORES:-postgresql sqlite}; do
 		start_ferretdb "$backend"
 		log "FerretDB ($backend) at $URI"
@@ -428,7 +620,8 @@ LOAD_END=$(cut -d' ' -f1-3 /proc/loadavg)
 	echo "tdrain benchmark, $(date -u '+%Y-%m-%d %H:%M UTC'), $(git -C "$SRCDIR" describe --always --dirty 2>/dev/null || echo unknown)"
 	machine
 	echo "load average (1/5/15 min): start $LOAD_START, end $LOAD_END; total run $(( $(date +%s) - T_BEGIN )) s"
-	echo "tdrain settings: drain.batch_size=$BATCH${STORE_SET:+ $STORE_SET}${BENCH_SET:+ $BENCH_SET} (others: defaults)"
+	echo "tdrain settings: drain.batch_size=$BATCH${BENCH_SET:+ $BENCH_SET}; on FerretDB ${BENCH_FERRETDB_SET-$FERRETDB_SET}${BENCH_DOCUMENTDB_SET:+; on DocumentDB $BENCH_DOCUMENTDB_SET} (others: defaults)"
+	[ -n "${RTT_NOTES:-}" ] && echo "DocumentDB ping round trip, p50 (direct, then through tdrain-latproxy adding half of it each way): $RTT_NOTES"
 	echo
 	# A scenario run more than once (BENCH_PAIRS) is one row: its fastest run, the others' rates in the notes.
 	awk -F'\t' '
@@ -458,6 +651,51 @@ LOAD_END=$(cut -d' ' -f1-3 /proc/loadavg)
 					scpu[i], vr, vo, note[i]
 			}
 		}' "$ROWS"
+	if [ -s "$OUT/loads.tsv" ]; then
+		echo
+		echo "loads (loadgen, plus on DocumentDB the FIFO index build): $(awk -F'\t' '{ k = $1 " " $2; s[k] += $3; c[k]++ } END { for (k in s) printf "%s%s: %.1f s x%d", (i++ ? "; " : ""), k, s[k] / c[k], c[k] }' "$OUT/loads.tsv")"
+	fi
+	echo
+	echo "per batch (tdrain: its own metrics, summed over replicas; references: their own clocks). ms per batch = drain time / batches."
+	echo "statements per batch: every wire message sent to the store through the proxy / batches (only for proxied runs; tdrain's include the fold, leases and metrics)."
+	awk -F'\t' '
+		BEGIN { fmt = "%-12s %-20s %9s %8s %9s %9s %14s %18s %10s\n"
+			printf fmt, "scenario", "store", "backlog", "batches", "ms/batch", "read ms", "claim/valid ms", "commit+ack+del ms", "stmts/bat" }
+		NF >= 17 && $12 + 0 > 0 { k = $1 "|" $2 "|" $3; if (k in seen) next; seen[k] = 1
+			printf fmt, $1, $2, $3, $12, $17, $13, $14, $15, $16 }' "$ROWS"
+	if grep -q '^drain-.*documentdb' "$ROWS"; then
+		echo
+		echo "targets (issue 14; printed, never asserted):"
+		awk -F'\t' -v n1="${DDB_SIZES%% *}" -v n2="${DDB_SIZES##* }" -v nold="${DDB_OLD_SIZE:-}" -v rtts="$RTTS" '
+			function r(a, b) { return (a + 0 > 0 && b + 0 > 0) ? sprintf("%.2f", a / b) : "-" }
+			function ok(v, op, t) { if (v == "-") return "n/a"; return (op == ">=" ? v + 0 >= t : v + 0 <= t) ? "met" : "NOT met" }
+			{ k = $1 "|" $2 "|" $3; if (k in ack) next
+			  ack[k] = $4; vis[k] = $5; cpu[k] = $8; rss[k] = $9; bms[k] = $17 }
+			END {
+				nr = split(rtts, R, " ")
+				for (i = 1; i <= nr; i++) {
+					st = R[i] == 0 ? "documentdb" : "documentdb+" R[i] "ms"
+					for (j = 1; j <= 2; j++) { n = j == 1 ? n1 : n2
+						v = r(ack["drain-" n "|" st "|" n], ack["raw-" n "|" st "|" n])
+						printf "  %-44s %-16s %6s  (>= 0.9: %s)\n", "acknowledged / raw ceiling, " n, st, v, ok(v, ">=", 0.9)
+						v = r(vis["drain-" n "|" st "|" n], ack["drain-" n "|" st "|" n])
+						printf "  %-44s %-16s %6s  (>= 0.9: %s)\n", "visible / acknowledged, " n, st, v, ok(v, ">=", 0.9)
+					}
+					v = r(vis["drain-" nold "|" st "|" nold], ack["old-" nold "|" st "|" nold])
+					printf "  %-44s %-16s %6s  (%s)\n", "visible / old algorithm, " nold, st, v, R[i] == 1 ? ">= 20: " ok(v, ">=", 20) : "target is at 1 ms"
+					v = r(bms["drain-" n2 "|" st "|" n2], bms["drain-" n1 "|" st "|" n1])
+					printf "  %-44s %-16s %6s  (<= 1.2: %s)\n", "per-batch time " n2 " / " n1, st, v, ok(v, "<=", 1.2)
+					v = r(rss["drain-" n2 "|" st "|" n2], rss["drain-" n1 "|" st "|" n1])
+					printf "  %-44s %-16s %6s  (<= 1.1: %s)\n", "peak RSS " n2 " / " n1, st, v, ok(v, "<=", 1.1)
+					v = cpu["drain-" n2 "|" st "|" n2]; v = v == "" ? "-" : v
+					printf "  %-44s %-16s %6s  (<= 10: %s)\n", "worker CPU us/event at " n2, st, v, ok(v, "<=", 10)
+					printf "  %-44s %-16s %6s  (report; visible: %s)\n", "partitioned 2 / 1 replicas, acknowledged", st,
+						r(ack["part-2|" st "|" n1], ack["part-1|" st "|" n1]), r(vis["part-2|" st "|" n1], vis["part-1|" st "|" n1])
+				}
+				printf "  %-44s %-16s %6s  (the proxy'"'"'s own ceiling: raw through it at +0 ms / raw direct)\n", "proxy ceiling, raw " n1, "documentdb+proxy",
+					r(ack["raw-" n1 "|documentdb+proxy|" n1], ack["raw-" n1 "|documentdb|" n1])
+			}' "$ROWS"
+	fi
 } | tee "$OUT/table.txt"
 
 if command -v gnuplot >/dev/null 2>&1 && [ -s "$OUT/perf-drain.dat" ]; then

@@ -1,12 +1,28 @@
 /*
  * refs.c - tdrain-bench-refs: the benchmark's references and its stopwatch.
  *
- *   tdrain-bench-refs raw   --uri URI --db DB [--batch B]
+ *   tdrain-bench-refs raw   --uri URI --db DB [--batch B] [--shape in|one]
  *       The RAW CEILING: claim and acknowledge with bulk statements and
- *       nothing else.  Per batch: find the FIFO head (limit B; sorted by _id
- *       on MongoDB, insertion order on FerretDB, as tdrain does), insert ONE
- *       claim document listing the ids, delete_many {_id: {$in: ids}}.  No
- *       validation, no delta, no fold: what the store allows at best.
+ *       nothing else.  Per batch: find the FIFO head (limit B, the whole batch
+ *       in the first reply; sorted by _id on MongoDB, insertion order on
+ *       FerretDB and DocumentDB, as tdrain does), insert ONE claim document
+ *       listing the ids, delete_many {_id: {$in: ids}} (--shape one: B
+ *       DeleteOne in one unordered bulk instead; slower on DocumentDB, 118 ms
+ *       against 12 ms per 1,000 at 100k, so `in` is the default).  No
+ *       validation, no delta, no fold: what the store allows at best.  Prints
+ *       the mean time per batch of each of the three phases.  --read after
+ *       reads each batch as {_id: {$gt: previous batch's last _id}} instead of
+ *       the head (read_after says when that is the same thing, and what it
+ *       costs: more, on DocumentDB).
+ *
+ *   tdrain-bench-refs prepare --uri URI --db DB
+ *       Create the FIFO's indexes as tdrain would (the same names and keys),
+ *       and return when they are built (run_prepare says why bench.sh calls it
+ *       after the load on DocumentDB).
+ *
+ *   tdrain-bench-refs rtt --uri URI [--total N]
+ *       The round trip of N `ping` commands, p50 and p90: what a store (or
+ *       tdrain-latproxy in front of it) really costs per statement.
  *
  *   tdrain-bench-refs old   --uri URI --db DB [--batch B]
  *       The OLD ALGORITHM of seed 000 (issue #819, services/telemetry
@@ -60,10 +76,13 @@
 #include <mongoc/mongoc.h>
 
 #include "lib/clock.h"
+#include "lib/store.h"
 
 #define PROG "tdrain-bench-refs"
 
 static volatile sig_atomic_t stop_flag;
+/* Set by connect_store: DocumentDB's gateway (buildInfo without gitVersion, as lib/store.c tells it). */
+static int documentdb;
 
 static void on_signal(int sig)
 {
@@ -72,7 +91,7 @@ static void on_signal(int sig)
 }
 
 struct opts {
-	const char *mode, *uri, *db, *coll, *dat, *metrics;
+	const char *mode, *uri, *db, *coll, *dat, *metrics, *shape, *read;
 	int64_t batch, total, interval_ms, timeout_s, producer_batch;
 	double rate;
 	char **producer;
@@ -108,8 +127,9 @@ static void die(const char *fmt, ...)
 
 static void usage(FILE *out)
 {
-	fprintf(out, "usage: " PROG " raw|old --uri URI --db DB [--batch B] [--coll events] [--timeout S]\n"
-		     "       " PROG " drop --uri URI --db DB\n"
+	fprintf(out, "usage: " PROG " raw|old --uri URI --db DB [--batch B] [--coll events] [--timeout S] [--shape in|one] [--read head|after]\n"
+		     "       " PROG " drop|prepare --uri URI --db DB\n"
+		     "       " PROG " rtt --uri URI [--total N]\n"
 		     "       " PROG " watch --uri URI --db DB --total N [--interval-ms MS] [--metrics F1,F2,...]\n"
 		     "             [--dat FILE] [--timeout S] [--rate R --producer-batch B -- PRODUCER ARGV...]\n");
 }
@@ -138,6 +158,7 @@ static mongoc_client_t *connect_store(const char *uri_s, int *is_ferretdb)
 	if (!mongoc_client_command_simple(c, "admin", &cmd, NULL, &reply, &be))
 		die("buildInfo: %s", be.message);
 	*is_ferretdb = bson_iter_init_find(&it, &reply, "ferretdbVersion");
+	documentdb = !*is_ferretdb && !bson_iter_init_find(&it, &reply, "gitVersion");
 	bson_destroy(&reply);
 	bson_destroy(&cmd);
 	return c;
@@ -219,7 +240,8 @@ static size_t read_head(mongoc_collection_t *events, int64_t limit, int ferretdb
 		die("out of memory");
 	BSON_APPEND_INT64(&opts, "limit", limit);
 	BSON_APPEND_INT64(&opts, "batchSize", limit);
-	if (!ferretdb) {
+	/* Insertion order where an _id sort reads the whole FIFO (FerretDB, DocumentDB), as tdrain claims. */
+	if (!ferretdb && !documentdb) {
 		BSON_APPEND_DOCUMENT_BEGIN(&opts, "sort", &sort);
 		BSON_APPEND_INT32(&sort, "_id", 1);
 		bson_append_document_end(&opts, &sort);
@@ -229,6 +251,44 @@ static size_t read_head(mongoc_collection_t *events, int64_t limit, int ferretdb
 		docs[n++] = bson_copy(doc);
 	if (mongoc_cursor_error(cur, &be))
 		die("read head: %s", be.message);
+	mongoc_cursor_destroy(cur);
+	bson_destroy(&filter);
+	bson_destroy(&opts);
+	*ret = docs;
+	return n;
+}
+
+/*
+ * Read the next batch past the previous one's last _id, {_id: {$gt: last}}
+ * with no sort (--read after): an index range instead of a heap scan from the
+ * FIFO's start, which on DocumentDB wades through the rows deleted by earlier
+ * batches until PostgreSQL prunes them.  The same FIFO head only where _id
+ * grows with insertion order (one loadgen process's ObjectIds do), so it is a
+ * reference shape, not one tdrain may use.  Measured on DocumentDB at 1M: 1.0-1.3 s
+ * per read against 7-147 ms for the head (four runs) (its $gt on _id is not served by an
+ * index either), so `head` stays the default; kept for re-measuring.
+ */
+static size_t read_after(mongoc_collection_t *events, int64_t limit, const bson_value_t *last, bson_t ***ret)
+{
+	bson_t filter = BSON_INITIALIZER, opts = BSON_INITIALIZER, gt;
+	bson_t **docs = calloc((size_t)limit, sizeof(*docs));
+	mongoc_cursor_t *cur;
+	const bson_t *doc;
+	bson_error_t be;
+	size_t n = 0;
+
+	if (docs == NULL)
+		die("out of memory");
+	BSON_APPEND_DOCUMENT_BEGIN(&filter, "_id", &gt);
+	bson_append_value(&gt, "$gt", 3, last);
+	bson_append_document_end(&filter, &gt);
+	BSON_APPEND_INT64(&opts, "limit", limit);
+	BSON_APPEND_INT64(&opts, "batchSize", limit);
+	cur = mongoc_collection_find_with_opts(events, &filter, &opts, NULL);
+	while (n < (size_t)limit && mongoc_cursor_next(cur, &doc))
+		docs[n++] = bson_copy(doc);
+	if (mongoc_cursor_error(cur, &be))
+		die("read after: %s", be.message);
 	mongoc_cursor_destroy(cur);
 	bson_destroy(&filter);
 	bson_destroy(&opts);
@@ -315,6 +375,33 @@ static int timed_out(const struct opts *o, int64_t t0_us)
 
 /* ------------------------------------------------------------ raw ceiling */
 
+/*
+ * Acknowledge a batch as 1,000 DeleteOne({_id}) in one unordered bulk: the
+ * other shape a store may serve from its _id index (--shape one).  Measured on
+ * DocumentDB it loses to one indexed $in (docs/PERFORMANCE.md), so `in` is the
+ * default; the shape stays so the comparison can be run again.
+ */
+static void delete_ids_one_by_one(mongoc_collection_t *coll, const bson_value_t *ids, size_t n)
+{
+	bson_t opts = BSON_INITIALIZER;
+	mongoc_bulk_operation_t *bulk;
+	bson_error_t be;
+
+	BSON_APPEND_BOOL(&opts, "ordered", false);
+	bulk = mongoc_collection_create_bulk_operation_with_opts(coll, &opts);
+	for (size_t i = 0; i < n; i++) {
+		bson_t sel = BSON_INITIALIZER;
+
+		bson_append_value(&sel, "_id", 3, &ids[i]);
+		if (!mongoc_bulk_operation_remove_one_with_opts(bulk, &sel, NULL, &be))
+			die("bulk delete: %s", be.message);
+		bson_destroy(&sel);
+	}
+	bulk_exec(bulk, "delete acknowledged events", NULL);
+	mongoc_bulk_operation_destroy(bulk);
+	bson_destroy(&opts);
+}
+
 static int run_raw(const struct opts *o)
 {
 	int ferretdb;
@@ -322,11 +409,23 @@ static int run_raw(const struct opts *o)
 	mongoc_collection_t *events = mongoc_client_get_collection(c, o->db, o->coll);
 	mongoc_collection_t *claims = mongoc_client_get_collection(c, o->db, "bench_raw_claims");
 	int64_t t0 = tdr_mono_us(), total = 0, batches = 0, seq = 0;
+	/* Per phase, summed over batches: reading the head, inserting the claim, deleting the batch. */
+	int64_t us_read = 0, us_claim = 0, us_ack = 0;
+	int one_by_one = o->shape && strcmp(o->shape, "one") == 0;
+	int after = o->read && strcmp(o->read, "after") == 0, have_last = 0;
+	bson_value_t last;
 	double cpu0 = cpu_s();
+	char extra[256];
 
+	if (o->shape && !one_by_one && strcmp(o->shape, "in") != 0)
+		die("--shape: expected in or one");
+	if (o->read && !after && strcmp(o->read, "head") != 0)
+		die("--read: expected head or after");
 	while (!stop_flag && !timed_out(o, t0)) {
 		bson_t **docs;
-		size_t n = read_head(events, o->batch, ferretdb, &docs);
+		int64_t ta = tdr_mono_us(), tb, tc;
+		size_t n = after && have_last ? read_after(events, o->batch, &last, &docs)
+					      : read_head(events, o->batch, ferretdb, &docs);
 		bson_value_t *ids;
 		bson_t claim = BSON_INITIALIZER, arr;
 		bson_error_t be;
@@ -340,6 +439,14 @@ static int run_raw(const struct opts *o)
 		if (ids == NULL)
 			die("out of memory");
 		ids_of(docs, n, ids);
+		if (after) {
+			if (have_last)
+				bson_value_destroy(&last);
+			bson_value_copy(&ids[n - 1], &last);
+			have_last = 1;
+		}
+		tb = tdr_mono_us();
+		us_read += tb - ta;
 		/* One claim document per batch, as tdrain's claim record. */
 		snprintf(id, sizeof(id), "raw:%" PRId64, ++seq);
 		BSON_APPEND_UTF8(&claim, "_id", id);
@@ -356,15 +463,121 @@ static int run_raw(const struct opts *o)
 		if (!mongoc_collection_insert_one(claims, &claim, NULL, NULL, &be))
 			die("claim: %s", be.message);
 		bson_destroy(&claim);
-		delete_ids(events, ids, n);
+		tc = tdr_mono_us();
+		us_claim += tc - tb;
+		if (one_by_one)
+			delete_ids_one_by_one(events, ids, n);
+		else
+			delete_ids(events, ids, n);
+		us_ack += tdr_mono_us() - tc;
 		total += (int64_t)n;
 		batches++;
 		ids_free(ids, n);
 		docs_free(docs, n);
 	}
-	report("raw", total, batches, t0, cpu0, timed_out(o, t0) ? "timeout=1" : NULL);
+	/* Per batch: 3 statements (find the head, insert the claim, delete), or 2 + n with --shape one. */
+	if (have_last)
+		bson_value_destroy(&last);
+	snprintf(extra, sizeof(extra), "read=%s shape=%s statements_per_batch=%s read_ms=%.1f claim_ms=%.1f ack_ms=%.1f%s",
+		 after ? "after" : "head", one_by_one ? "one" : "in", one_by_one ? "2+n" : "3", batches ? (double)us_read / 1e3 / (double)batches : 0.0,
+		 batches ? (double)us_claim / 1e3 / (double)batches : 0.0,
+		 batches ? (double)us_ack / 1e3 / (double)batches : 0.0, timed_out(o, t0) ? " timeout=1" : "");
+	report("raw", total, batches, t0, cpu0, extra);
 	mongoc_collection_destroy(claims);
 	mongoc_collection_destroy(events);
+	mongoc_client_destroy(c);
+	return 0;
+}
+
+/* ------------------------------------------------------------ prepare */
+
+/*
+ * Create the FIFO's indexes as tdrain would (lib/store.c tdr_index_specs: the
+ * same names and keys, so tdrain's own createIndexes at start is a no-op), and
+ * return once they are built.  bench.sh runs it right after the load: on
+ * DocumentDB an index maintained by each insert costs ~10x the insert itself
+ * (measured: 100,000 events load in 15 s with tdrain's two FIFO indexes, 1.5-2 s
+ * without), while a build over the loaded collection is a sort, so loading
+ * first and building after is the cheaper way to the same state.  DocumentDB
+ * queues that build for a once-a-minute job; bench.sh starts the job at once
+ * through psql, so this call returns when the build is done.  Without the
+ * indexes in place before tdrain starts, its first minute would read the
+ * whole FIFO for every acknowledgement.
+ */
+static int run_prepare(const struct opts *o)
+{
+	int ferretdb;
+	mongoc_client_t *c = connect_store(o->uri, &ferretdb);
+	mongoc_collection_t *events = mongoc_client_get_collection(c, o->db, o->coll);
+	int rc = 0, made = 0;
+
+	for (size_t i = 0; i < TDR_NINDEXES; i++) {
+		const struct tdr_index_spec *ix = &tdr_index_specs[i];
+		bson_t cmd = BSON_INITIALIZER, arr, idx, keys, reply;
+		bson_error_t be;
+
+		if (ix->coll != NULL || (ix->documentdb_only && !documentdb))
+			continue;
+		BSON_APPEND_UTF8(&cmd, "createIndexes", o->coll);
+		BSON_APPEND_ARRAY_BEGIN(&cmd, "indexes", &arr);
+		BSON_APPEND_DOCUMENT_BEGIN(&arr, "0", &idx);
+		BSON_APPEND_DOCUMENT_BEGIN(&idx, "key", &keys);
+		BSON_APPEND_INT32(&keys, ix->k1, 1);
+		if (ix->k2)
+			BSON_APPEND_INT32(&keys, ix->k2, 1);
+		bson_append_document_end(&idx, &keys);
+		BSON_APPEND_UTF8(&idx, "name", ix->name);
+		if (ix->unique)
+			BSON_APPEND_BOOL(&idx, "unique", true);
+		bson_append_document_end(&arr, &idx);
+		bson_append_array_end(&cmd, &arr);
+		if (!mongoc_collection_write_command_with_opts(events, &cmd, NULL, &reply, &be)) {
+			fprintf(stderr, PROG ": createIndexes %s: %s\n", ix->name, be.message);
+			rc = 1;
+		} else {
+			made++;
+		}
+		bson_destroy(&reply);
+		bson_destroy(&cmd);
+	}
+	printf("mode=prepare indexes=%d store=%s\n", made, ferretdb ? "ferretdb" : documentdb ? "documentdb" : "mongodb");
+	mongoc_collection_destroy(events);
+	mongoc_client_destroy(c);
+	return rc;
+}
+
+/* ------------------------------------------------------------ rtt */
+
+static int cmp_i64(const void *a, const void *b)
+{
+	int64_t x = *(const int64_t *)a, y = *(const int64_t *)b;
+
+	return x < y ? -1 : x > y;
+}
+
+/* The round trip of a `ping` (--total times, 200 by default): what a proxy's delay really adds. */
+static int run_rtt(const struct opts *o)
+{
+	int ferretdb;
+	mongoc_client_t *c = connect_store(o->uri, &ferretdb);
+	int64_t n = o->total > 0 ? o->total : 200, *t = calloc((size_t)n, sizeof(*t));
+	bson_t cmd = BSON_INITIALIZER;
+
+	if (t == NULL)
+		die("out of memory");
+	BSON_APPEND_INT32(&cmd, "ping", 1);
+	for (int64_t i = 0; i < n; i++) {
+		bson_error_t be;
+		int64_t a = tdr_mono_us();
+
+		if (!mongoc_client_command_simple(c, "admin", &cmd, NULL, NULL, &be))
+			die("ping: %s", be.message);
+		t[i] = tdr_mono_us() - a;
+	}
+	qsort(t, (size_t)n, sizeof(*t), cmp_i64);
+	printf("mode=rtt n=%" PRId64 " p50_us=%" PRId64 " p90_us=%" PRId64 "\n", n, t[n / 2], t[n * 9 / 10]);
+	free(t);
+	bson_destroy(&cmd);
 	mongoc_client_destroy(c);
 	return 0;
 }
@@ -1099,7 +1312,7 @@ static int parse_i64(const char *s, int64_t *ret)
 int main(int argc, char **argv)
 {
 	enum { O_URI = 256, O_DB, O_COLL, O_BATCH, O_TOTAL, O_INTERVAL, O_METRICS, O_DAT, O_TIMEOUT, O_RATE, O_PBATCH,
-	       O_HELP };
+	       O_SHAPE, O_READ, O_HELP };
 	static const struct option lo[] = {
 		{ "uri", required_argument, NULL, O_URI },
 		{ "db", required_argument, NULL, O_DB },
@@ -1112,6 +1325,8 @@ int main(int argc, char **argv)
 		{ "timeout", required_argument, NULL, O_TIMEOUT },
 		{ "rate", required_argument, NULL, O_RATE },
 		{ "producer-batch", required_argument, NULL, O_PBATCH },
+		{ "shape", required_argument, NULL, O_SHAPE },
+		{ "read", required_argument, NULL, O_READ },
 		{ "help", no_argument, NULL, O_HELP },
 		{ NULL, 0, NULL, 0 },
 	};
@@ -1139,6 +1354,8 @@ int main(int argc, char **argv)
 		case O_COLL: o.coll = optarg; break;
 		case O_METRICS: o.metrics = optarg; break;
 		case O_DAT: o.dat = optarg; break;
+		case O_SHAPE: o.shape = optarg; break;
+		case O_READ: o.read = optarg; break;
 		case O_BATCH: bad = parse_i64(optarg, &o.batch) || o.batch < 1; break;
 		case O_TOTAL: bad = parse_i64(optarg, &o.total) || o.total < 0; break;
 		case O_INTERVAL: bad = parse_i64(optarg, &o.interval_ms) || o.interval_ms < 1; break;
@@ -1174,6 +1391,10 @@ int main(int argc, char **argv)
 		rc = run_watch(&o);
 	else if (strcmp(o.mode, "drop") == 0)
 		rc = run_drop(&o);
+	else if (strcmp(o.mode, "prepare") == 0)
+		rc = run_prepare(&o);
+	else if (strcmp(o.mode, "rtt") == 0)
+		rc = run_rtt(&o);
 	else {
 		usage(stderr);
 		rc = 64;

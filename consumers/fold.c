@@ -24,12 +24,21 @@
 #include "lib/log.h"
 #include "lib/map.h"
 
-/* A round folds at most this many events, so its redo record stays far below 16 MiB. */
-#define ROUND_EVENTS_MAX 10000
+/*
+ * A round folds at most this many events (the memory bound: its copies of the
+ * deltas and its ledger bulk) and commits only if its images fit in
+ * REDO_IMAGES_MAX, so that the redo record stays below 16 MiB with its delta
+ * list (docs/DESIGN.md, "What bounds a fold round").
+ */
+#define ROUND_EVENTS_MAX 100000
+#define REDO_IMAGES_MAX (12 << 20)
 #define IN_CHUNK 500
 #define TRIAGE_BATCH 2000
 #define FOLD_IDLE_FACTOR 2 /* after a round of T ms, wait at least 2T (fold_thread) */
 #define FOLD_IDLE_MAX_MS 10000 /* ... but no more than this (or fold.interval_ms if larger) */
+
+const char *const tdr_fold_phase_names[TDR_FOLD_NPHASES] = { "read", "ledger", "reads", "build", "record", "apply",
+								  "finish" };
 
 const char *const fold_derived_colls[] = { TDR_C_COUNTERS, TDR_C_DEVICES, TDR_C_DEVICE_EVENTS,
 					   TDR_C_IDENTITIES, TDR_C_USERS, TDR_C_SIGNINS, NULL };
@@ -119,13 +128,13 @@ static int read_deltas(tdr_fold *f, mongoc_client_t *c, struct round *r, tdr_err
 	BSON_APPEND_INT64(&opts, "limit", f->cfg.fold_max_deltas);
 	/*
 	 * A delta holds a whole batch (up to drain.batch_size events): a small
-	 * first reply, so that a round that stops at ROUND_EVENTS_MAX fetches
+	 * first reply, so that a round that stops at its event bound fetches
 	 * about what it folds, not fold.max_deltas batches.
 	 */
 	BSON_APPEND_INT64(&opts, "batchSize", f->cfg.fold_max_deltas < 16 ? f->cfg.fold_max_deltas : 16);
 	BSON_APPEND_INT64(&opts, "maxTimeMS", f->st->timeout_ms);
 	cur = mongoc_collection_find_with_opts(deltas, &filter, &opts, NULL);
-	while (r->ndeltas < (size_t)f->cfg.fold_max_deltas && r->nev < ROUND_EVENTS_MAX &&
+	while (r->ndeltas < (size_t)f->cfg.fold_max_deltas && r->nev < (size_t)f->round_events &&
 	       mongoc_cursor_next(cur, &doc)) {
 		bson_t *copy = bson_copy(doc);
 		bson_iter_t it, arr;
@@ -181,13 +190,15 @@ int tdr_fold_round(tdr_fold *f, int64_t epoch, int64_t *ret_n, tdr_err *err)
 	void *states[8] = { 0 };
 	tdr_map *devs = NULL;
 	bson_t *record = NULL, writes = BSON_INITIALIZER, images, rec = BSON_INITIALIZER;
-	int64_t seq = 0, dups = 0, t0 = tdr_mono_us(), lag = 0;
+	int64_t seq = 0, dups = 0, t0 = tdr_mono_us(), lag = 0, ph[TDR_FOLD_NPHASES] = { 0 }, tp;
 	uint32_t idx = 0;
 	int rc, np = 0, cache_touched = 0;
 
 	memset(&r, 0, sizeof(r));
 	bson_init(&images);
 	*ret_n = 0;
+	f->reads_us = 0;
+	f->more = 0;
 	/*
 	 * Deltas first: with none there is nothing to fold, and nothing to redo
 	 * either that cannot wait (a redo record's deltas are deleted only after
@@ -206,18 +217,25 @@ int tdr_fold_round(tdr_fold *f, int64_t epoch, int64_t *ret_n, tdr_err *err)
 		*ret_n = 1;
 		goto out;
 	}
+	ph[TDR_FOLD_READ] = tdr_mono_us() - t0;
+	tp = tdr_mono_us();
 	if (!f->cache.valid || f->cache.epoch != epoch || f->cache.seq != seq) {
 		if ((rc = fold_cache_reset(f, c, epoch, seq, err)) < 0)
 			goto out;
 	}
+	f->reads_us += tdr_mono_us() - tp;
 	{
 		bson_iter_t it;
 
 		if (bson_iter_init_find(&it, r.deltas[0], "at") && BSON_ITER_HOLDS_DATE_TIME(&it))
 			lag = tdr_wall_ms() - bson_iter_date_time(&it);
 	}
+	tp = tdr_mono_us();
 	if ((rc = fold_dedup(f, c, &r, &dups, err)) < 0)
 		goto out;
+	ph[TDR_FOLD_LEDGER] = tdr_mono_us() - tp;
+	tp = tdr_mono_us();
+	ph[TDR_FOLD_READS] = f->reads_us; /* the reset's, if any; the build's reads are subtracted below */
 
 	/* Step 3: aggregate the new events, in delta order. */
 	if ((devs = tdr_map_new(1024)) == NULL) {
@@ -289,16 +307,47 @@ int tdr_fold_round(tdr_fold *f, int64_t epoch, int64_t *ret_n, tdr_err *err)
 	cache_touched = 1;
 	if ((rc = fold_build_images(f, c, &writes, seq + 1, &images, err)) < 0)
 		goto out;
+	/*
+	 * Too large for one redo record: stop before the commit point, with only
+	 * ledger entries naming our own deltas written (any later round that takes
+	 * one of them recognises its entries), and take half the events next time.
+	 */
+	if (images.len > REDO_IMAGES_MAX) {
+		/* A round takes at least one delta: one whose images do not fit cannot be folded by halving. */
+		if (r.ndeltas <= 1) {
+			rc = tdr_err_set(err, TDR_EFAIL, "fold: the images of one delta (%zu events) take %" PRIu32
+					 " bytes, more than a redo record holds (%d)", r.nev, images.len, REDO_IMAGES_MAX);
+			goto out;
+		}
+		log_info("fold: %zu events make %" PRIu32 " bytes of images, more than a redo record holds; folding %zu at a time",
+			 r.nev, images.len, r.nev / 2);
+		f->round_events = (int64_t)(r.nev / 2);
+		fold_cache_clear(&f->cache);
+		f->more = 1;
+		goto out;
+	}
+	ph[TDR_FOLD_BUILD] = tdr_mono_us() - tp - (f->reads_us - ph[TDR_FOLD_READS]);
+	ph[TDR_FOLD_READS] = f->reads_us;
 
 	/* Step 4: the commit point of the round. */
+	tp = tdr_mono_us();
 	if ((rc = fold_record_insert(f, c, &r, &images, seq + 1, epoch, &rec, err)) < 0)
 		goto out;
+	ph[TDR_FOLD_RECORD] = tdr_mono_us() - tp;
 	/* Steps 5-6. */
+	tp = tdr_mono_us();
 	if ((rc = fold_apply_images(f, c, &images, seq + 1, 1, err)) < 0)
 		goto out;
+	ph[TDR_FOLD_APPLY] = tdr_mono_us() - tp;
+	tp = tdr_mono_us();
 	if ((rc = fold_finish_round(f, c, &rec, seq + 1, epoch, err)) < 0)
 		goto out;
+	ph[TDR_FOLD_FINISH] = tdr_mono_us() - tp;
 	fold_cache_advance(f, seq + 1);
+	/* Stopped at the event bound: there is more, go again at once. */
+	f->more = r.nev >= (size_t)f->round_events;
+	if (f->round_events < ROUND_EVENTS_MAX)
+		f->round_events = f->round_events * 2 < ROUND_EVENTS_MAX ? f->round_events * 2 : ROUND_EVENTS_MAX;
 	pthread_mutex_lock(&f->mu);
 	f->stats.rounds++;
 	f->stats.deltas += (int64_t)r.ndeltas;
@@ -310,7 +359,18 @@ int tdr_fold_round(tdr_fold *f, int64_t epoch, int64_t *ret_n, tdr_err *err)
 	f->stats.cache_loads = f->cache.loads;
 	f->stats.cache_hits = f->cache.hits;
 	f->stats.cache_misses = f->cache.misses;
+	for (int p = 0; p < TDR_FOLD_NPHASES; p++)
+		f->stats.phase_us[p] += ph[p];
+	f->stats.images += (int64_t)bson_count_keys(&images);
+	f->stats.last_events = (int64_t)r.nnew;
+	f->stats.last_images = (int64_t)bson_count_keys(&images);
+	f->stats.last_image_bytes = (int64_t)images.len;
 	pthread_mutex_unlock(&f->mu);
+	log_debug("fold: round %" PRId64 ": %zu deltas, %zu events, %" PRIu32 " images (%" PRIu32
+		  " bytes) in %" PRId64 " ms: read %" PRId64 ", ledger %" PRId64 ", reads %" PRId64 ", build %" PRId64
+		  ", record %" PRId64 ", apply %" PRId64 ", finish %" PRId64 " ms",
+		  seq + 1, r.ndeltas, r.nnew, bson_count_keys(&images), images.len, (tdr_mono_us() - t0) / 1000,
+		  ph[0] / 1000, ph[1] / 1000, ph[2] / 1000, ph[3] / 1000, ph[4] / 1000, ph[5] / 1000, ph[6] / 1000);
 	*ret_n = (int64_t)r.ndeltas;
 out:
 	/* The images are in the cache; whether they are in the store is not known. */
@@ -474,17 +534,18 @@ static void *fold_thread(void *arg)
 
 				backoff = 0;
 				/* A full round or triage batch means there is more: go again at once. */
-				if (n >= f->cfg.fold_max_deltas || tn >= TRIAGE_BATCH)
+				if (n >= f->cfg.fold_max_deltas || f->more || tn >= TRIAGE_BATCH)
 					wait = 0;
 				/*
 				 * While the drain works through a backlog, an expensive round
 				 * (FerretDB scans every derived collection it writes, whatever the
 				 * number of events) waits twice its own time: the fold takes at
 				 * most a third of the store, and the events that pile up meanwhile
-				 * share the next round's scans.  Index-served rounds (MongoDB) are
-				 * far below the interval and never wait longer.
+				 * share the next round's scans.  Index-served rounds (DocumentDB,
+				 * MongoDB) cost what their events and keys cost, not scans: holding
+				 * them back only lets the fold fall behind the drain.
 				 */
-				else if (n > 0)
+				else if (n > 0 && f->st->is_ferretdb)
 					hold = took_ms * FOLD_IDLE_FACTOR;
 				if (hold > FOLD_IDLE_MAX_MS)
 					hold = FOLD_IDLE_MAX_MS;
@@ -525,6 +586,7 @@ int tdr_fold_new(tdr_fold **ret, const tdr_config *cfg, tdr_store *st, tdr_coord
 	f->cfg = *cfg;
 	f->st = st;
 	f->coord = coord;
+	f->round_events = ROUND_EVENTS_MAX;
 	pthread_mutex_init(&f->mu, NULL);
 	pthread_condattr_init(&ca);
 	pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);

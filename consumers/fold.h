@@ -5,13 +5,16 @@
  * every derived document has exactly one writer, off the FIFO's critical
  * path.  A round (docs/DESIGN.md, "The fold"):
  *   0. if redo record f+1 exists (a predecessor crashed mid-apply): redo it;
- *   1. read up to fold.max_deltas deltas;
+ *   1. read up to fold.max_deltas deltas (at most 100,000 events, fewer
+ *      when the images of step 3 would not fit in one redo record);
  *   2. insert {_id: insert_id, d: delta} into tdrain_ledger for every event;
  *      a duplicate key whose d is one of THIS round's deltas is ours (an
  *      attempt that never committed), any other duplicate was counted before;
  *   3. aggregate the new events; build one update per derived document;
  *   4. insert redo record f+1 {deltas, writes} (unique key: the commit point);
- *   5. apply the writes (lone-_id upserts, each setting _f = f+1);
+ *   5. apply the images, each with _f = f+1 (MongoDB: fenced lone-_id
+ *      upserts; FerretDB, DocumentDB: delete_many + insert_many per
+ *      collection, fenced by _f);
  *      the leader keeps what it wrote (the cache), so step 3 reads only
  *      keys it has not seen;
  *   6. delete the deltas, advance tdrain_state.fold to f+1, drop the record.
@@ -31,6 +34,19 @@
 
 typedef struct tdr_fold tdr_fold;
 
+/* The phases of a round, for tdr_fold_stats.phase_us (where a round's time goes). */
+enum tdr_fold_phase {
+	TDR_FOLD_READ,    /* step 1: the deltas, the fold state, a redo record */
+	TDR_FOLD_LEDGER,  /* step 2: the ledger insert (and the duplicates' read) */
+	TDR_FOLD_READS,   /* step 3: derived documents the cache does not hold (and a cache reset) */
+	TDR_FOLD_BUILD,   /* step 3: aggregation and after-images, in memory */
+	TDR_FOLD_RECORD,  /* step 4: the redo record */
+	TDR_FOLD_APPLY,   /* step 5: the images' writes */
+	TDR_FOLD_FINISH,  /* step 6: deltas' delete, state advance, record delete */
+	TDR_FOLD_NPHASES
+};
+extern const char *const tdr_fold_phase_names[TDR_FOLD_NPHASES];
+
 struct tdr_fold_stats {
 	int active;            /* we are the leader and folding */
 	int64_t rounds;
@@ -45,6 +61,9 @@ struct tdr_fold_stats {
 	int64_t cache_bytes;   /* the leader's copy of derived documents */
 	int64_t cache_loads;   /* times it started over from the store */
 	int64_t cache_hits, cache_misses; /* keys found in it / read from the store */
+	int64_t phase_us[TDR_FOLD_NPHASES]; /* time spent in each phase, committed rounds, cumulative */
+	int64_t images;        /* derived documents written (one per touched key per round), cumulative */
+	int64_t last_events, last_images, last_image_bytes; /* of the last committed round */
 };
 
 int tdr_fold_new(tdr_fold **ret, const tdr_config *cfg, tdr_store *st, tdr_coord *coord, tdr_err *err);

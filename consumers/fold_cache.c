@@ -12,6 +12,7 @@
 
 #include "consumers/fold_internal.h"
 #include "lib/bsonx.h"
+#include "lib/clock.h"
 #include "lib/log.h"
 
 /*
@@ -171,8 +172,8 @@ int fold_cache_reset(tdr_fold *f, mongoc_client_t *c, int64_t epoch, int64_t seq
  * seen (one $in per 500 keys; none when the collection is complete), and
  * mark those the store does not have as absent.
  */
-int fold_cache_fill(tdr_fold *f, mongoc_client_t *c, int ci, const char *const *keys, const size_t *lens, size_t n,
-		    tdr_err *err)
+static int cache_fill(tdr_fold *f, mongoc_client_t *c, int ci, const char *const *keys, const size_t *lens, size_t n,
+		      tdr_err *err)
 {
 	struct fold_cache *fc = &f->cache;
 	const char **miss = NULL;
@@ -214,6 +215,16 @@ int fold_cache_fill(tdr_fold *f, mongoc_client_t *c, int ci, const char *const *
 out:
 	free(miss);
 	free(mlens);
+	return rc;
+}
+
+int fold_cache_fill(tdr_fold *f, mongoc_client_t *c, int ci, const char *const *keys, const size_t *lens, size_t n,
+		    tdr_err *err)
+{
+	int64_t t0 = tdr_mono_us();
+	int rc = cache_fill(f, c, ci, keys, lens, n, err);
+
+	f->reads_us += tdr_mono_us() - t0;
 	return rc;
 }
 

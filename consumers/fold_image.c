@@ -435,14 +435,159 @@ static int index_images(const bson_t *images, struct irec **ret, size_t *ret_n)
 	return 0;
 }
 
+/* A replace_one upsert of img fenced by {_f: {$lt: seq}}: atomic per document where the store is (MongoDB, DocumentDB). */
+static void bulk_replace_fenced(mongoc_bulk_operation_t *bulk, const struct irec *r, const bson_t *img, int64_t seq)
+{
+	bson_t sel = BSON_INITIALIZER, lt, opts;
+
+	bson_append_utf8(&sel, "_id", 3, r->k, (int)r->klen);
+	BSON_APPEND_DOCUMENT_BEGIN(&sel, "_f", &lt);
+	BSON_APPEND_INT64(&lt, "$lt", seq);
+	bson_append_document_end(&sel, &lt);
+	tdr_trusted_write_opts(&opts);
+	BSON_APPEND_BOOL(&opts, "upsert", true);
+	mongoc_bulk_operation_replace_one_with_opts(bulk, &sel, img, &opts, NULL);
+	bson_destroy(&sel);
+	bson_destroy(&opts);
+}
+
+/* Mark in dup[] the statements of reply's writeErrors that are duplicate keys. */
+static void mark_dups(const bson_t *reply, char *dup, size_t n)
+{
+	bson_iter_t it, arr;
+
+	if (!bson_iter_init_find(&it, reply, "writeErrors") || !bson_iter_recurse(&it, &arr))
+		return;
+	while (bson_iter_next(&arr)) {
+		bson_t ed;
+		const uint8_t *data;
+		uint32_t len;
+		int64_t index, code;
+
+		if (!BSON_ITER_HOLDS_DOCUMENT(&arr))
+			continue;
+		bson_iter_document(&arr, &len, &data);
+		if (!bson_init_static(&ed, data, len))
+			continue;
+		index = tdr_bson_i64(&ed, "index", -1);
+		code = tdr_bson_i64(&ed, "code", 0);
+		if (index >= 0 && (size_t)index < n && (code == 11000 || code == 11001))
+			dup[index] = 1;
+	}
+}
+
+/*
+ * The images of one collection as two set-based statements (FerretDB,
+ * DocumentDB): delete_many {_id: {$in}, _f: {$lt: seq}} then insert_many.
+ * FerretDB: a duplicate on a first apply means the store held a document the
+ * cache thought absent: fail the round, the redo deletes every key first.
+ * DocumentDB (atomic per document): a duplicate key is a document the delete
+ * did not remove (a newer image, or one written after it), so only those keys
+ * are written again with the fenced replace_one upsert of MongoDB, whose own
+ * duplicate means an image at least this new is there.
+ */
+static int apply_set_based(tdr_fold *f, mongoc_collection_t *coll, const char *cname, const struct irec *recs,
+			   size_t nrecs, int ci, int64_t seq, int first, tdr_err *err)
+{
+	mongoc_bulk_operation_t *bulk = tdr_bulk_new(coll, 0), *again = NULL;
+	const struct irec **sent = calloc(nrecs ? nrecs : 1, sizeof(*sent));
+	char *dup = calloc(nrecs ? nrecs : 1, 1);
+	bson_t del = BSON_INITIALIZER, in, arr, flt, reply;
+	uint32_t ndel = 0;
+	size_t nk = 0, nagain = 0;
+	int64_t dups = 0;
+	int rc = 0;
+
+	bson_init(&reply);
+	if (sent == NULL || dup == NULL) {
+		rc = tdr_err_set(err, TDR_ENOMEM, "out of memory");
+		goto out;
+	}
+	BSON_APPEND_DOCUMENT_BEGIN(&del, "_id", &in);
+	BSON_APPEND_ARRAY_BEGIN(&in, "$in", &arr);
+	for (size_t i = 0; i < nrecs; i++) {
+		const struct irec *r = &recs[i];
+		bson_t img;
+
+		if (r->ci != ci || !bson_init_static(&img, r->img, r->imglen))
+			continue;
+		/*
+		 * A key the store had no document for needs no delete.  Only on the
+		 * round's first apply: a redo cannot know what the failed attempt wrote.
+		 */
+		if (!first || !r->isnew) {
+			char buf[16];
+			const char *kp;
+
+			bson_uint32_to_string(ndel++, &kp, buf, sizeof(buf));
+			bson_append_utf8(&arr, kp, -1, r->k, (int)r->klen);
+		}
+		tdr_bulk_insert_trusted(bulk, &img);
+		sent[nk++] = r;
+	}
+	bson_append_array_end(&in, &arr);
+	bson_append_document_end(&del, &in);
+	/*
+	 * Only what is older than this round: a deposed leader's delete can reach the
+	 * store late (held by a partition, retransmitted when it heals), and must not
+	 * remove images a newer round already wrote.
+	 */
+	BSON_APPEND_DOCUMENT_BEGIN(&del, "_f", &flt);
+	BSON_APPEND_INT64(&flt, "$lt", seq);
+	bson_append_document_end(&del, &flt);
+	if (nk == 0)
+		goto out;
+	if (ndel) {
+		bson_error_t be;
+
+		if (!mongoc_collection_delete_many(coll, &del, NULL, NULL, &be)) {
+			tdr_store_error(&be, cname, err);
+			rc = TDR_ETRANSIENT;
+			goto out;
+		}
+	}
+	bson_destroy(&reply);
+	if ((rc = tdr_bulk_run(bulk, cname, &dups, &reply, err)) < 0 || dups == 0)
+		goto out;
+	if (f->st->is_ferretdb) {
+		if (first)
+			rc = tdr_err_set(err, TDR_ETRANSIENT,
+					 "%s: %" PRId64 " documents the fold did not expect; redoing the round", cname, dups);
+		goto out;
+	}
+	mark_dups(&reply, dup, nk);
+	again = tdr_bulk_new(coll, 0);
+	for (size_t j = 0; j < nk; j++) {
+		bson_t img;
+
+		if (!dup[j] || !bson_init_static(&img, sent[j]->img, sent[j]->imglen))
+			continue;
+		bulk_replace_fenced(again, sent[j], &img, seq);
+		nagain++;
+	}
+	if (nagain)
+		rc = tdr_bulk_run(again, cname, NULL, NULL, err);
+out:
+	bson_destroy(&reply);
+	bson_destroy(&del);
+	if (again)
+		mongoc_bulk_operation_destroy(again);
+	mongoc_bulk_operation_destroy(bulk);
+	free(sent);
+	free(dup);
+	return rc;
+}
+
 /*
  * Write a round's images (seq: the round's, every image's _f).  One
  * statement set per collection.  MongoDB: replace_one upserts fenced by
  * {_f: {$lt: seq}}, index-served and atomic per document; a duplicate key
- * means the image (or a newer one) is already there.  FerretDB: its keyed
- * statements each scan the collection, so delete_many {_id: {$in}} then
- * insert_many: two scans per round however many documents changed.  Readers
- * of a FerretDB store can see a document briefly absent between the two.
+ * means the image (or a newer one) is already there.  FerretDB, whose keyed
+ * statements each scan the collection, and DocumentDB, whose gateway costs
+ * ~0.1 ms per statement (0.84 s for 10,000 upserts against 0.13 s for the
+ * pair, measured): apply_set_based, two statements per collection however
+ * many documents changed.  Readers of those stores can see a document
+ * briefly absent between the two.
  */
 int fold_apply_images(tdr_fold *f, mongoc_client_t *c, const bson_t *images, int64_t seq, int first, tdr_err *err)
 {
@@ -455,77 +600,25 @@ int fold_apply_images(tdr_fold *f, mongoc_client_t *c, const bson_t *images, int
 	for (int ci = 0; ci < NCOLL && rc == 0; ci++) {
 		const char *cname = fold_derived_colls[ci];
 		mongoc_collection_t *coll = tdr_store_coll(f->st, c, cname);
-		mongoc_bulk_operation_t *bulk = tdr_bulk_new(coll, 0);
-		bson_t del = BSON_INITIALIZER, in, arr, flt;
-		uint32_t nk = 0, ndel = 0;
-		int64_t dups = 0;
 
-		BSON_APPEND_DOCUMENT_BEGIN(&del, "_id", &in);
-		BSON_APPEND_ARRAY_BEGIN(&in, "$in", &arr);
-		for (size_t i = 0; i < nrecs; i++) {
-			const struct irec *r = &recs[i];
-			bson_t img;
+		if (f->st->is_ferretdb || f->st->is_documentdb) {
+			rc = apply_set_based(f, coll, cname, recs, nrecs, ci, seq, first, err);
+		} else {
+			mongoc_bulk_operation_t *bulk = tdr_bulk_new(coll, 0);
+			size_t nk = 0;
 
-			if (r->ci != ci || !bson_init_static(&img, r->img, r->imglen))
-				continue;
-			if (f->st->is_ferretdb) {
-				char buf[16];
-				const char *kp;
+			for (size_t i = 0; i < nrecs; i++) {
+				bson_t img;
 
-				/*
-				 * A key the store had no document for needs no delete.  Only on the
-				 * round's first apply: a redo cannot know what the failed attempt wrote.
-				 */
-				if (!first || !r->isnew) {
-					bson_uint32_to_string(ndel++, &kp, buf, sizeof(buf));
-					bson_append_utf8(&arr, kp, -1, r->k, (int)r->klen);
-				}
-				tdr_bulk_insert_trusted(bulk, &img);
-			} else {
-				bson_t sel = BSON_INITIALIZER, lt, opts;
-
-				bson_append_utf8(&sel, "_id", 3, r->k, (int)r->klen);
-				BSON_APPEND_DOCUMENT_BEGIN(&sel, "_f", &lt);
-				BSON_APPEND_INT64(&lt, "$lt", seq);
-				bson_append_document_end(&sel, &lt);
-				tdr_trusted_write_opts(&opts);
-				BSON_APPEND_BOOL(&opts, "upsert", true);
-				mongoc_bulk_operation_replace_one_with_opts(bulk, &sel, &img, &opts, NULL);
-				bson_destroy(&sel);
-				bson_destroy(&opts);
+				if (recs[i].ci != ci || !bson_init_static(&img, recs[i].img, recs[i].imglen))
+					continue;
+				bulk_replace_fenced(bulk, &recs[i], &img, seq);
+				nk++;
 			}
-			nk++;
+			if (nk)
+				rc = tdr_bulk_run(bulk, cname, NULL, NULL, err);
+			mongoc_bulk_operation_destroy(bulk);
 		}
-		bson_append_array_end(&in, &arr);
-		bson_append_document_end(&del, &in);
-		/*
-		 * Only what is older than this round: a deposed leader's delete can reach the
-		 * store late (held by a partition, retransmitted when it heals), and must not
-		 * remove images a newer round already wrote.
-		 */
-		BSON_APPEND_DOCUMENT_BEGIN(&del, "_f", &flt);
-		BSON_APPEND_INT64(&flt, "$lt", seq);
-		bson_append_document_end(&del, &flt);
-		if (ndel && f->st->is_ferretdb) {
-			bson_error_t be;
-
-			if (!mongoc_collection_delete_many(coll, &del, NULL, NULL, &be)) {
-				tdr_store_error(&be, cname, err);
-				rc = TDR_ETRANSIENT;
-			}
-		}
-		if (rc == 0 && nk)
-			rc = tdr_bulk_run(bulk, cname, &dups, NULL, err);
-		/*
-		 * A first apply on FerretDB deleted every key it replaces, so a duplicate
-		 * means the store held a document the cache thought absent: fail the
-		 * round; the redo that follows deletes before it inserts.
-		 */
-		if (rc == 0 && dups && first && f->st->is_ferretdb)
-			rc = tdr_err_set(err, TDR_ETRANSIENT, "%s: %" PRId64 " documents the fold did not expect; redoing the round",
-					 cname, dups);
-		bson_destroy(&del);
-		mongoc_bulk_operation_destroy(bulk);
 		mongoc_collection_destroy(coll);
 	}
 	free(recs);

@@ -60,6 +60,9 @@ struct tdr_fold {
 	int drain_busy;		   /* tdr_fold_drain_busy */
 	struct tdr_fold_stats stats;
 	struct fold_cache cache; /* fold thread only */
+	int64_t reads_us;	 /* this round's time in fold_cache_fill / fold_cache_reset (fold thread only) */
+	int64_t round_events;	 /* a round's event bound: halved when its images did not fit (fold thread only) */
+	int more;		 /* the last round left deltas it could have taken (fold thread only) */
 };
 
 struct round {

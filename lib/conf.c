@@ -51,7 +51,7 @@ static const struct key keys[] = {
 	{ "drain.max_event_bytes", K_INT, I(max_event_bytes), "262144", 1024, 16777216, NULL, 0, "larger event documents are dead-lettered" },
 	{ "drain.allow_events", K_STR, S(allow_events), "", 0, 0, NULL, 0, "comma-separated event names; others dead-lettered (empty: all)" },
 	{ "fold.interval_ms", K_INT, I(fold_interval_ms), "200", 10, 60000, NULL, 0, "how often the leader folds deltas into projections" },
-	{ "fold.max_deltas", K_INT, I(fold_max_deltas), "256", 1, 1000, NULL, 0, "batch deltas folded per round (a round also stops at 10000 events)" },
+	{ "fold.max_deltas", K_INT, I(fold_max_deltas), "256", 1, 1000, NULL, 0, "batch deltas folded per round (a round also stops at 100000 events, or fewer when its images would not fit in one redo record)" },
 	{ "fold.timeout_ms", K_INT, I(fold_timeout_ms), "30000", 1000, 600000, NULL, 0, "per-operation store timeout of the fold (its writes are fenced, so it may outlive the lease)" },
 	{ "fold.cache_mb", K_INT, I(fold_cache_mb), "256", 0, 65536, NULL, 0, "MiB of derived documents the leader keeps in memory (0: read them every round)" },
 	{ "archive.dir", K_STR, S(archive_dir), "", 0, 0, NULL, 0, "NDJSON archive directory (empty: archive off)" },

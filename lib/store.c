@@ -142,7 +142,8 @@ int tdr_store_ping(tdr_store *st, tdr_err *err)
 		 * DocumentDB's gateway answers buildInfo with a version and no
 		 * gitVersion, which every mongod and mongos sends.  Only statement
 		 * shapes depend on it: a MongoDB taken for DocumentDB would still be
-		 * correct, with an index it does not need and claims in insertion order.
+		 * correct, with an index it does not need, claims in insertion order
+		 * and the fold's images written as on FerretDB.
 		 */
 		st->is_documentdb = !st->is_ferretdb && !bson_iter_init_find(&it, &reply, "gitVersion");
 		if (bson_iter_init_find(&it, &reply, "maxBsonObjectSize") && BSON_ITER_HOLDS_INT32(&it))

@@ -86,6 +86,16 @@ __all__ = ['Harness', 'StoreRun', 'Store', 'Etcd', 'Postgres', 'Proc', 'SlowProx
 M64 = (1 << 64) - 1
 
 
+def partition_holders(db):
+    """The replicas holding a partition lease now: the holder of each part/* name's latest epoch in
+    tdrain_parts (and tdrain_leases), unless that epoch is a release."""
+    latest = {}
+    for d in lease_docs(db, {'name': {'$regex': '^part/'}}, {'name': 1, 'epoch': 1, 'holder': 1, 'released': 1}):
+        if d.get('name') not in latest or d.get('epoch', 0) > latest[d['name']].get('epoch', 0):
+            latest[d['name']] = d
+    return {d.get('holder') for d in latest.values() if not d.get('released')} - {None}
+
+
 def fnv1a32(b):
     x = 2166136261
     for c in b:

@@ -480,6 +480,7 @@ int main(int argc, char **argv)
 			goto out;
 		}
 		fold_st->is_ferretdb = st->is_ferretdb;
+		fold_st->is_documentdb = st->is_documentdb; /* the fold's statement shapes (fold_image.c) */
 		fold_st->max_bson = st->max_bson;
 	}
 	if (tdr_drain_new(&drain, &cfg, st, coord, ar, &err) < 0 || tdr_fold_new(&fold, &cfg, fold_st, coord, &err) < 0) {

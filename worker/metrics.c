@@ -120,6 +120,13 @@ int tdr_metrics_render(const struct tdr_metrics *m, char **out, size_t *len, tdr
 		m->fold.cache_loads);
 	counter(f, "tdrain_fold_cache_misses_total", "Derived keys the fold had to read from the store.", labels,
 		m->fold.cache_misses);
+	fprintf(f, "# HELP tdrain_fold_phase_seconds_total Time committed fold rounds spent in each phase.\n"
+		   "# TYPE tdrain_fold_phase_seconds_total counter\n");
+	for (int p = 0; p < TDR_FOLD_NPHASES; p++)
+		fprintf(f, "tdrain_fold_phase_seconds_total{%s,phase=\"%s\"} %.6f\n", labels, tdr_fold_phase_names[p],
+			(double)m->fold.phase_us[p] / 1e6);
+	counter(f, "tdrain_fold_images_total", "Derived documents written by committed fold rounds.", labels,
+		m->fold.images);
 	if (m->has_archive) {
 		gauge(f, "tdrain_archive_backlog_bytes", "Archive bytes not yet delivered to the HTTP sink.", labels,
 		      (double)m->archive.backlog_bytes);

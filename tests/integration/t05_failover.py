@@ -176,6 +176,16 @@ def trace_size(path):
         return 0
 
 
+def wait_standing_by(h, proc, tag, name):
+    """Wait for a replica's 'started' event: it is logged once coordination runs, i.e. once the replica is a
+    standby watching the leader's lease.  Before that, start-up may spend up to store.timeout_ms on its one
+    synchronous index build (DocumentDB answers a createIndexes on a collection that exists, here created by
+    the loadgen, only after its once-a-minute job: the call times out), and a freeze of the leader then would
+    time that start-up, not the takeover the bound is about."""
+    h.ok(h.wait_until(lambda: log_events(proc.log_text(), 'started'), 20, interval=0.05, desc=name + ' started'),
+         '%s %s is standing by (logged started)' % (tag, name))
+
+
 def log_events(text, event):
     """[(fields, line)] of the log lines carrying event=<event>."""
     out = []
@@ -393,6 +403,7 @@ def part_single(h, m, e, backend):
     h.ok(h.wait_until(lambda: (L.leader() or ('',))[0] == 'a', 20, desc='a leads'), '%s a leads' % tag)
     procs['b'] = h.start_tdrain('single-%s-b' % backend, conf(m, e, backend, 'single', dbn, trace, prefix),
                                 args=['-N', 'b'])
+    wait_standing_by(h, procs['b'], tag, 'b')
     old, new = 'a', 'b'
     h.ok(h.wait_until(lambda: sum(1 for l in trace_lines(trace) if l[2] == old) >= 500, 60, interval=0.2,
                       desc='a dispatching'), '%s the leader is draining' % tag)
@@ -541,6 +552,7 @@ def part_pause_in_claim(h, m, e, backend, step='claim'):
     h.ok(h.wait_until(lambda: (L.leader() or ('',))[0] == 'a', 20, desc='a leads'), '%s a leads' % tag)
     procs['b'] = h.start_tdrain(pname + '-b', conf(m, e, backend, 'single', dbn, trace, prefix),
                                 args=['-N', 'b'])
+    wait_standing_by(h, procs['b'], tag, 'b')
     h.ok(h.wait_until(lambda: sum(1 for l in trace_lines(trace) if l[2] == 'a') >= 500, 60, interval=0.2,
                       desc='a dispatching'), '%s the leader is draining' % tag)
     # New work while gdb attaches: on DocumentDB the leader empties the pre-loaded FIFO before the

@@ -935,6 +935,14 @@ def delayed_run(h, net, m, kind):
     watch = LogWatch()
     backwards = []
     stop = threading.Event()
+    more = []   # NDJSON files of the events inserted after the first 1500
+
+    def load_more(count, seed):
+        path = os.path.join(h.tmp, '%s-more-%d.ndjson' % (dbname, seed))
+        r = h.run([h.tool('tdrain-loadgen'), '--uri', m.uri, '--db', dbname, '--count', count, '--devices', '200',
+                   '--users', '80', '--dup-ratio', '0.02', '--seed', seed, '--ndjson', path, '--quiet'], timeout=300)
+        h.ok(r.returncode == 0, '[%s] %d more events inserted' % (label, count))
+        return path
 
     def sample_state():
         client = m.client(serverSelectionTimeoutMS=3000)
@@ -966,11 +974,16 @@ def delayed_run(h, net, m, kind):
         h.ok(ok, '[%s] %s and %s own balanced shares %s; %s leads'
              % (label, X, Y, shares({p: v[0] for p, v in parts().items()}, (X, Y)),
                 owners().get('leader', ('?',))[0]))
-        # The fold's first apply statement: FerretDB deletes the round's keys, then inserts the images; on
-        # MongoDB semantics (DocumentDB) each image is a replace_one upsert fenced by {_id, _f: {$lt: f+1}}.
+        # The fold's first apply statement: FerretDB and DocumentDB delete the round's keys (on DocumentDB
+        # fenced by {_f: {$lt: f+1}}), then insert the images; on MongoDB each image is a replace_one upsert
+        # fenced by {_id, _f: {$lt: f+1}} (consumers/fold_image.c).
         proxy.arm(*{'claim': ('insert', 'tdrain_claims'),
-                    'fold': ('delete' if not m.atomic_updates else 'update', 'event_counters'),
+                    'fold': ('delete' if not m.atomic_updates or m.kind == 'documentdb' else 'update',
+                             'event_counters'),
                     'state': ('update', 'tdrain_state')}[kind])
+        # Work for the armed request to catch: on DocumentDB the replicas drain and fold the first 1500
+        # events before the proxy is armed, and nothing of that kind would be sent again.
+        more.append(load_more(1500, 105))
         held = proxy.held.wait(60)
         cid = proxy.held_claim_id
         h.ok(held and cid, '[%s] %s sent %s, which the network holds; nothing of %s gets through from then on'
@@ -988,6 +1001,7 @@ def delayed_run(h, net, m, kind):
                  '[%s] claim record %s has not reached the store' % (label, cid))
         else:
             seq0 = (db.tdrain_state.find_one({'_id': 'fold'}) or {}).get('seq', 0)
+            more.append(load_more(300, 106))    # something for the new leader to fold
             ok = h.wait_until(lambda: (db.tdrain_state.find_one({'_id': 'fold'}) or {}).get('holder') == Y
                               and db.tdrain_state.find_one({'_id': 'fold'}).get('seq', 0) > seq0, 30,
                               interval=0.2)
@@ -1036,13 +1050,13 @@ def delayed_run(h, net, m, kind):
         for x in backwards[:5]:
             h.diag('  ' + x)
         h.ok(not backwards, '[%s] tdrain_state.fold.seq never went backwards' % label)
-        n_chk, ex, mism = checker.check_full(m.uri, dbname, [nd, nd2])
+        n_chk, ex, mism = checker.check_full(m.uri, dbname, [nd, nd2] + more)
         for x in mism[:10]:
             h.diag('  ' + str(x))
         h.ok(not mism, '[%s] checker: derived state exact (%d derived documents, %d mismatches)'
              % (label, ex.n_derived(), len(mism)))
         want = set()
-        for path in (nd, nd2):
+        for path in [nd, nd2] + more:
             for doc, size in checker.read_ndjson(path):
                 reason, ev = checker.classify(doc, size)
                 if reason is None:

@@ -185,12 +185,14 @@ def run_store(h, kind):
         # a reports indexes_ready; b (restarted, or not) shows tdrain_indexes_pending 0 from its current run.
         ready = h.wait_until(lambda: 'event=indexes_ready' in procs['a'].log_text()
                              and metric(h, label, 'b', 'tdrain_indexes_pending') == 0,
-                             120, interval=0.5, desc='[%s] indexes ready' % label)
+                             180, interval=0.5, desc='[%s] indexes ready' % label)
         took = time.monotonic() - t0
         h.ok(ready, '[%s] the build is reported ready (indexes_ready) %.0f s after the start' % (label, took))
         if kind == 'documentdb':
-            h.ok(took < 100, '[%s] ready within the test bound (DocumentDB job period 60 s): %.0f s'
-                 % (label, took))
+            # Two FIFO indexes are queued there (tdrain_part_id and tdrain_id, one createIndexes): the CI
+            # rehearsal saw them ready after 115 s, two runs of the once-a-minute job, plus the backoff.
+            h.ok(took < 160, '[%s] ready within the test bound (DocumentDB job period 60 s, two FIFO indexes): '
+                 '%.0f s' % (label, took))
         have = {i['name'] for c in ('events', 'tdrain_claims', 'tdrain_leases')
                 for i in db[c].list_indexes()}
         h.ok(all(i in have for i in INDEXES), '[%s] listIndexes has %s' % (label, ', '.join(INDEXES)))

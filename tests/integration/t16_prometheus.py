@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """A real Prometheus scrapes metrics.listen (issue 16).
 
-Two replicas in partitioned mode drain N events from a FerretDB, each serving GET /metrics on its own
+Two replicas in partitioned mode drain N events from each store of h.store_kinds() (FerretDB and DocumentDB), each serving GET /metrics on its own
 127.0.0.1 port.  Debian's prometheus runs on a free loopback port with a configuration, a data directory
 and the shipped rules (contrib/prometheus/tdrain.rules.yml) of this test's own, scraping both every second;
 it is stopped by PID at the end (the harness started it in its own process group).  Checks:
@@ -95,7 +95,14 @@ def main(h):
     if binary is None:
         reason = 'prometheus not found (Debian package prometheus; scripts/deps.sh installs it)'
         h.skip_all(reason)
-    m = h.start_ferretdb()
+    for kind in h.store_kinds():
+        run(h, kind, binary)
+
+
+def run(h, kind, binary):
+    """Everything below against one store kind (a Prometheus, two replicas and a store of its own)."""
+    m = h.start_store(kind)
+    h = h.for_store(m)       # points labelled [<store>]
     db = m.db()
 
     ports = {n: harness.free_port() for n in ('a', 'b')}
@@ -128,8 +135,7 @@ def main(h):
     # before the other's partitions move to it (seen in a CI rehearsal: a 2000, b 0), and the queries below
     # need both replicas to report work.
     def holders():
-        return {d.get('holder') for d in db.tdrain_leases.find({'name': {'$regex': '^part/'}, 'released': {'$ne': True}},
-                                                               {'holder': 1})}
+        return harness.partition_holders(db)
     h.ok(h.wait_until(lambda: holders() >= {'a', 'b'}, 60, interval=0.5, desc='both replicas hold partitions'),
          'both replicas hold partitions before the events arrive (%s)' % sorted(x for x in holders() if x))
     r = h.run([h.tool('tdrain-loadgen'), '--uri', m.uri, '--count', str(N), '--devices', '100', '--users', '50',
@@ -230,6 +236,7 @@ def main(h):
         h.is_(p.stop(), 0, 'tdrain %s stops with status 0' % n)
     rc = prom.stop()
     h.ok(rc is not None and not prom.alive(), 'prometheus (PID %d) stopped: status %s' % (prom.pid, rc))
+    m.stop()
 
 
 def _rfc3339(s):
