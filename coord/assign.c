@@ -227,3 +227,14 @@ size_t tdr_assign_min_moves(size_t n, uint32_t P, const int32_t *cur)
 	free(load);
 	return P - keep;
 }
+
+int tdr_assign_handback(int ours, unsigned char *draining, unsigned char *idle)
+{
+	if (ours) {
+		*draining = 0;
+		*idle = 0;
+		return 0;
+	}
+	*draining = 1;
+	return *idle;
+}

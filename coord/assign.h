@@ -40,4 +40,16 @@ int tdr_assign_balanced(const char *const *members, size_t n, uint32_t P, const 
  */
 size_t tdr_assign_min_moves(size_t n, uint32_t P, const int32_t *cur);
 
+/*
+ * The hand-back rule for one partition this replica holds (docs/DESIGN.md,
+ * "Who owns what").  draining: we stopped claiming it because the target gave
+ * it to another member; idle: the worker has said nothing of it is in flight.
+ * Given ours (the current target gives it to us), updates both flags and
+ * returns 1 when the partition is to be released now.  A partition that is
+ * ours again is claimed again whatever it was doing: idle only ever meant
+ * "nothing in flight", so keeping it after the target changed back would
+ * leave the partition held and never drained.
+ */
+int tdr_assign_handback(int ours, unsigned char *draining, unsigned char *idle);
+
 #endif

@@ -567,29 +567,23 @@ static void rebalance(struct tdr_coord *c, const tdr_lease_info *infos, size_t n
 	/* Hand back what is no longer ours once the worker says it is idle there; keep what is ours again. */
 	for (uint32_t p = 0; p < P; p++) {
 		struct part *pp = &c->parts[p];
+		int was_draining = pp->draining;
+		tdr_lease_req *r;
 
 		if (!pp->held)
 			continue;
-		if (self >= 0 && target[p] == self) {
-			if (pp->draining && !pp->idle)
-				log_info("partition %u is ours again: no longer draining", p);
-			if (!pp->idle)
-				pp->draining = 0;
+		if (!tdr_assign_handback(self >= 0 && target[p] == self, &pp->draining, &pp->idle)) {
+			if (was_draining != pp->draining)
+				log_info("partition %u %s", p, pp->draining ? "wanted by another member: draining"
+									     : "is ours again: no longer draining");
 			continue;
 		}
-		if (!pp->draining) {
-			pp->draining = 1;
-			log_info("partition %u wanted by another member: draining", p);
-		}
-		if (pp->idle) {
-			tdr_lease_req *r = &reqs[nreq++];
-
-			snprintf(r->name, sizeof(r->name), "part/%u", p);
-			r->epoch = pp->epoch;
-			memset(pp, 0, sizeof(*pp));
-			c->nheld_parts--;
-			holdings_changed(c);
-		}
+		r = &reqs[nreq++];
+		snprintf(r->name, sizeof(r->name), "part/%u", p);
+		r->epoch = pp->epoch;
+		memset(pp, 0, sizeof(*pp));
+		c->nheld_parts--;
+		holdings_changed(c);
 	}
 	/* Draining partitions wait for the worker: look again soon (scope_idle also wakes us). */
 	for (uint32_t p = 0; p < P; p++)

@@ -8,6 +8,10 @@
  * the target recomputed from every intermediate state (as replicas do, tick
  * by tick).  Prints the movement table (ASSIGN_TRIALS sets the trial count)
  * and named (n, P) rows; the minimum is also computed here independently.
+ * Also the hand-back rule of one held partition, through the sequence a
+ * flapping membership produces (t13 on FerretDB caught it: a partition that
+ * became ours again after the worker had gone idle on it stayed held,
+ * undrained, for good).
  */
 #include "config.h"
 
@@ -144,6 +148,41 @@ static size_t independent_min(const struct world *w, const int32_t *own)
 struct row {
 	uint64_t changes, moved, minimum, extra_max;
 };
+
+/* One held partition through every order of target changes and idle reports. */
+static void test_handback(void)
+{
+	unsigned char draining = 0, idle = 0;
+	int bad = 0;
+
+	ok(tdr_assign_handback(1, &draining, &idle) == 0 && !draining && !idle, "ours: kept and claimed");
+	ok(tdr_assign_handback(0, &draining, &idle) == 0 && draining && !idle,
+	   "another member's in the target: draining, kept until the worker is idle there");
+	idle = 1; /* tdr_coord_scope_idle */
+	ok(tdr_assign_handback(1, &draining, &idle) == 0 && !draining && !idle,
+	   "ours again after the worker went idle on it: claimed again, not left held and undrained");
+	ok(tdr_assign_handback(0, &draining, &idle) == 0 && draining && !idle,
+	   "another member's again: draining again, and an idle report from before does not count");
+	idle = 1;
+	ok(tdr_assign_handback(0, &draining, &idle) == 1, "another member's and idle: released");
+	/* Random flapping: whenever the rule keeps a partition, the worker claims it iff it is ours. */
+	draining = idle = 0;
+	for (int i = 0; i < 100000; i++) {
+		int ours = (int)rnd_below(2), rel;
+
+		if (draining && rnd_below(3) == 0)
+			idle = 1;
+		rel = tdr_assign_handback(ours, &draining, &idle);
+		if (rel) {
+			bad += ours;
+			draining = idle = 0; /* released, then held afresh later */
+			continue;
+		}
+		bad += ours == draining || (idle && !draining);
+	}
+	ok(bad == 0, "100,000 random target flips and idle reports: a kept partition is claimed exactly when it is "
+	   "ours, and an ours partition is never released (%d not)", bad);
+}
 
 int main(void)
 {
@@ -357,5 +396,6 @@ int main(void)
 		ok(bad_rows == 0, "named joins and leaves (P 1..4096, n 1..64): max share <= ceil(P/n), moved <= "
 		   "minimum + ceil(P/n) + 1 (%zu not)", bad_rows);
 	}
+	test_handback();
 	return tap_done();
 }
