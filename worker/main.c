@@ -39,6 +39,7 @@ static volatile int wake_flag; /* any signal: ends the loop's idle sleep at once
 static tdr_drain *volatile stop_drain;
 static tdr_coord *volatile stop_coord;
 static int64_t stop_at_ms; /* monotonic time of the first SIGTERM/SIGINT (__atomic) */
+static volatile sig_atomic_t signal_thread_quit; /* set by main before its last pthread_kill() */
 
 /*
  * SIGTERM, SIGINT and SIGHUP are blocked in every thread and taken here with
@@ -55,6 +56,8 @@ static void *signal_thread(void *arg)
 
 		if (sigwait(set, &sig) != 0)
 			continue;
+		if (signal_thread_quit)
+			break;
 		if (sig == SIGHUP) {
 			tdr_notify_reloading();
 			got_reload = 1;
@@ -737,8 +740,15 @@ out:
 		tdr_store_close(st);
 	if (!fold_abandoned && !coord_abandoned && !ix_abandoned)
 		mongoc_cleanup();
-	/* sigwait() is a cancellation point: end the signal thread so nothing outlives main. */
-	pthread_cancel(sigthr);
+	/*
+	 * End the signal thread so nothing outlives main: it returns from sigwait()
+	 * with the signal we send it and sees the flag.  Not pthread_cancel(): the
+	 * cancellation unwind leaves the thread's frame poisoned under
+	 * AddressSanitizer, which then reports its own sigaltstack() call at thread
+	 * exit (a false stack-buffer-underflow, seen in CI).
+	 */
+	signal_thread_quit = 1;
+	pthread_kill(sigthr, SIGTERM);
 	pthread_join(sigthr, NULL);
 	free(a.sets);
 	return status;
