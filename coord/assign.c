@@ -10,19 +10,6 @@
 #include "coord/assign.h"
 #include "lib/hash.h"
 
-/* Equal to tdr_hrw_score(member, p) with the member's hash computed once. */
-static uint64_t score(uint32_t member_hash, uint32_t p)
-{
-	uint64_t x = ((uint64_t)member_hash << 32) ^ p ^ 0x9e3779b97f4a7c15ULL;
-
-	x ^= x >> 30;
-	x *= 0xbf58476d1ce4e5b9ULL;
-	x ^= x >> 27;
-	x *= 0x94d049bb133111ebULL;
-	x ^= x >> 31;
-	return x;
-}
-
 int tdr_assign_owner(const char *const *members, size_t n, uint32_t p)
 {
 	uint64_t best = 0;
@@ -148,7 +135,7 @@ int tdr_assign_balanced(const char *const *members, size_t n, uint32_t P, const 
 		for (size_t j = 0; j < k; j++) {
 			uint32_t p = byowner[start[i] + j];
 
-			tmp[j] = (struct keep_ctx){ hash[i], p, score(hash[i], p) };
+			tmp[j] = (struct keep_ctx){ hash[i], p, tdr_hrw_score_hashed(hash[i], p) };
 		}
 		qsort(tmp, k, sizeof(*tmp), cmp_score_desc);
 		for (size_t j = 0; j < cap[i]; j++)
@@ -170,7 +157,7 @@ int tdr_assign_balanced(const char *const *members, size_t n, uint32_t P, const 
 
 			if (fill[i] >= cap[i])
 				continue;
-			s = score(hash[i], p);
+			s = tdr_hrw_score_hashed(hash[i], p);
 			/* Strictly greater: ties go to the first in name order. */
 			if (bi == n || s > best) {
 				best = s;

@@ -28,9 +28,12 @@ static uint64_t mix64(uint64_t x)
 	return x;
 }
 
+uint64_t tdr_hrw_score_hashed(uint32_t member_hash, uint32_t partition)
+{
+	return mix64(((uint64_t)member_hash << 32) ^ partition ^ 0x9e3779b97f4a7c15ULL);
+}
+
 uint64_t tdr_hrw_score(const char *member, uint32_t partition)
 {
-	uint64_t h = tdr_fnv1a32(member, strlen(member));
-
-	return mix64((h << 32) ^ partition ^ 0x9e3779b97f4a7c15ULL);
+	return tdr_hrw_score_hashed(tdr_fnv1a32(member, strlen(member)), partition);
 }

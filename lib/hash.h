@@ -19,5 +19,7 @@ uint32_t tdr_fnv1a32(const void *data, size_t len);
 
 /* Rendezvous (highest random weight) score of (member, partition). */
 uint64_t tdr_hrw_score(const char *member, uint32_t partition);
+/* The same score from the member's tdr_fnv1a32 hash, for callers that score one member many times. */
+uint64_t tdr_hrw_score_hashed(uint32_t member_hash, uint32_t partition);
 
 #endif
