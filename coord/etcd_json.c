@@ -733,32 +733,33 @@ out:
 	return s;
 }
 
-char *tdr_etcd_req_create_txn(const char *key, const char *value, int64_t lease, tdr_err *err)
+/*
+ * One key's create txn: put (key, value under lease) if the key does not
+ * exist.  k and v are base64 already; with_failure adds a range of the key to
+ * the failure branch (who holds it), which nested txns do without: a lost
+ * race is told by "succeeded" alone.
+ */
+static json_t *create_txn_json(const char *k, const char *v, int64_t lease, int with_failure)
 {
-	char *k, *v, l[24], *s = NULL;
+	char l[24];
+	json_t *root;
 
-	if ((k = b64_dup(key, strlen(key), TDR_ETCD_MAX_KEY, err)) == NULL)
-		return NULL;
-	if ((v = b64_dup(value, strlen(value), TDR_ETCD_MAX_VALUE, err)) != NULL) {
-		i64_str(l, lease);
-		s = dump(json_pack("{s:[{s:s,s:s,s:s,s:s}],s:[{s:{s:s,s:s,s:s}}],s:[{s:{s:s}}]}",
-				   "compare", "key", k, "target", "CREATE", "result", "EQUAL", "create_revision", "0",
-				   "success", "request_put", "key", k, "value", v, "lease", l,
-				   "failure", "request_range", "key", k),
-			 err);
-		free(v);
-	}
-	free(k);
-	return s;
+	i64_str(l, lease);
+	root = json_pack("{s:[{s:s,s:s,s:s,s:s}],s:[{s:{s:s,s:s,s:s}}]}",
+			 "compare", "key", k, "target", "CREATE", "result", "EQUAL", "create_revision", "0",
+			 "success", "request_put", "key", k, "value", v, "lease", l);
+	if (root && with_failure &&
+	    json_object_set_new(root, "failure", json_pack("[{s:{s:s}}]", "request_range", "key", k)) < 0)
+		json_decref(root), root = NULL;
+	return root;
 }
 
-char *tdr_etcd_req_delete_txn(const char *key, int64_t create_rev, int64_t lease, tdr_err *err)
+/* One key's delete txn: delete it if it is still the incarnation create_rev (and, if lease != 0, ours). */
+static json_t *delete_txn_json(const char *k, int64_t create_rev, int64_t lease)
 {
-	char *k, c[24], l[24], *s;
+	char c[24], l[24];
 	json_t *root, *cmp;
 
-	if ((k = b64_dup(key, strlen(key), TDR_ETCD_MAX_KEY, err)) == NULL)
-		return NULL;
 	i64_str(c, create_rev);
 	i64_str(l, lease);
 	root = json_pack("{s:[{s:s,s:s,s:s,s:s}],s:[{s:{s:s}}]}",
@@ -770,45 +771,80 @@ char *tdr_etcd_req_delete_txn(const char *key, int64_t create_rev, int64_t lease
 		if (cmp == NULL || json_array_append_new(json_object_get(root, "compare"), cmp) < 0)
 			json_decref(root), root = NULL;
 	}
-	s = dump(root, err);
+	return root;
+}
+
+char *tdr_etcd_req_create_txn(const char *key, const char *value, int64_t lease, tdr_err *err)
+{
+	char *k, *v, *s = NULL;
+
+	if ((k = b64_dup(key, strlen(key), TDR_ETCD_MAX_KEY, err)) == NULL)
+		return NULL;
+	if ((v = b64_dup(value, strlen(value), TDR_ETCD_MAX_VALUE, err)) != NULL) {
+		s = dump(create_txn_json(k, v, lease, 1), err);
+		free(v);
+	}
 	free(k);
 	return s;
 }
 
-/* Parse a single-key txn body back into a json object (the builders above are the one source of truth). */
-static json_t *reparse(char *body)
+char *tdr_etcd_req_delete_txn(const char *key, int64_t create_rev, int64_t lease, tdr_err *err)
 {
-	json_t *j = body ? json_loads(body, 0, NULL) : NULL;
+	char *k, *s;
 
-	free(body);
-	return j;
+	if ((k = b64_dup(key, strlen(key), TDR_ETCD_MAX_KEY, err)) == NULL)
+		return NULL;
+	s = dump(delete_txn_json(k, create_rev, lease), err);
+	free(k);
+	return s;
 }
 
-/* {"success": [{"request_txn": <one-key txn>}, ...]}: each nested txn succeeds or fails on its own. */
-static char *many_txn(json_t *inner[], size_t n, tdr_err *err)
-{
-	json_t *root = json_object(), *ops = json_array();
+/* What a bulk txn's i-th nested txn is built from. */
+struct many_args {
+	const char *const *keys;
+	const char *value_b64;		/* create: the one value every key gets */
+	const int64_t *create_revs;	/* delete: each key's incarnation */
+	int64_t lease;
+};
 
+/*
+ * {"success": [{"request_txn": <one-key txn>}, ...]}: each nested txn
+ * succeeds or fails on its own.  Built straight into one JSON tree; NULL
+ * (with err) on a bad key, a bad count or no memory.
+ */
+static char *many_txn(const struct many_args *a, size_t n, tdr_err *err)
+{
+	json_t *root, *ops;
+
+	if (n == 0 || n > TDR_ETCD_TXN_MAX) {
+		tdr_err_set(err, TDR_EFAIL, "etcd bulk txn: %zu keys (1 to %d)", n, TDR_ETCD_TXN_MAX);
+		return NULL;
+	}
+	root = json_object();
+	ops = json_array();
 	/* jansson's *_new and "o" steal their reference even when they fail. */
 	if (root == NULL || ops == NULL) {
 		json_decref(root);
 		json_decref(ops);
-		ops = NULL;
-	} else if (json_object_set_new(root, "success", ops) < 0) {
-		ops = NULL;
+		return dump(NULL, err);
 	}
-	if (ops == NULL) {
+	if (json_object_set_new(root, "success", ops) < 0) {
 		json_decref(root);
-		for (size_t i = 0; i < n; i++)
-			json_decref(inner[i]);
 		return dump(NULL, err);
 	}
 	for (size_t i = 0; i < n; i++) {
-		json_t *op = inner[i] ? json_pack("{s:o}", "request_txn", inner[i]) : NULL;
+		char *k = b64_dup(a->keys[i], strlen(a->keys[i]), TDR_ETCD_MAX_KEY, err);
+		json_t *t, *op;
 
+		if (k == NULL) {
+			json_decref(root);
+			return NULL;
+		}
+		t = a->value_b64 ? create_txn_json(k, a->value_b64, a->lease, 0)
+				 : delete_txn_json(k, a->create_revs[i], a->lease);
+		free(k);
+		op = t ? json_pack("{s:o}", "request_txn", t) : NULL;
 		if (op == NULL || json_array_append_new(ops, op) < 0) {
-			for (size_t j = i + 1; j < n; j++)
-				json_decref(inner[j]);
 			json_decref(root);
 			return dump(NULL, err);
 		}
@@ -819,62 +855,23 @@ static char *many_txn(json_t *inner[], size_t n, tdr_err *err)
 char *tdr_etcd_req_create_many_txn(const char *const *keys, const char *value, size_t n, int64_t lease,
 				   tdr_err *err)
 {
-	json_t **inner;
-	char *s;
+	struct many_args a = { .keys = keys, .lease = lease };
+	char *v, *s;
 
-	if (n == 0 || n > TDR_ETCD_TXN_MAX) {
-		tdr_err_set(err, TDR_EFAIL, "etcd bulk txn: %zu keys (1 to %d)", n, TDR_ETCD_TXN_MAX);
+	if ((v = b64_dup(value, strlen(value), TDR_ETCD_MAX_VALUE, err)) == NULL)
 		return NULL;
-	}
-	if ((inner = calloc(n, sizeof(*inner))) == NULL) {
-		tdr_err_set(err, TDR_ENOMEM, "out of memory");
-		return NULL;
-	}
-	for (size_t i = 0; i < n; i++) {
-		json_t *t = reparse(tdr_etcd_req_create_txn(keys[i], value, lease, err));
-
-		/* Nested txns carry no failure branch: a lost race is told by "succeeded" alone. */
-		if (t)
-			json_object_del(t, "failure");
-		inner[i] = t;
-		if (t == NULL) {
-			for (size_t j = 0; j < i; j++)
-				json_decref(inner[j]);
-			free(inner);
-			return NULL;
-		}
-	}
-	s = many_txn(inner, n, err);
-	free(inner);
+	a.value_b64 = v;
+	s = many_txn(&a, n, err);
+	free(v);
 	return s;
 }
 
 char *tdr_etcd_req_delete_many_txn(const char *const *keys, const int64_t *create_revs, size_t n, int64_t lease,
 				   tdr_err *err)
 {
-	json_t **inner;
-	char *s;
+	struct many_args a = { .keys = keys, .create_revs = create_revs, .lease = lease };
 
-	if (n == 0 || n > TDR_ETCD_TXN_MAX) {
-		tdr_err_set(err, TDR_EFAIL, "etcd bulk txn: %zu keys (1 to %d)", n, TDR_ETCD_TXN_MAX);
-		return NULL;
-	}
-	if ((inner = calloc(n, sizeof(*inner))) == NULL) {
-		tdr_err_set(err, TDR_ENOMEM, "out of memory");
-		return NULL;
-	}
-	for (size_t i = 0; i < n; i++) {
-		inner[i] = reparse(tdr_etcd_req_delete_txn(keys[i], create_revs[i], lease, err));
-		if (inner[i] == NULL) {
-			for (size_t j = 0; j < i; j++)
-				json_decref(inner[j]);
-			free(inner);
-			return NULL;
-		}
-	}
-	s = many_txn(inner, n, err);
-	free(inner);
-	return s;
+	return many_txn(&a, n, err);
 }
 
 int tdr_etcd_parse_txn_many(const char *body, size_t len, size_t n, int *succeeded, int64_t *revision, tdr_err *err)

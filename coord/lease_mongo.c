@@ -84,6 +84,33 @@ static void lease_id(char *buf, size_t len, const char *name, int64_t epoch)
 }
 
 /*
+ * The one shape of a lease document, written by every acquisition and
+ * release: (name, epoch) under our holder and instance, attached to a
+ * session (member lease) when session is not NULL.  A release is the next
+ * epoch, released, with ttl 0.
+ */
+static void append_lease_doc(bson_t *doc, const struct mongo_backend *mb, const char *name, int64_t epoch,
+			     int64_t ttl_ms, int released, const char *session, int64_t session_epoch, int64_t at_ms)
+{
+	char id[TDR_LEASE_NAME_MAX + 32];
+
+	lease_id(id, sizeof(id), name, epoch);
+	BSON_APPEND_UTF8(doc, "_id", id);
+	BSON_APPEND_UTF8(doc, "name", name);
+	BSON_APPEND_INT64(doc, "epoch", epoch);
+	BSON_APPEND_UTF8(doc, "holder", mb->base.holder);
+	BSON_APPEND_UTF8(doc, "inst", mb->inst);
+	BSON_APPEND_INT64(doc, "seq", 0);
+	BSON_APPEND_INT64(doc, "ttl_ms", ttl_ms);
+	BSON_APPEND_BOOL(doc, "released", released ? true : false);
+	if (session != NULL) {
+		BSON_APPEND_UTF8(doc, "sess", session);
+		BSON_APPEND_INT64(doc, "sess_epoch", session_epoch);
+	}
+	BSON_APPEND_DATE_TIME(doc, "at", at_ms);
+}
+
+/*
  * Partition leases live in their own collection (tdrain_parts): the
  * coordinator reads tdrain_leases (sessions and the leader, a few documents)
  * every tick, and the P partition documents only when something may have
@@ -312,18 +339,8 @@ static int m_acquire(tdr_lease_backend *be, const char *name, int64_t ttl_ms, in
 	mongoc_collection_t *coll = tdr_store_coll(mb->st, c, coll_of(name));
 	bson_t doc = BSON_INITIALIZER;
 	bson_error_t bee;
-	char id[TDR_LEASE_NAME_MAX + 32];
 
-	lease_id(id, sizeof(id), name, next);
-	BSON_APPEND_UTF8(&doc, "_id", id);
-	BSON_APPEND_UTF8(&doc, "name", name);
-	BSON_APPEND_INT64(&doc, "epoch", next);
-	BSON_APPEND_UTF8(&doc, "holder", be->holder);
-	BSON_APPEND_UTF8(&doc, "inst", mb->inst);
-	BSON_APPEND_INT64(&doc, "seq", 0);
-	BSON_APPEND_INT64(&doc, "ttl_ms", ttl_ms);
-	BSON_APPEND_BOOL(&doc, "released", false);
-	BSON_APPEND_DATE_TIME(&doc, "at", tdr_wall_ms());
+	append_lease_doc(&doc, mb, name, next, ttl_ms, 0, NULL, 0, tdr_wall_ms());
 	tdr_lease_count(be, 1);
 	if (!mongoc_collection_insert_one(coll, &doc, NULL, NULL, &bee)) {
 		rc = tdr_store_error(&bee, "lease insert", err);
@@ -652,7 +669,7 @@ static int acquire_chunk(struct mongo_backend *mb, const char *cname, const char
 	unsigned char *failed;
 	struct lease_doc *docs = NULL;
 	size_t ndocs = 0, nwon = 0;
-	bson_t reply, filter = BSON_INITIALIZER, in, opts;
+	bson_t reply, filter = BSON_INITIALIZER, in;
 	bson_error_t bee;
 	int64_t now = tdr_wall_ms();
 	int rc = 0, answered;
@@ -663,27 +680,12 @@ static int acquire_chunk(struct mongo_backend *mb, const char *cname, const char
 		return tdr_err_set(err, TDR_ENOMEM, "out of memory");
 	c = tdr_store_pop(mb->st);
 	coll = tdr_store_coll(mb->st, c, cname);
-	bson_init(&opts);
-	BSON_APPEND_BOOL(&opts, "ordered", false);
-	bulk = mongoc_collection_create_bulk_operation_with_opts(coll, &opts);
-	bson_destroy(&opts);
+	bulk = tdr_bulk_new(coll, 0);
 	for (size_t i = 0; i < n; i++) {
 		bson_t doc = BSON_INITIALIZER;
-		char id[TDR_LEASE_NAME_MAX + 32];
 
 		/* The next epoch after the newest the caller saw: the unique _id lets one contender win it. */
-		lease_id(id, sizeof(id), reqs[i]->name, reqs[i]->epoch + 1);
-		BSON_APPEND_UTF8(&doc, "_id", id);
-		BSON_APPEND_UTF8(&doc, "name", reqs[i]->name);
-		BSON_APPEND_INT64(&doc, "epoch", reqs[i]->epoch + 1);
-		BSON_APPEND_UTF8(&doc, "holder", be->holder);
-		BSON_APPEND_UTF8(&doc, "inst", mb->inst);
-		BSON_APPEND_INT64(&doc, "seq", 0);
-		BSON_APPEND_INT64(&doc, "ttl_ms", ttl_ms);
-		BSON_APPEND_BOOL(&doc, "released", false);
-		BSON_APPEND_UTF8(&doc, "sess", session);
-		BSON_APPEND_INT64(&doc, "sess_epoch", session_epoch);
-		BSON_APPEND_DATE_TIME(&doc, "at", now);
+		append_lease_doc(&doc, mb, reqs[i]->name, reqs[i]->epoch + 1, ttl_ms, 0, session, session_epoch, now);
 		tdr_bulk_insert_trusted(bulk, &doc);
 		bson_destroy(&doc);
 	}
@@ -830,7 +832,7 @@ static int release_chunk(struct mongo_backend *mb, const char *cname, tdr_lease_
 	mongoc_client_t *c;
 	mongoc_collection_t *coll;
 	mongoc_bulk_operation_t *bulk;
-	bson_t reply, opts;
+	bson_t reply;
 	bson_error_t bee;
 	int64_t now = tdr_wall_ms();
 	int rc = 0;
@@ -839,24 +841,11 @@ static int release_chunk(struct mongo_backend *mb, const char *cname, tdr_lease_
 		return 0;
 	c = tdr_store_pop(mb->st);
 	coll = tdr_store_coll(mb->st, c, cname);
-	bson_init(&opts);
-	BSON_APPEND_BOOL(&opts, "ordered", false);
-	bulk = mongoc_collection_create_bulk_operation_with_opts(coll, &opts);
-	bson_destroy(&opts);
+	bulk = tdr_bulk_new(coll, 0);
 	for (size_t i = 0; i < n; i++) {
 		bson_t doc = BSON_INITIALIZER;
-		char id[TDR_LEASE_NAME_MAX + 32];
 
-		lease_id(id, sizeof(id), reqs[i]->name, reqs[i]->epoch + 1);
-		BSON_APPEND_UTF8(&doc, "_id", id);
-		BSON_APPEND_UTF8(&doc, "name", reqs[i]->name);
-		BSON_APPEND_INT64(&doc, "epoch", reqs[i]->epoch + 1);
-		BSON_APPEND_UTF8(&doc, "holder", be->holder);
-		BSON_APPEND_UTF8(&doc, "inst", mb->inst);
-		BSON_APPEND_INT64(&doc, "seq", 0);
-		BSON_APPEND_INT64(&doc, "ttl_ms", 0);
-		BSON_APPEND_BOOL(&doc, "released", true);
-		BSON_APPEND_DATE_TIME(&doc, "at", now);
+		append_lease_doc(&doc, mb, reqs[i]->name, reqs[i]->epoch + 1, 0, 1, NULL, 0, now);
 		tdr_bulk_insert_trusted(bulk, &doc);
 		bson_destroy(&doc);
 	}

@@ -509,6 +509,64 @@ static void test_requests(void)
 	json_decref(j);
 	free(s);
 
+	/* Bulk txns: each nested txn is the single-key one (the create's without its failure branch). */
+	{
+		const char *keys[3] = { "/t/lease/part/0", "/t/lease/part/1", "/t/lease/part/4095" };
+		const int64_t revs[3] = { 5, 6, 7 };
+		int same = 1;
+
+		s = tdr_etcd_req_create_many_txn(keys, "{\"holder\":\"a\"}", 3, 77, &err);
+		j = s ? json_loads(s, 0, NULL) : NULL;
+		ok(j && json_object_size(j) == 1 && json_array_size(json_object_get(j, "success")) == 3,
+		   "request: create bulk txn has one success op per key and nothing else");
+		for (size_t i = 0; j && i < 3; i++) {
+			json_t *inner = json_object_get(json_array_get(json_object_get(j, "success"), i), "request_txn");
+			char *one = tdr_etcd_req_create_txn(keys[i], "{\"holder\":\"a\"}", 77, &err);
+			json_t *jo = one ? json_loads(one, 0, NULL) : NULL;
+
+			if (jo)
+				json_object_del(jo, "failure");
+			same = same && inner && jo && json_equal(inner, jo);
+			json_decref(jo);
+			free(one);
+		}
+		ok(j && same, "request: create bulk txn nests each key's create txn, without a failure branch");
+		json_decref(j);
+		free(s);
+
+		same = 1;
+		s = tdr_etcd_req_delete_many_txn(keys, revs, 3, 77, &err);
+		j = s ? json_loads(s, 0, NULL) : NULL;
+		for (size_t i = 0; j && i < 3; i++) {
+			json_t *inner = json_object_get(json_array_get(json_object_get(j, "success"), i), "request_txn");
+			char *one = tdr_etcd_req_delete_txn(keys[i], revs[i], 77, &err);
+			json_t *jo = one ? json_loads(one, 0, NULL) : NULL;
+
+			same = same && inner && jo && json_equal(inner, jo);
+			json_decref(jo);
+			free(one);
+		}
+		ok(j && json_array_size(json_object_get(j, "success")) == 3 && same,
+		   "request: delete bulk txn nests each key's fenced delete txn");
+		json_decref(j);
+		free(s);
+
+		ok(tdr_etcd_req_create_many_txn(keys, "v", 0, 77, &err) == NULL &&
+			   tdr_etcd_req_delete_many_txn(keys, revs, TDR_ETCD_TXN_MAX + 1, 77, &err) == NULL,
+		   "request: bulk txn of 0 or more than TDR_ETCD_TXN_MAX keys refused");
+	}
+	{
+		char big[TDR_ETCD_MAX_KEY + 2];
+		const char *keys[2] = { "/t/lease/part/0", big };
+		const int64_t revs[2] = { 1, 2 };
+
+		memset(big, 'k', sizeof(big) - 1);
+		big[sizeof(big) - 1] = '\0';
+		ok(tdr_etcd_req_create_many_txn(keys, "v", 2, 77, &err) == NULL &&
+			   tdr_etcd_req_delete_many_txn(keys, revs, 2, 77, &err) == NULL,
+		   "request: bulk txn with one oversized key refused as a whole");
+	}
+
 	s = tdr_etcd_req_range("/t/lease/", 9, "/t/lease0", 9, 0, &err);
 	j = s ? json_loads(s, 0, NULL) : NULL;
 	ok(j && b64_field_is(j, "key", S("/t/lease/")) && b64_field_is(j, "range_end", S("/t/lease0")) &&
