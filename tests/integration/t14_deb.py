@@ -347,15 +347,7 @@ def run_checks(h, ns, state, kind, deb, had_user):
                                    for x in s.values()),
          'systemctl enable --now tdrain@a tdrain@b: both enabled and active %s'
          % {n: (x.get('ActiveState'), x.get('StatusText')) for n, x in s.items()})
-    # The events arrive once both replicas hold partitions: on DocumentDB the first replica to start drained
-    # all 3,000 before the other's partitions moved to it (CI rehearsal: a 3000, b 0), as t16 saw on FerretDB.
-    def holders():
-        return harness.partition_holders(db)
-    h.ok(h.wait_until(lambda: holders() >= {'a', 'b'}, 60, interval=0.5, desc='both replicas hold partitions'),
-         'both replicas hold partitions before the events arrive (%s)' % sorted(x for x in holders() if x))
-    r = h.run([h.tool('tdrain-loadgen'), '--uri', m.uri, '--count', str(N), '--devices', '100', '--users', '50',
-               '--quiet'], timeout=300)
-    h.ok(r.returncode == 0, 'loadgen put %d events in the FIFO' % N)
+    h.load_when_held(db, m.uri, ('a', 'b'), N)
     drained = h.wait_until(lambda: db.events.count_documents({}) == 0 and db.tdrain_deltas.count_documents({}) == 0,
                            180, interval=1, desc='FIFO drained and folded')
     h.ok(drained, 'the FIFO of %d events drained and every delta was folded' % N)

@@ -131,16 +131,7 @@ def run(h, kind, binary):
     h.ok(h.wait_until(targets_up, 60, interval=0.5, desc='both targets up'),
          'Prometheus scrapes both replicas (targets up): %s'
          % [(t['scrapeUrl'], t['health'], t.get('lastError')) for t in prom.api('targets')['activeTargets']])
-    # Load the FIFO only once both replicas hold partitions: a replica that starts alone can drain every event
-    # before the other's partitions move to it (seen in a CI rehearsal: a 2000, b 0), and the queries below
-    # need both replicas to report work.
-    def holders():
-        return harness.partition_holders(db)
-    h.ok(h.wait_until(lambda: holders() >= {'a', 'b'}, 60, interval=0.5, desc='both replicas hold partitions'),
-         'both replicas hold partitions before the events arrive (%s)' % sorted(x for x in holders() if x))
-    r = h.run([h.tool('tdrain-loadgen'), '--uri', m.uri, '--count', str(N), '--devices', '100', '--users', '50',
-               '--quiet'], timeout=300)
-    h.ok(r.returncode == 0, 'loadgen put %d events in the FIFO' % N)
+    h.load_when_held(db, m.uri, ('a', 'b'), N)
 
     drained = h.wait_until(lambda: db.events.count_documents({}) == 0 and db.tdrain_deltas.count_documents({}) == 0,
                            180, interval=0.5, desc='FIFO drained')
