@@ -438,13 +438,16 @@ static size_t acquire_attached(struct tdr_coord *c, tdr_lease_req *reqs, size_t 
 	return won;
 }
 
-static void release_parts(struct tdr_coord *c, tdr_lease_req *reqs, size_t k)
+/* Returns the backend's status: a failed release still logs each partition as given up. */
+static int release_parts(struct tdr_coord *c, tdr_lease_req *reqs, size_t k)
 {
 	tdr_err err;
+	int rc;
 
 	if (k == 0)
-		return;
-	if (c->be->ops->release_many(c->be, reqs, k, &err) < 0)
+		return 0;
+	rc = c->be->ops->release_many(c->be, reqs, k, &err);
+	if (rc < 0)
 		log_warn("release of %zu partitions: %s (they expire with the session if not given back)", k,
 			 err.msg);
 	for (size_t i = 0; i < k; i++) {
@@ -452,6 +455,7 @@ static void release_parts(struct tdr_coord *c, tdr_lease_req *reqs, size_t k)
 
 		log_part(c, LOG_NOTICE, TDR_EV_PARTITION_REVOKED, p, reqs[i].epoch, NULL, "released");
 	}
+	return rc < 0 ? rc : 0;
 }
 
 static void rebalance(struct tdr_coord *c, const tdr_lease_info *infos, size_t n)
@@ -780,8 +784,17 @@ static void release_all(struct tdr_coord *c)
 	memset(&c->session, 0, sizeof(c->session));
 	pthread_mutex_unlock(&c->mu);
 	/* Past the session's deadline others may hold them already: nothing of ours to give back. */
-	if (k > 0)
-		release_parts(c, reqs, k);
+	if (k > 0 && release_parts(c, reqs, k) == TDR_ETRANSIENT) {
+		/*
+		 * The backend is unreachable: the leader and session releases would
+		 * each wait out store.timeout_ms again (server selection) and fail
+		 * the same way, past the stop's budget.  Both expire with the TTL,
+		 * as after a crash.
+		 */
+		log_warn("coordination backend unreachable at stop: leader and session leases left to expire");
+		free(reqs);
+		return;
+	}
 	free(reqs);
 	if (leader.held && session.held && tdr_mono_ms() < session.valid_until) {
 		tdr_lease_req r;

@@ -1,8 +1,11 @@
 #include "config.h"
 
+#include <pthread.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
+#include "lib/clock.h"
 #include "lib/log.h"
 #include "lib/store.h"
 
@@ -75,6 +78,70 @@ void tdr_store_close(tdr_store *st)
 	mongoc_client_pool_destroy(st->pool);
 	mongoc_uri_destroy(st->uri);
 	free(st);
+}
+
+struct closer {
+	pthread_mutex_t mu;
+	pthread_cond_t cv;
+	int done;
+	tdr_store *st;
+};
+
+static void *close_thread(void *arg)
+{
+	struct closer *cl = arg;
+
+	tdr_store_close(cl->st);
+	pthread_mutex_lock(&cl->mu);
+	cl->done = 1;
+	pthread_cond_signal(&cl->cv);
+	pthread_mutex_unlock(&cl->mu);
+	return NULL;
+}
+
+int tdr_store_close_by(tdr_store *st, int64_t deadline_ms)
+{
+	struct closer *cl;
+	pthread_condattr_t ca;
+	pthread_t thr;
+	int done;
+
+	if (st == NULL)
+		return 0;
+	if (deadline_ms == INT64_MAX || (cl = calloc(1, sizeof(*cl))) == NULL) {
+		tdr_store_close(st); /* unbounded, or no memory for the helper: bounded by libmongoc's timeouts */
+		return 0;
+	}
+	cl->st = st;
+	pthread_mutex_init(&cl->mu, NULL);
+	pthread_condattr_init(&ca);
+	pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+	pthread_cond_init(&cl->cv, &ca);
+	pthread_condattr_destroy(&ca);
+	if (pthread_create(&thr, NULL, close_thread, cl) != 0) {
+		tdr_store_close(st);
+		done = 1;
+	} else {
+		pthread_mutex_lock(&cl->mu);
+		while (!cl->done) {
+			struct timespec ts;
+			int64_t left = deadline_ms - tdr_mono_ms();
+
+			if (left <= 0)
+				break;
+			tdr_mono_deadline(&ts, left);
+			pthread_cond_timedwait(&cl->cv, &cl->mu, &ts);
+		}
+		done = cl->done;
+		pthread_mutex_unlock(&cl->mu);
+		if (!done)
+			return TDR_ETRANSIENT; /* the helper still owns cl */
+		pthread_join(thr, NULL);
+	}
+	pthread_cond_destroy(&cl->cv);
+	pthread_mutex_destroy(&cl->mu);
+	free(cl);
+	return 0;
 }
 
 mongoc_client_t *tdr_store_pop(tdr_store *st)

@@ -46,6 +46,16 @@ typedef struct tdr_store {
 int tdr_store_open(tdr_store **ret, const tdr_config *cfg, const char *appname, tdr_err *err);
 void tdr_store_close(tdr_store *st);
 
+/*
+ * tdr_store_close within a time budget.  Closing is a store call: libmongoc
+ * ends the pool's server sessions (endSessions), and with the store gone its
+ * server selection waits store.timeout_ms.  The close runs on a helper thread;
+ * if it has not finished at deadline_ms (monotonic, INT64_MAX: no limit) it is
+ * left to the exiting process and TDR_ETRANSIENT is returned: st is gone
+ * either way, and mongoc_cleanup() must not be called after a left close.
+ */
+int tdr_store_close_by(tdr_store *st, int64_t deadline_ms);
+
 /* Round trip to the server (hello + buildInfo); fills is_ferretdb / max_bson. */
 int tdr_store_ping(tdr_store *st, tdr_err *err);
 

@@ -947,7 +947,12 @@ int tdr_drain_step(tdr_drain *d, int *ret_full, int64_t *ret_n, tdr_err *err)
 		}
 		free(has);
 	}
-	if (rc == 0)
+	/*
+	 * Stopping: no new batch.  The stop's budget (store.timeout_ms + 2 s)
+	 * covers the statement in flight when SIGTERM came, not a claim after it
+	 * that, with the store gone, waits out server selection once more.
+	 */
+	if (rc == 0 && !__atomic_load_n(&d->stopping, __ATOMIC_RELAXED))
 		rc = claim_and_process(d, &v, ret_full, ret_n, err);
 	if (rc == TDR_EFENCED) {
 		pthread_mutex_lock(&d->mu);

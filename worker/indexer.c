@@ -208,18 +208,21 @@ int tdr_indexer_stop_within(tdr_indexer *ix, int64_t ms)
 	return 0;
 }
 
-void tdr_indexer_free(tdr_indexer *ix)
+int tdr_indexer_free(tdr_indexer *ix, int64_t close_deadline_ms)
 {
+	int rc;
+
 	if (ix == NULL)
-		return;
+		return 0;
 	/*
 	 * Still in a store call after tdr_indexer_stop_within gave up (or after
 	 * 1 s if nobody asked): the process is exiting, leave the thread its memory.
 	 */
 	if (tdr_indexer_stop_within(ix, ix->stop ? 0 : 1000) < 0)
-		return;
+		return -1;
 	pthread_cond_destroy(&ix->cv);
 	pthread_mutex_destroy(&ix->mu);
-	tdr_store_close(ix->st);
+	rc = tdr_store_close_by(ix->st, close_deadline_ms);
 	free(ix);
+	return rc < 0 ? -1 : 0;
 }

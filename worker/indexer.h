@@ -56,8 +56,12 @@ void tdr_indexer_get(tdr_indexer *ix, struct tdr_indexer_state *out);
 /* Ask the thread to stop; wait at most ms for it.  -1: still in a store call, left running. */
 int tdr_indexer_stop_within(tdr_indexer *ix, int64_t ms);
 
-/* Stops (waiting at most 1 s) and frees, unless the thread is still in a store call: the process is exiting then. */
-void tdr_indexer_free(tdr_indexer *ix);
+/*
+ * Stops (waiting at most 1 s) and frees, unless the thread is still in a store
+ * call: the process is exiting then.  Its connections are closed by
+ * close_deadline_ms (tdr_store_close_by).  -1: something was left running.
+ */
+int tdr_indexer_free(tdr_indexer *ix, int64_t close_deadline_ms);
 
 /* Write this replica's tdrain_state "indexes/<replica>" document (best effort is the caller's call). */
 int tdr_indexes_publish(tdr_store *st, mongoc_client_t *c, const char *replica, unsigned missing,

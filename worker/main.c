@@ -321,7 +321,8 @@ int main(int argc, char **argv)
 	tdr_drain *drain = NULL;
 	tdr_fold *fold = NULL;
 	tdr_indexer *ix = NULL;
-	int ix_abandoned = 0;
+	int ix_abandoned = 0, close_abandoned = 0;
+	int64_t stop_deadline = INT64_MAX; /* set once the stop begins: what may still block must end by then */
 	tdr_metrics_http *mh = NULL;
 	static sigset_t sigs;
 	pthread_t sigthr;
@@ -693,7 +694,7 @@ int main(int argc, char **argv)
 
 		if (t0 == 0)
 			t0 = tdr_mono_ms();
-		deadline = t0 + cfg.store_timeout_ms + 1500;
+		deadline = stop_deadline = t0 + cfg.store_timeout_ms + 1500;
 		tdr_notify_stopping((cfg.store_timeout_ms + 2000) * 1000);
 		tdr_log_event(LOG_INFO, TDR_EV_STOPPING, NULL, 0, "stopping: releasing leases");
 		/*
@@ -724,7 +725,9 @@ int main(int argc, char **argv)
 		ix_abandoned = 1;
 	}
 out:
-	tdr_indexer_free(ix);
+	/* Its store connections are closed by the stop deadline too (an abandoned close skips mongoc_cleanup). */
+	if (tdr_indexer_free(ix, stop_deadline) < 0)
+		ix_abandoned = 1;
 	tdr_metrics_http_stop(mh);
 	stop_drain = NULL;
 	stop_coord = NULL;
@@ -734,11 +737,18 @@ out:
 	/* An abandoned coordinator thread still uses its backend and the store's pool: leave both to exit. */
 	if (!coord_abandoned && !fold_abandoned) /* an abandoned fold thread still asks the coordinator */
 		tdr_coord_free(coord);
-	if (!fold_abandoned)
-		tdr_store_close(fold_st); /* else the fold thread is still using it */
-	if (!coord_abandoned)
-		tdr_store_close(st);
-	if (!fold_abandoned && !coord_abandoned && !ix_abandoned)
+	/*
+	 * Closing ends the pools' server sessions (endSessions): with the store
+	 * gone that waits out server selection, past the stop's budget (seen in
+	 * t18: 3 s after the coordinator had finished).  Bounded by the deadline.
+	 */
+	if (!fold_abandoned && tdr_store_close_by(fold_st, stop_deadline) < 0) /* else the fold thread uses it */
+		close_abandoned = 1;
+	if (!coord_abandoned && tdr_store_close_by(st, stop_deadline) < 0)
+		close_abandoned = 1;
+	if (close_abandoned)
+		log_info("store: connections still closing at the stop deadline; exiting without waiting for them");
+	if (!fold_abandoned && !coord_abandoned && !ix_abandoned && !close_abandoned)
 		mongoc_cleanup();
 	/*
 	 * End the signal thread so nothing outlives main: it returns from sigwait()
