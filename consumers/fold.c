@@ -579,7 +579,6 @@ static void *fold_thread(void *arg)
 int tdr_fold_new(tdr_fold **ret, const tdr_config *cfg, tdr_store *st, tdr_coord *coord, tdr_err *err)
 {
 	tdr_fold *f = calloc(1, sizeof(*f));
-	pthread_condattr_t ca;
 
 	if (f == NULL)
 		return tdr_err_set(err, TDR_ENOMEM, "out of memory");
@@ -588,10 +587,7 @@ int tdr_fold_new(tdr_fold **ret, const tdr_config *cfg, tdr_store *st, tdr_coord
 	f->coord = coord;
 	f->round_events = ROUND_EVENTS_MAX;
 	pthread_mutex_init(&f->mu, NULL);
-	pthread_condattr_init(&ca);
-	pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
-	pthread_cond_init(&f->cv, &ca);
-	pthread_condattr_destroy(&ca);
+	tdr_cond_init_mono(&f->cv);
 	*ret = f;
 	return 0;
 }

@@ -859,7 +859,6 @@ static void *coord_thread(void *arg)
 int tdr_coord_new(tdr_coord **ret, const tdr_config *cfg, tdr_store *st, tdr_err *err)
 {
 	struct tdr_coord *c = calloc(1, sizeof(*c));
-	pthread_condattr_t ca;
 	int rc;
 
 	if (c == NULL)
@@ -883,11 +882,8 @@ int tdr_coord_new(tdr_coord **ret, const tdr_config *cfg, tdr_store *st, tdr_err
 		return rc;
 	}
 	pthread_mutex_init(&c->mu, NULL);
-	pthread_condattr_init(&ca);
-	pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
-	pthread_cond_init(&c->cv, &ca);
-	pthread_cond_init(&c->hb_cv, &ca);
-	pthread_condattr_destroy(&ca);
+	tdr_cond_init_mono(&c->cv);
+	tdr_cond_init_mono(&c->hb_cv);
 	*ret = c;
 	return 0;
 }
@@ -933,15 +929,8 @@ int tdr_coord_stop_within(tdr_coord *c, int64_t deadline_ms)
 	c->stop = 1;
 	c->release_now = 1;
 	pthread_cond_broadcast(&c->cv);
-	while (c->running && !c->done) {
-		struct timespec ts;
-		int64_t left = deadline_ms - tdr_mono_ms();
-
-		if (left <= 0)
-			break;
-		tdr_mono_deadline(&ts, left);
-		pthread_cond_timedwait(&c->cv, &c->mu, &ts);
-	}
+	while (c->running && !c->done && !tdr_cond_wait_deadline(&c->cv, &c->mu, deadline_ms))
+		;
 	done = !c->running || c->done;
 	pthread_mutex_unlock(&c->mu);
 	if (!done)

@@ -36,6 +36,28 @@ int64_t tdr_wall_ms(void)
 	return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
+void tdr_cond_init_mono(pthread_cond_t *cv)
+{
+	pthread_condattr_t ca;
+
+	pthread_condattr_init(&ca);
+	pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+	pthread_cond_init(cv, &ca);
+	pthread_condattr_destroy(&ca);
+}
+
+int tdr_cond_wait_deadline(pthread_cond_t *cv, pthread_mutex_t *mu, int64_t deadline_ms)
+{
+	struct timespec ts;
+	int64_t left = deadline_ms - tdr_mono_ms();
+
+	if (left <= 0)
+		return 1;
+	tdr_mono_deadline(&ts, left);
+	pthread_cond_timedwait(cv, mu, &ts);
+	return 0;
+}
+
 int tdr_sleep_ms(int64_t ms, volatile int *stop)
 {
 	/* Sleep in short slices so a signal flag is noticed promptly. */

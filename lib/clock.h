@@ -9,6 +9,7 @@
 #ifndef TDRAIN_CLOCK_H
 #define TDRAIN_CLOCK_H
 
+#include <pthread.h>
 #include <stdint.h>
 #include <time.h>
 
@@ -21,6 +22,16 @@ int64_t tdr_wall_ms(void);  /* milliseconds since the Unix epoch, UTC */
  * condition variable created with pthread_condattr_setclock(CLOCK_MONOTONIC).
  */
 void tdr_mono_deadline(struct timespec *ts, int64_t ms);
+
+/* pthread_cond_init() of a condition variable whose timed waits use CLOCK_MONOTONIC. */
+void tdr_cond_init_mono(pthread_cond_t *cv);
+
+/*
+ * One pthread_cond_timedwait() on mu (held) towards the monotonic instant
+ * deadline_ms; returns non-zero, without waiting, once it has passed.  Loop on
+ * it with the predicate: while (!done && !tdr_cond_wait_deadline(...)).
+ */
+int tdr_cond_wait_deadline(pthread_cond_t *cv, pthread_mutex_t *mu, int64_t deadline_ms);
 
 /* Sleep up to ms, returning early (non-zero) if *stop becomes set. */
 int tdr_sleep_ms(int64_t ms, volatile int *stop);

@@ -102,7 +102,6 @@ static void *close_thread(void *arg)
 int tdr_store_close_by(tdr_store *st, int64_t deadline_ms)
 {
 	struct closer *cl;
-	pthread_condattr_t ca;
 	pthread_t thr;
 	int done;
 
@@ -114,24 +113,14 @@ int tdr_store_close_by(tdr_store *st, int64_t deadline_ms)
 	}
 	cl->st = st;
 	pthread_mutex_init(&cl->mu, NULL);
-	pthread_condattr_init(&ca);
-	pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
-	pthread_cond_init(&cl->cv, &ca);
-	pthread_condattr_destroy(&ca);
+	tdr_cond_init_mono(&cl->cv);
 	if (pthread_create(&thr, NULL, close_thread, cl) != 0) {
 		tdr_store_close(st);
 		done = 1;
 	} else {
 		pthread_mutex_lock(&cl->mu);
-		while (!cl->done) {
-			struct timespec ts;
-			int64_t left = deadline_ms - tdr_mono_ms();
-
-			if (left <= 0)
-				break;
-			tdr_mono_deadline(&ts, left);
-			pthread_cond_timedwait(&cl->cv, &cl->mu, &ts);
-		}
+		while (!cl->done && !tdr_cond_wait_deadline(&cl->cv, &cl->mu, deadline_ms))
+			;
 		done = cl->done;
 		pthread_mutex_unlock(&cl->mu);
 		if (!done)

@@ -2,7 +2,6 @@
 
 #include "config.h"
 
-#include <errno.h>
 #include <inttypes.h>
 #include <pthread.h>
 #include <stdio.h>
@@ -64,16 +63,8 @@ int tdr_indexes_publish(tdr_store *st, mongoc_client_t *c, const char *replica, 
 /* Wait until the monotonic instant at, or a stop; returns non-zero on stop.  Called with mu held. */
 static int wait_until_locked(tdr_indexer *ix, int64_t at)
 {
-	while (!ix->stop) {
-		struct timespec ts;
-		int64_t left = at - tdr_mono_ms();
-
-		if (left <= 0)
-			break;
-		tdr_mono_deadline(&ts, left);
-		if (pthread_cond_timedwait(&ix->cv, &ix->mu, &ts) == ETIMEDOUT)
-			continue; /* re-check the clock */
-	}
+	while (!ix->stop && !tdr_cond_wait_deadline(&ix->cv, &ix->mu, at))
+		;
 	return ix->stop;
 }
 
@@ -142,7 +133,6 @@ int tdr_indexer_start(tdr_indexer **ret, const tdr_config *cfg, const tdr_store 
 {
 	tdr_indexer *ix = calloc(1, sizeof(*ix));
 	tdr_config icfg = *cfg;
-	pthread_condattr_t ca;
 	int rc;
 
 	if (ix == NULL)
@@ -163,10 +153,7 @@ int tdr_indexer_start(tdr_indexer **ret, const tdr_config *cfg, const tdr_store 
 	ix->s.attempts = 1; /* main()'s */
 	snprintf(ix->s.error, sizeof(ix->s.error), "%s", first_error ? first_error : "");
 	pthread_mutex_init(&ix->mu, NULL);
-	pthread_condattr_init(&ca);
-	pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
-	pthread_cond_init(&ix->cv, &ca);
-	pthread_condattr_destroy(&ca);
+	tdr_cond_init_mono(&ix->cv);
 	if ((rc = pthread_create(&ix->thread, NULL, indexer_main, ix)) != 0) {
 		pthread_cond_destroy(&ix->cv);
 		pthread_mutex_destroy(&ix->mu);
