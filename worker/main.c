@@ -686,7 +686,7 @@ int main(int argc, char **argv)
 	/* The in-flight batch has finished (the loop is synchronous): give everything back. */
 	{
 		/*
-		 * Bounded: SIGTERM + store.timeout_ms + 1.5 s, even with the store or
+		 * Bounded: SIGTERM + store.timeout_ms + 1 s, even with the store or
 		 * etcd gone (each release is one bulk request; what is not released
 		 * by then expires as after a crash).
 		 */
@@ -694,7 +694,7 @@ int main(int argc, char **argv)
 
 		if (t0 == 0)
 			t0 = tdr_mono_ms();
-		deadline = stop_deadline = t0 + cfg.store_timeout_ms + 1500;
+		deadline = stop_deadline = t0 + cfg.store_timeout_ms + 1000;
 		tdr_notify_stopping((cfg.store_timeout_ms + 2000) * 1000);
 		tdr_log_event(LOG_INFO, TDR_EV_STOPPING, NULL, 0, "stopping: releasing leases");
 		/*
